@@ -1,0 +1,86 @@
+"""Atomic writes: a temporary file in the target's folder, then ``os.replace``.
+
+An interrupted run therefore never leaves a half-written COCO file, checkpoint or
+report: readers see either the old file or the complete new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, mode: str = "w", **open_kw: Any) -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on clean exit rename it over ``path``.
+
+    Args:
+        path: final destination; parent folders are created.
+        mode: ``"w"`` (text) or ``"wb"`` (binary).
+        **open_kw: passed to :func:`open` (e.g. ``encoding``).
+
+    Example:
+        >>> with atomic_writer(tmp_path / "a.json") as f:  # doctest: +SKIP
+        ...     f.write("{}")
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_writer mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if mode == "w":
+        open_kw.setdefault("encoding", "utf-8")
+    try:
+        with os.fdopen(fd, mode, **open_kw) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically and return the path."""
+    with atomic_writer(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically and return the path."""
+    with atomic_writer(path, "w") as f:
+        f.write(text)
+    return Path(path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
+    """Serialise ``obj`` as JSON to ``path`` atomically (NaN is written as ``NaN``)."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file, naming the file in the error when it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+
+
+def _json_default(obj: Any) -> Any:
+    """Serialise numpy scalars/arrays and paths that ``json`` does not know."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
