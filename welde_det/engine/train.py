@@ -1,0 +1,110 @@
+"""Training entry point: one config in, one run folder out.
+
+:func:`run_training` makes the run folder, saves the resolved config, and hands the
+config to the runner for its task and framework:
+
+- ``task=classify``                  -> :mod:`welde_det.engine.train_classify`
+- ``task=detect, framework=yolo``    -> :mod:`welde_det.engine.train_yolo`
+- ``task=detect, framework=rcnn``    -> :mod:`welde_det.engine.train_rcnn`
+
+Each runner exposes ``train(cfg, run_dir, *, resume=None) -> Path`` and writes its
+checkpoint, ``report.json`` and ``report.md`` into ``run_dir``. Runners are imported
+lazily so that classification users never import Ultralytics.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from welde_det.engine.config import ConfigError, ExperimentConfig, load_config, save_config
+
+__all__ = ["RUNNERS", "make_run_dir", "resolve_runner", "run_training", "seed_everything"]
+
+logger = logging.getLogger(__name__)
+
+#: (task, framework) -> module implementing ``train(cfg, run_dir, *, resume=None)``.
+RUNNERS: dict[tuple[str, str], str] = {
+    ("classify", "classify"): "welde_det.engine.train_classify",
+    ("detect", "yolo"): "welde_det.engine.train_yolo",
+    ("detect", "rcnn"): "welde_det.engine.train_rcnn",
+}
+
+CONFIG_NAME = "config.yaml"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_run_dir(cfg: ExperimentConfig) -> Path:
+    """Create ``<output>/<name>-<YYYYmmdd-HHMMSS>[-k]`` and return it."""
+    root = Path(cfg.output)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = root / f"{cfg.name}-{stamp}"
+    run_dir, k = base, 1
+    while run_dir.exists():
+        run_dir = Path(f"{base}-{k}")
+        k += 1
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def resolve_runner(cfg: ExperimentConfig):
+    """Import and return the runner module for the config's task and framework."""
+    key = (cfg.task, cfg.model.framework)
+    if key not in RUNNERS:
+        raise ConfigError(
+            f"no trainer for task={cfg.task!r} with model.framework={cfg.model.framework!r}; "
+            f"available: {sorted(RUNNERS)}"
+        )
+    return importlib.import_module(RUNNERS[key])
+
+
+def run_training(
+    config: str | os.PathLike | ExperimentConfig | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    resume: str | os.PathLike | None = None,
+) -> Path:
+    """Train one experiment and return its run folder.
+
+    Args:
+        config: a YAML path, an :class:`ExperimentConfig`, or None for the defaults.
+        overrides: ``key=value`` strings applied on top of the file.
+        resume: a previous run folder (or its last checkpoint) to continue; its saved
+            config is used, and ``overrides`` may only extend the schedule.
+
+    Returns:
+        The run folder (checkpoint, ``config.yaml``, ``report.json``, ``report.md``).
+    """
+    if resume is not None:
+        resume = Path(resume)
+        run_dir = resume if resume.is_dir() else resume.parent.parent if resume.parent.name == "weights" else resume.parent
+        saved = run_dir / CONFIG_NAME
+        if not saved.is_file():
+            raise FileNotFoundError(f"cannot resume: {saved} not found (is {resume} a welde_det run folder?)")
+        cfg = load_config(saved, overrides)
+    else:
+        cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
+        if isinstance(config, ExperimentConfig) and overrides:
+            from welde_det.engine.config import apply_overrides
+
+            cfg = apply_overrides(cfg, list(overrides))
+        run_dir = make_run_dir(cfg)
+    runner = resolve_runner(cfg)
+    save_config(cfg, run_dir / CONFIG_NAME)
+    seed_everything(cfg.train.seed)
+    logger.info("run folder: %s", run_dir)
+    return Path(runner.train(cfg, run_dir, resume=resume))
