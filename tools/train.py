@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from welde_det.engine.train import run_training  # noqa: E402
-from welde_det.utils.logging import setup_logging  # noqa: E402
+from welde_det.engine.train import run_training
+from welde_det.utils.logging import setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

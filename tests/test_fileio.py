@@ -1,0 +1,32 @@
+"""Atomic writes leave either the old file or the new one, never a fragment."""
+
+from __future__ import annotations
+
+import pytest
+
+from welde_det.utils.fileio import atomic_write_json, atomic_writer, load_json
+
+
+def test_atomic_json_round_trip(tmp_path):
+    import numpy as np
+
+    path = atomic_write_json(tmp_path / "sub" / "x.json", {"a": np.arange(3), "b": np.float32(1.5)})
+    assert load_json(path) == {"a": [0, 1, 2], "b": 1.5}
+
+
+def test_interrupted_write_keeps_old_file(tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), atomic_writer(path) as f:
+        f.write("half")
+        raise RuntimeError("crash")
+    assert path.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_load_json_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.json"):
+        load_json(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match=r"bad\.json"):
+        load_json(tmp_path / "bad.json")
