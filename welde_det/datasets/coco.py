@@ -47,6 +47,8 @@ __all__ = [
     "CocoFormatError",
     "YoloFormatError",
     "coco_to_yolo",
+    "find_data_yaml",
+    "label_path_of",
     "load_coco",
     "make_annotation",
     "make_categories",
@@ -55,6 +57,7 @@ __all__ = [
     "resolve_yolo_split",
     "save_coco",
     "validate_coco",
+    "yolo_splits",
     "yolo_to_coco",
 ]
 
@@ -381,6 +384,8 @@ def coco_to_yolo(
     split: str = "train",
     class_names: Sequence[str] | None = None,
     link_images: bool = True,
+    relative_links: bool = False,
+    dataset_root: str | os.PathLike | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Export COCO split(s) to an Ultralytics YOLO dataset folder and return its ``data.yaml``.
@@ -409,7 +414,11 @@ def coco_to_yolo(
         out_dir: dataset folder to create.
         split: split name for the one-dataset form (``train``, ``val`` or ``test``).
         class_names: YOLO class order; every category name must appear in it.
-        link_images: symlink images (absolute targets) instead of copying them.
+        link_images: symlink images instead of copying them.
+        relative_links: make the symlinks relative, so ``out_dir`` and the image root can
+            be moved together (absolute targets otherwise).
+        dataset_root: the ``path`` written to ``data.yaml`` (default: ``out_dir``); set it
+            when ``out_dir`` is a staging folder that is moved into place afterwards.
         overwrite: replace an existing ``out_dir``; otherwise an existing non-empty folder
             is an error.
 
@@ -452,8 +461,11 @@ def coco_to_yolo(
         for name, data in loaded.items():
             where = str(splits[name]) if not isinstance(splits[name], Mapping) else f"<{name} COCO dict>"
             cat_to_cls = _category_to_class(data["categories"], names, where)
-            _write_yolo_split(data, roots[name], tmp, name, cat_to_cls, link_images, where)
-        yaml_data: dict[str, Any] = {"path": str(out_dir)}
+            _write_yolo_split(
+                data, roots[name], tmp, out_dir, name, cat_to_cls, link_images, relative_links, where
+            )
+        root_in_yaml = Path(dataset_root).absolute() if dataset_root is not None else out_dir
+        yaml_data: dict[str, Any] = {"path": str(root_in_yaml)}
         for name in YOLO_SPLITS:
             if name in loaded:
                 yaml_data[name] = f"images/{name}"
@@ -472,9 +484,11 @@ def _write_yolo_split(
     coco: Mapping[str, Any],
     root: Path,
     out: Path,
+    final_out: Path,
     split: str,
     cat_to_cls: Mapping[int, int],
     link_images: bool,
+    relative_links: bool,
     where: str,
 ) -> None:
     by_image: dict[int, list[Mapping[str, Any]]] = {img["id"]: [] for img in coco["images"]}
@@ -498,7 +512,11 @@ def _write_yolo_split(
             raise CocoFormatError(f"{where}: image id {img['id']} file {src} does not exist")
         dst = out / "images" / split / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if link_images:
+        if link_images and relative_links:
+            # relative to out_dir (not the temporary folder), where the link will live
+            final_dst_dir = final_out / "images" / split / rel.parent
+            os.symlink(os.path.relpath(src.absolute(), final_dst_dir), dst)
+        elif link_images:
             os.symlink(src.absolute(), dst)
         else:
             shutil.copy2(src, dst)
@@ -509,7 +527,8 @@ def _write_yolo_split(
             if x < 0 or y < 0 or x + bw > w or y + bh > h:
                 clipped += 1
             lines.append(_format_yolo_line(cat_to_cls[ann["category_id"]], ann["bbox"], w, h))
-        label = out / "labels" / split / rel.with_suffix(".txt")
+        # Ultralytics' own rule (the last images/ becomes labels/), even if rel has an images/ part
+        label = label_path_of(dst)
         label.parent.mkdir(parents=True, exist_ok=True)
         label.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     if crowd:
@@ -554,13 +573,39 @@ def _names_from_yaml(data: Mapping[str, Any], where: str) -> list[str]:
     raise YoloFormatError(f"{where}: 'names' must be a non-empty list or mapping of class names")
 
 
+def find_data_yaml(source: str | os.PathLike) -> Path | None:
+    """The ``data.yaml`` of a YOLO dataset: ``source`` itself if a file, else one inside it."""
+    source = Path(source)
+    if source.is_file():
+        return source
+    for cand in ("data.yaml", "data.yml", "dataset.yaml"):
+        if (source / cand).is_file():
+            return source / cand
+    return None
+
+
+def yolo_splits(source: str | os.PathLike) -> list[str]:
+    """Split names a YOLO dataset defines (``data.yaml`` keys or ``images/<split>/`` folders).
+
+    An empty list means a flat ``images/`` + ``labels/`` folder: one unnamed split, which
+    :func:`resolve_yolo_split` returns for any split name.
+    """
+    source = Path(source)
+    yaml_path = find_data_yaml(source)
+    if yaml_path is not None:
+        data = _read_data_yaml(yaml_path)
+        return [s for s in YOLO_SPLITS if data.get(s)]
+    return [s for s in YOLO_SPLITS if (source / "images" / s).is_dir()]
+
+
 def resolve_yolo_split(
     source: str | os.PathLike, split: str = "train"
 ) -> tuple[Path, list[Path], list[str] | None]:
     """Find the images of one split of a YOLO dataset.
 
     ``source`` is a ``data.yaml`` file, a folder holding one, or a bare folder laid out as
-    ``images/<split>/`` + ``labels/<split>/`` (or flat ``images/`` + ``labels/``). In a
+    ``images/<split>/`` + ``labels/<split>/`` (or flat ``images/`` + ``labels/``, returned
+    for any ``split``: see :func:`yolo_splits`). In a
     ``data.yaml``, a split may be a folder, a ``.txt`` list of image paths, or a list of
     either, relative to ``path`` (default: the YAML's folder).
 
@@ -573,17 +618,9 @@ def resolve_yolo_split(
         YoloFormatError: no such split, a missing folder, or no images.
     """
     source = Path(source)
-    yaml_path = None
-    if source.is_file():
-        yaml_path = source
-    elif source.is_dir():
-        for cand in ("data.yaml", "data.yml", "dataset.yaml"):
-            if (source / cand).is_file():
-                yaml_path = source / cand
-                break
-    else:
+    if not source.exists():
         raise YoloFormatError(f"{source}: no such YOLO dataset folder or data.yaml")
-
+    yaml_path = find_data_yaml(source)
     names: list[str] | None = None
     if yaml_path is not None:
         data = _read_data_yaml(yaml_path)
@@ -614,13 +651,15 @@ def resolve_yolo_split(
                 raise YoloFormatError(f"{yaml_path}: split {split!r} entry {item!r} -> {p} does not exist")
         image_root = folders[0] if len(entries) == 1 and folders else root
     else:
-        root = source
-        for cand in (source / "images" / split, source / "images"):
-            if cand.is_dir():
-                image_root = cand
-                break
+        present = yolo_splits(source)
+        if present:
+            if split not in present:
+                raise YoloFormatError(f"{source}: no images/{split}/ folder; splits present: {present}")
+            image_root = source / "images" / split
+        elif (source / "images").is_dir():
+            image_root = source / "images"  # flat layout: one unnamed split
         else:
-            raise YoloFormatError(f"{source}: neither images/{split}/ nor images/ exists and there is no data.yaml")
+            raise YoloFormatError(f"{source}: no images/ folder and no data.yaml")
         files = _images_in(image_root)
     files = sorted(set(files))
     if not files:
@@ -632,7 +671,7 @@ def _images_in(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
 
 
-def _label_path(image: Path) -> Path:
+def label_path_of(image: Path) -> Path:
     """Ultralytics' rule: the last ``/images/`` in the path becomes ``/labels/``."""
     parts = list(image.parts)
     for i in range(len(parts) - 2, -1, -1):
@@ -721,7 +760,7 @@ def yolo_to_coco(
         except ValueError:
             rel = Path(os.path.relpath(path, image_root))
         images.append(make_image_entry(image_id, rel.as_posix(), width=width, height=height))
-        label = _label_path(path)
+        label = label_path_of(path)
         if not label.is_file():
             continue
         for cls_idx, cx, cy, w, h in parse_yolo_label_file(label, len(names)):
