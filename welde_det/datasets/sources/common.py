@@ -51,6 +51,8 @@ __all__ = [
     "map_items",
     "pseudonym",
     "staging_dir",
+    "to_bit_depth",
+    "window_to_unit",
     "write_dataset",
     "write_png",
 ]
@@ -155,6 +157,40 @@ def encode_png(image: np.ndarray) -> bytes:
 def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     """Write ``image`` as a metadata-free PNG, atomically (see :func:`encode_png`)."""
     return atomic_write_bytes(path, encode_png(image))
+
+
+def window_to_unit(
+    image: np.ndarray,
+    *,
+    window: tuple[float, float] | None = None,
+    percentiles: tuple[float, float] = (0.5, 99.5),
+) -> np.ndarray:
+    """Map intensities to ``[0, 1]``: a ``(center, width)`` window, else a percentile clip.
+
+    Args:
+        image: real-valued intensities (rescale slope/intercept already applied).
+        window: DICOM-style ``(center, width)``; ``None`` uses ``percentiles``.
+        percentiles: low/high percentiles of the image mapped to 0 and 1.
+
+    Returns:
+        float64 array of the same shape; a constant image maps to zeros.
+    """
+    arr = np.asarray(image, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ConversionError("image has non-finite intensities")
+    if window is not None:
+        center, width = (float(v) for v in window)
+        if width <= 0:
+            raise ConversionError(f"window width must be > 0, got {width}")
+        lo, hi = center - width / 2, center + width / 2
+    else:
+        p_lo, p_hi = percentiles
+        if not 0 <= p_lo < p_hi <= 100:
+            raise ConversionError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles}")
+        lo, hi = (float(v) for v in np.percentile(arr, [p_lo, p_hi]))
+    if hi <= lo:
+        return np.zeros_like(arr)
+    return np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
 
 
 def to_bit_depth(image: np.ndarray, bit_depth: int) -> np.ndarray:
