@@ -1,0 +1,144 @@
+"""Conversion entry point: source archive/folder -> COCO dataset (+ YOLO export), used by tools/convert.py.
+
+``run_convert(kind, source, out_dir, **options)`` resolves the de-identification key,
+dispatches to the converter of ``kind`` and returns its
+:class:`~welde_det.datasets.sources.common.ConversionResult`:
+
+========  ==========================================================  =====================
+kind      source                                                      converter
+========  ==========================================================  =====================
+yolo      YOLO folder / data.yaml (public six-class lumbar set)       ``convert_yolo_dir``
+rsna      RSNA 2024 lumbar archive root                               ``convert_rsna_lsdc``
+masks     folder with ``images/`` and ``masks/`` NIfTI volumes        ``convert_masks``
+boxes     CSV/JSON table of boxes per volume and slice                ``convert_boxes_table``
+========  ==========================================================  =====================
+
+``export_yolo`` turns existing COCO split files into a YOLO folder with ``data.yaml``.
+
+The key is never stored in the dataset: it comes from ``key``, a ``key_file`` outside the
+output folder, or the ``WELDE_DEID_KEY`` environment variable, in that order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CONVERTER_KINDS", "KEY_ENV", "DeidKeyError", "export_yolo", "get_converter", "resolve_key", "run_convert"]
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable holding the de-identification key.
+KEY_ENV = "WELDE_DEID_KEY"
+CONVERTER_KINDS: tuple[str, ...] = ("yolo", "rsna", "masks", "boxes")
+
+
+class DeidKeyError(ValueError):
+    """No usable de-identification key, or one stored inside the dataset it protects."""
+
+
+def resolve_key(
+    key: str | bytes | None = None,
+    key_file: str | os.PathLike | None = None,
+    *,
+    out_dir: str | os.PathLike | None = None,
+) -> str | bytes:
+    """The de-identification key: ``key``, else the contents of ``key_file``, else ``$WELDE_DEID_KEY``.
+
+    Raises:
+        ValueError: no key, an empty key, or a key file inside ``out_dir`` (the key must
+            stay outside the dataset it protects).
+    """
+    if key:
+        return key
+    if key_file is not None:
+        path = Path(key_file)
+        if not path.is_file():
+            raise DeidKeyError(f"{path}: key file not found")
+        if out_dir is not None:
+            out = Path(out_dir).absolute().resolve()
+            if out == path.absolute().resolve().parent or out in path.absolute().resolve().parents:
+                raise DeidKeyError(f"{path}: the key file lies inside the output folder {out}; keep it outside")
+        data = path.read_bytes().strip()
+        if not data:
+            raise DeidKeyError(f"{path}: key file is empty")
+        return data
+    env = os.environ.get(KEY_ENV, "")
+    if env:
+        return env
+    raise DeidKeyError(
+        f"no de-identification key: pass --key-file PATH (outside the dataset) or set {KEY_ENV}; "
+        "the same key gives the same pseudonyms, so keep it to add data later"
+    )
+
+
+def get_converter(kind: str) -> Callable[..., Any]:
+    """The converter function for ``kind`` (see the module table)."""
+    if kind == "yolo":
+        from welde_det.datasets.sources.yolo_dir import convert_yolo_dir
+
+        return convert_yolo_dir
+    if kind == "rsna":
+        from welde_det.datasets.sources.rsna_lsdc import convert_rsna_lsdc
+
+        return convert_rsna_lsdc
+    if kind == "masks":
+        from welde_det.datasets.sources.masks import convert_masks
+
+        return convert_masks
+    if kind == "boxes":
+        from welde_det.datasets.sources.boxes_csv import convert_boxes_table
+
+        return convert_boxes_table
+    raise ValueError(f"unknown converter {kind!r}; choose one of {list(CONVERTER_KINDS)}")
+
+
+def run_convert(
+    kind: str,
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    key: str | bytes | None = None,
+    key_file: str | os.PathLike | None = None,
+    **options: Any,
+) -> Any:
+    """Convert ``source`` with the ``kind`` converter into ``out_dir``.
+
+    Args:
+        kind: ``yolo``, ``rsna``, ``masks`` or ``boxes``.
+        source: the input folder, archive root or table.
+        out_dir: dataset folder to create (nothing is left there on failure).
+        key: de-identification key (see :func:`resolve_key`).
+        key_file: file holding the key.
+        **options: passed to the converter (``fractions``, ``seed``, ``yolo``, ``workers``,
+            ``progress``, ``overwrite`` and converter-specific ones).
+
+    Returns:
+        The converter's ``ConversionResult``.
+    """
+    converter = get_converter(kind)
+    secret = resolve_key(key, key_file, out_dir=out_dir)
+    logger.info("converting %s source into %s", kind, out_dir)
+    result = converter(source, out_dir, key=secret, **options)
+    logger.info("wrote %d images, %d boxes to %s", result.num_images, result.num_boxes, result.out_dir)
+    return result
+
+
+def export_yolo(
+    splits: Mapping[str, str | os.PathLike],
+    image_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    class_names: list[str] | None = None,
+    link_images: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Write a YOLO folder from COCO files ``{"train": path, "val": path, ...}``; returns ``data.yaml``."""
+    from welde_det.datasets.coco import coco_to_yolo
+
+    return coco_to_yolo(
+        dict(splits), image_root, out_dir, class_names=class_names, link_images=link_images, overwrite=overwrite
+    )
