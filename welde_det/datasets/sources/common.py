@@ -48,8 +48,12 @@ __all__ = [
     "ImageRecord",
     "MissingColumnsError",
     "UnknownClassError",
+    "display_pixel_spacing",
+    "display_slice",
+    "display_slice_axes",
     "map_items",
     "pseudonym",
+    "slice_world_x",
     "staging_dir",
     "to_bit_depth",
     "window_to_unit",
@@ -200,6 +204,70 @@ def to_bit_depth(image: np.ndarray, bit_depth: int) -> np.ndarray:
     top = 255 if bit_depth == 8 else 65535
     arr = np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0)
     return np.rint(arr * top).astype(np.uint8 if bit_depth == 8 else np.uint16)
+
+
+# ---------------------------------------------------------------------------- slice geometry
+def display_slice_axes(affine: np.ndarray, axis: int) -> tuple[int, int, bool, bool]:
+    """How a slice across ``axis`` is shown superior up, anterior left.
+
+    Of the two in-plane voxel axes, the one whose RAS direction has the larger superior
+    component runs down the rows; the other runs along the columns.
+
+    Args:
+        affine: voxel -> RAS (mm) affine.
+        axis: the voxel axis the slice is cut across.
+
+    Returns:
+        ``(row_axis, col_axis, flip_rows, flip_cols)``: voxel axes along rows and columns,
+        and whether each must be reversed (rows when the index runs superiorly, columns
+        when it runs anteriorly).
+
+    Shape:
+        affine: ``(4, 4)``.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or axis not in (0, 1, 2):
+        raise ConversionError(f"need a 4x4 affine and an axis in 0..2, got {affine.shape} and {axis}")
+    p, q = (a for a in range(3) if a != axis)
+    row_axis, col_axis = (p, q) if abs(affine[2, p]) >= abs(affine[2, q]) else (q, p)
+    return row_axis, col_axis, bool(affine[2, row_axis] > 0), bool(affine[1, col_axis] > 0)
+
+
+def display_slice(array: np.ndarray, affine: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """The 2D slice ``index`` across ``axis`` of a 3D array, superior up and anterior left.
+
+    Shape:
+        array: ``(X, Y, Z)`` voxels (any axis order; ``affine`` says which is which);
+        returns ``(rows, cols)``.
+    """
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise ConversionError(f"need a 3D volume, got shape {array.shape}")
+    if not 0 <= index < array.shape[axis]:
+        raise ConversionError(f"slice index {index} is outside 0..{array.shape[axis] - 1} along axis {axis}")
+    row_axis, _, flip_rows, flip_cols = display_slice_axes(affine, axis)
+    sl = np.take(array, index, axis=axis)
+    in_plane = [a for a in range(3) if a != axis]
+    img = sl if in_plane.index(row_axis) == 0 else sl.T
+    if flip_rows:
+        img = img[::-1, :]
+    if flip_cols:
+        img = img[:, ::-1]
+    return np.ascontiguousarray(img)
+
+
+def display_pixel_spacing(affine: np.ndarray, axis: int) -> tuple[float, float]:
+    """``(row_mm, col_mm)`` of :func:`display_slice` images."""
+    row_axis, col_axis, _, _ = display_slice_axes(affine, axis)
+    aff = np.asarray(affine, dtype=np.float64)
+    return float(np.linalg.norm(aff[:3, row_axis])), float(np.linalg.norm(aff[:3, col_axis]))
+
+
+def slice_world_x(affine: np.ndarray, shape: Sequence[int], axis: int, index: int) -> float:
+    """RAS x (mm) of the centre of slice ``index`` across ``axis``."""
+    centre = [(n - 1) / 2 for n in shape[:3]]
+    centre[axis] = index
+    return float((np.asarray(affine, dtype=np.float64) @ np.array([*centre, 1.0]))[0])
 
 
 # ---------------------------------------------------------------------------- parallel map
