@@ -169,10 +169,10 @@ def _make_one(job: dict[str, Any]) -> dict[str, Any]:
             folder = root / "dicom" / sid / f"{number}_{contrast.upper()}_TSE_SAG"
             write_dicom_series(folder, study, contrast, series_number=number)
         if "nifti" in formats:
-            write_nifti(root / "nifti" / f"{sid}_{contrast}.nii.gz", series)
+            write_nifti(root / "nifti" / f"{sid}_{contrast}.nii.gz", series, atomic=False)
         file_name = f"{sid}_{contrast}.png"
         img8 = to_uint8(series.mid_slice)
-        write_png(root / "images" / file_name, series.mid_slice)
+        write_png(root / "images" / file_name, series.mid_slice, atomic=False)
         crops = None
         if "crops" in formats:
             crops = np.stack([crop_box(img8, b, job["crop_size"], spacing=study.pixel_spacing)

@@ -64,11 +64,20 @@ def tissue_values(rng: np.random.Generator, age: int) -> dict[str, np.ndarray]:
 
 
 def _field(rng: np.random.Generator, shape: tuple[int, int], sx: float, sy: float) -> np.ndarray:
-    f = rng.standard_normal(shape).astype(np.float32)
-    f = cv2.GaussianBlur(f, (0, 0), sigmaX=sx, sigmaY=sy, borderType=cv2.BORDER_REFLECT)
-    f -= f.mean()
-    f /= f.std() + 1e-6
-    return f
+    """Unit-variance Gaussian random field with correlation lengths ``sx``, ``sy`` (pixels).
+
+    Broad fields are drawn on a coarser grid and interpolated (same spectrum, far cheaper).
+    """
+    h, w = shape
+    f = max(1.0, min(sx, sy) / 3.0)
+    gh, gw = max(4, round(h / f)), max(4, round(w / f))
+    g = rng.standard_normal((gh, gw), dtype=np.float32)
+    g = cv2.GaussianBlur(g, (0, 0), sigmaX=sx * gw / w, sigmaY=sy * gh / h, borderType=cv2.BORDER_REFLECT)
+    if (gh, gw) != (h, w):
+        g = cv2.resize(g, (w, h), interpolation=cv2.INTER_CUBIC)
+    g -= g.mean()
+    g /= g.std() + 1e-6
+    return g
 
 
 def make_textures(rng: np.random.Generator, shape: tuple[int, int],
@@ -166,6 +175,8 @@ def composite_slices(anatomy: Anatomy, subject: Subject, offsets: np.ndarray, va
     n = subject.matrix
     p = np.array([subject.spacing_col, subject.spacing_row])  # (x, y) = (u, v) per pixel
     out = np.zeros((len(offsets), 2, n, n), np.float32)
+    # coverage depends on the slice only through the shrink factor: reuse it across slices
+    cache: dict[tuple[int, float], tuple[tuple[slice, slice], np.ndarray] | None] = {}
     for k, x in enumerate(offsets):
         x_rel = float(x) - subject.midline_x
         theta = x_rel / 5.0
@@ -175,7 +186,10 @@ def composite_slices(anatomy: Anatomy, subject: Subject, offsets: np.ndarray, va
             frac, shrink = _slab_fraction(st, x_rel, subject.slice_thickness)
             if frac < 0.02 or shrink < 0.12:
                 continue
-            got = _coverage(st.polys, st, (n, n), p, shrink)
+            key = (id(st), round(shrink, 3))
+            if key not in cache:
+                cache[key] = _coverage(st.polys, st, (n, n), p, shrink)
+            got = cache[key]
             if got is None:
                 continue
             (sy, sx), cov = got
@@ -263,8 +277,8 @@ def acquire(signal: np.ndarray, acq: Acquisition, subject: Subject, anatomy: Ana
     for k in range(s):
         img = signal[k] * gain
         low = cv2.resize(img, (acq.matrix_cols, acq.matrix_rows), interpolation=cv2.INTER_AREA)
-        re = low + rng.normal(0.0, acq.noise, low.shape).astype(np.float32)
-        im = rng.normal(0.0, acq.noise, low.shape).astype(np.float32)
+        re = low + acq.noise * rng.standard_normal(low.shape, dtype=np.float32)
+        im = acq.noise * rng.standard_normal(low.shape, dtype=np.float32)
         mag = np.sqrt(re * re + im * im)
         up = cv2.resize(mag, (w, h), interpolation=cv2.INTER_CUBIC)
         out[k] = np.clip(up * acq.gain, 0, 65535).astype(np.uint16)

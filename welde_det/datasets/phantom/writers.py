@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from welde_det.datasets.phantom.study import Series, Study
-from welde_det.utils.fileio import atomic_write_bytes
 
 __all__ = ["crop_box", "to_uint8", "write_dicom_series", "write_nifti", "write_png"]
 
@@ -32,9 +33,17 @@ _SEQ = {
 
 
 def _uid(*parts: object) -> str:
-    """Deterministic UID under the 2.25 (UUID-derived) root."""
+    """Deterministic UID under the 2.25 root, always 43 characters (38 digits after the root)."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()[:16]
-    return _UID_ROOT + str(int.from_bytes(digest, "big"))
+    return _UID_ROOT + str(10**37 + int.from_bytes(digest, "big") % (9 * 10**37))
+
+
+def _ds(value: float) -> str:
+    """Fixed-width Decimal String (10 characters), so per-slice values can be patched in place."""
+    text = f"{value:+010.4f}"
+    if len(text) != 10:
+        raise ValueError(f"DICOM position {value} mm is outside the phantom's +-9999 mm range")
+    return text
 
 
 def to_uint8(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
@@ -46,8 +55,21 @@ def to_uint8(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndar
     return np.clip((img - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
 
 
-def write_png(path: str | os.PathLike, image: np.ndarray, *, bit_depth: int = 8) -> Path:
-    """Write a grey slice as PNG (8-bit percentile window, or the raw 16-bit values)."""
+def _write(path: str | os.PathLike, data: bytes, atomic: bool) -> Path:
+    if atomic:
+        return _write(path, data, atomic)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray, *, bit_depth: int = 8, atomic: bool = True) -> Path:
+    """Write a grey slice as PNG (8-bit percentile window, or the raw 16-bit values).
+
+    ``atomic=False`` skips the temporary-file-and-fsync dance, for files written into a
+    staging folder that is itself moved into place.
+    """
     if bit_depth == 8:
         data = to_uint8(image)
     elif bit_depth == 16:
@@ -57,11 +79,14 @@ def write_png(path: str | os.PathLike, image: np.ndarray, *, bit_depth: int = 8)
     ok, buf = cv2.imencode(".png", data, [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise OSError(f"{path}: PNG encoding failed")
-    return atomic_write_bytes(path, buf.tobytes())
+    return _write(path, buf.tobytes(), atomic)
 
 
-def write_nifti(path: str | os.PathLike, series: Series) -> Path:
-    """Write a series' volume as NIfTI-1 (voxel axes slice, row, col; RAS affine as qform/sform)."""
+def write_nifti(path: str | os.PathLike, series: Series, *, atomic: bool = True) -> Path:
+    """Write a series' volume as NIfTI-1 (voxel axes slice, row, col; RAS affine as qform/sform).
+
+    ``.nii.gz`` paths are gzip-compressed at level 1 (the noise floor barely compresses).
+    """
     import gzip
 
     import nibabel as nib
@@ -74,11 +99,14 @@ def write_nifti(path: str | os.PathLike, series: Series) -> Path:
     img.set_sform(series.affine, code=1)
     raw = img.to_bytes()
     data = gzip.compress(raw, compresslevel=1) if str(path).endswith(".gz") else raw
-    return atomic_write_bytes(path, data)
+    return _write(path, data, atomic)
 
 
 def write_dicom_series(folder: str | os.PathLike, study: Study, contrast: str, series_number: int) -> list[Path]:
     """Write one series of ``study`` as single-frame MR DICOM files ``IM0001.dcm``...
+
+    The files are written into a temporary sibling folder that is renamed to ``folder``
+    at the end, so the series appears complete or not at all.
 
     Args:
         folder: series folder to create.
@@ -111,21 +139,17 @@ def write_dicom_series(folder: str | os.PathLike, study: Study, contrast: str, s
     vol = series.volume
     centre = int(np.percentile(vol[series.mid_index], 60))
     width = int(max(2 * np.percentile(vol[series.mid_index], 99.5), 1))
-    paths = []
-    for k in range(vol.shape[0]):
-        pos_lps = flip @ (aff[:3, :3] @ np.array([k, 0, 0]) + aff[:3, 3])
-        sop_uid = _uid("image", study.seed, study.study_id, contrast, k)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = _MR_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = _UID_ROOT + "1234567890123"
-        ds = Dataset()
-        ds.file_meta = meta
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = _MR_IMAGE_STORAGE
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = _UID_ROOT + "1234567890123"
+    ds = Dataset()
+    ds.file_meta = meta
+    # one header, with the per-slice elements replaced in the loop below
+    if True:
         ds.SpecificCharacterSet = "ISO_IR 100"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
         ds.SOPClassUID = _MR_IMAGE_STORAGE
-        ds.SOPInstanceUID = sop_uid
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
         ds.FrameOfReferenceUID = frame_uid
@@ -148,7 +172,6 @@ def write_dicom_series(folder: str | os.PathLike, study: Study, contrast: str, s
         ds.SeriesDescription = seq["description"]
         ds.ProtocolName = seq["description"]
         ds.SeriesNumber = int(series_number)
-        ds.InstanceNumber = k + 1
         ds.AcquisitionNumber = 1
         ds.PatientPosition = "HFS"
         ds.ScanningSequence = "SE"
@@ -166,8 +189,6 @@ def write_dicom_series(folder: str | os.PathLike, study: Study, contrast: str, s
         ds.SpacingBetweenSlices = round(subj.slice_spacing, 4)
         ds.PixelSpacing = [round(pr, 6), round(pc, 6)]
         ds.ImageOrientationPatient = [round(float(v), 6) for v in (*row_dir, *col_dir)]
-        ds.ImagePositionPatient = [round(float(v), 4) for v in pos_lps]
-        ds.SliceLocation = round(float(pos_lps @ normal), 4)
         ds.Rows, ds.Columns = vol.shape[1], vol.shape[2]
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
@@ -180,13 +201,68 @@ def write_dicom_series(folder: str | os.PathLike, study: Study, contrast: str, s
         ds.RescaleIntercept = 0
         ds.RescaleSlope = 1
         ds.RescaleType = "US"
-        ds.PixelData = np.ascontiguousarray(vol[k]).tobytes()
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        path = folder / f"IM{k + 1:04d}.dcm"
-        atomic_write_bytes(path, buf.getvalue())
-        paths.append(path)
-    return paths
+    # Per-slice elements get fixed-width placeholders; the file is serialised once and
+    # every slice is the template with those bytes replaced (pydicom per file is ~10x slower).
+    uid_ph = _UID_ROOT + "1" * 38
+    ipp_ph = "\\".join(["+7777.7777"] * 3)
+    loc_ph = "+6666.6666"
+    meta.MediaStorageSOPInstanceUID = uid_ph
+    ds.SOPInstanceUID = uid_ph
+    ds.InstanceNumber = "9999"
+    ds.ImagePositionPatient = ipp_ph.split("\\")
+    ds.SliceLocation = loc_ph
+    ds.PixelData = np.zeros(vol.shape[1:], np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    template = buf.getvalue()
+    n_pix = vol.shape[1] * vol.shape[2] * 2
+    head = template[:-n_pix]
+    spots = {
+        uid_ph: [_value_offset(head, 0x0002, 0x0003, b"UI"), _value_offset(head, 0x0008, 0x0018, b"UI")],
+        ipp_ph: [_value_offset(head, 0x0020, 0x0032, b"DS")],
+        loc_ph: [_value_offset(head, 0x0020, 0x1041, b"DS")],
+        "9999": [_value_offset(head, 0x0020, 0x0013, b"IS")],
+    }
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        names = []
+        for k in range(vol.shape[0]):
+            pos_lps = flip @ (aff[:3, :3] @ np.array([k, 0, 0]) + aff[:3, 3])
+            values = {
+                uid_ph: _uid("image", study.seed, study.study_id, contrast, k),
+                ipp_ph: "\\".join(_ds(float(v)) for v in pos_lps),
+                loc_ph: _ds(float(pos_lps @ normal)),
+                "9999": f"{k + 1:<4d}",
+            }
+            out = bytearray(head)
+            for ph, where in spots.items():
+                new_bytes = values[ph].encode()
+                for at in where:
+                    out[at:at + len(new_bytes)] = new_bytes
+            name = f"IM{k + 1:04d}.dcm"
+            with open(staging / name, "wb") as handle:
+                handle.write(out)
+                handle.write(np.ascontiguousarray(vol[k], dtype="<u2").tobytes())
+            names.append(name)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return [folder / n for n in names]
+
+
+def _value_offset(data: bytes, group: int, element: int, vr: bytes) -> int:
+    """Byte offset of an explicit-VR little-endian element's value (short-length VRs)."""
+    import struct
+
+    tag = struct.pack("<HH", group, element) + vr
+    at = data.find(tag)
+    if at < 0 or data.find(tag, at + 1) >= 0:
+        raise RuntimeError(f"DICOM template: element ({group:04X},{element:04X}) not found exactly once")
+    return at + 8
 
 
 def crop_box(image: np.ndarray, box: np.ndarray, size: int = 64, context: float = 1.25,
