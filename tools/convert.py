@@ -90,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per", choices=["label", "component"], default="label",
                    help="one box per label value, or per connected component")
     p.add_argument("--min-pixels", type=int, default=1, help="ignore components smaller than this")
+    p.add_argument("--patient-pattern", help="regex on the case name; group 'patient' names the patient")
     p.add_argument("--bit-depth", type=int, choices=[8, 16], default=8)
 
     p = sub.add_parser("boxes", parents=[common], help="CSV/JSON table of boxes per volume and slice")
@@ -148,7 +149,8 @@ def _run(args: argparse.Namespace) -> int:
                        box_mm=box, bit_depth=args.bit_depth, skip_bad=args.skip_bad)
     elif args.kind == "masks":
         label_map: Any = args.label_map if args.label_map == "spider" else _mapping_file(args.label_map)
-        options.update(label_map=label_map, per=args.per, min_pixels=args.min_pixels, bit_depth=args.bit_depth)
+        options.update(label_map=label_map, per=args.per, min_pixels=args.min_pixels, bit_depth=args.bit_depth,
+                       patient_pattern=args.patient_pattern)
     elif args.kind == "boxes":
         options.update(root=args.root, class_names=args.class_names, bit_depth=args.bit_depth)
     result = run_convert(args.kind, args.source, args.out, key_file=args.key_file, **options)

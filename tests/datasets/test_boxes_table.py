@@ -33,7 +33,7 @@ def _write_csv(path, header, rows):
     return path
 
 
-def test_csv_boxes_to_coco(tmp_path):
+def test_csv_boxes_to_coco(tmp_path, pycocotools_check):
     pytest.importorskip("welde_det.io")
     _volumes(tmp_path / "vols")
     table = _write_csv(tmp_path / "vols" / "boxes.csv", ["volume", "slice", "patient", "class", "x", "y", "w", "h"], [
@@ -57,6 +57,7 @@ def test_csv_boxes_to_coco(tmp_path):
     assert got == [(1, [12.5, 20.0, 5.0, 5.0]), (2, [3.0, 4.0, 10.0, 6.0])]
     text = "".join(p.read_text() for p in res.out_dir.rglob("*.json")).lower()
     assert "alice" not in text and "bob" not in text and "p1_scan" not in text
+    pycocotools_check(res.coco)
 
 
 def test_json_table_with_corners(tmp_path):

@@ -130,7 +130,7 @@ def _spider_like():
     return arr, affine, labels
 
 
-def test_convert_masks_end_to_end(tmp_path):
+def test_convert_masks_end_to_end(tmp_path, pycocotools_check):
     pytest.importorskip("welde_det.io")
     arr, affine, labels = _spider_like()
     src = tmp_path / "spider"
@@ -153,6 +153,7 @@ def test_convert_masks_end_to_end(tmp_path):
     for split in res.splits.values():
         part = json.loads(split.read_text())
         assert len({i["patient_id"] for i in part["images"]}) <= 1  # 2 patients, 2 splits: never mixed
+    pycocotools_check(res.coco, *res.splits.values())
 
 
 def test_convert_masks_bad_input(tmp_path):

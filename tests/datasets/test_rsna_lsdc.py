@@ -140,7 +140,7 @@ def _png_chunks(data: bytes) -> list[str]:
     return types
 
 
-def test_boxes_slices_and_geometry(tmp_path):
+def test_boxes_slices_and_geometry(tmp_path, pycocotools_check):
     import cv2
 
     root = _make_archive(tmp_path / "rsna")
@@ -169,9 +169,10 @@ def test_boxes_slices_and_geometry(tmp_path):
     report = json.loads(res.report.read_text())
     assert report["series_with_burned_in_annotation"] == 1
     assert res.data_yaml is not None and res.data_yaml.is_file()
+    pycocotools_check(res.coco)
 
 
-def test_no_phi_anywhere_in_outputs(tmp_path):
+def test_no_phi_anywhere_in_outputs(tmp_path, pycocotools_check):
     root = _make_archive(tmp_path / "rsna")
     res = convert_rsna_lsdc(root, tmp_path / "out", key=KEY, yolo=True, bit_depth=16,
                             fractions={"train": 0.5, "val": 0.5})
@@ -193,6 +194,7 @@ def test_no_phi_anywhere_in_outputs(tmp_path):
     coco = load_coco(res.coco)
     assert set(coco["info"]) <= {"description", "version", "source"}
     assert len({img["patient_id"] for img in coco["images"]}) == 1
+    pycocotools_check(res.coco, *res.splits.values())
 
 
 def test_class_schemes_and_map(tmp_path):

@@ -36,7 +36,7 @@ def _lumbar_folder(root: Path, n: int = 8, *, splits: bool = False) -> Path:
     return root
 
 
-def test_lumbar_folder_to_coco(tmp_path):
+def test_lumbar_folder_to_coco(tmp_path, pycocotools_check):
     src = _lumbar_folder(tmp_path / "lumbar")
     res = convert_yolo_dir(src, tmp_path / "out", key=KEY, patient_pattern=r"_(?P<patient>\d{3})_",
                            pixel_spacing=[0.6, 0.6], yolo=True)
@@ -57,6 +57,7 @@ def test_lumbar_folder_to_coco(tmp_path):
     data_yaml = res.data_yaml.read_text()
     assert f"path: {res.out_dir / 'yolo'}" in data_yaml
     assert (res.out_dir / "yolo" / "images" / "train").is_dir()
+    pycocotools_check(res.coco, *res.splits.values())
 
 
 def test_keep_source_splits(tmp_path):

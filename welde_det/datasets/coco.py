@@ -644,9 +644,12 @@ def resolve_yolo_split(
                 files.extend(_images_in(p))
             elif p.is_file() and p.suffix == ".txt":
                 for line in p.read_text(encoding="utf-8").splitlines():
-                    if line.strip():
-                        q = Path(line.strip())
-                        files.append(q if q.is_absolute() else (root / q))
+                    line = line.strip()
+                    if not line:
+                        continue
+                    # Ultralytics' rule: "./x" is relative to the list file's folder
+                    q = p.parent / line[2:] if line.startswith("./") else Path(line)
+                    files.append(q if q.is_absolute() else (root / q))
             else:
                 raise YoloFormatError(f"{yaml_path}: split {split!r} entry {item!r} -> {p} does not exist")
         image_root = folders[0] if len(entries) == 1 and folders else root

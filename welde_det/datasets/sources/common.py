@@ -462,7 +462,12 @@ def write_dataset(
     if any(counts):
         full_report["class_stats"] = ClassStats(class_names, counts, floor=1).to_dict()
     if parts:
-        full_report["splits"] = split_summary(parts)
+        summary = split_summary(parts)
+        # a class absent from every split has no share: JSON null rather than NaN
+        summary["share"] = {
+            split: {c: (None if v != v else v) for c, v in shares.items()} for split, shares in summary["share"].items()
+        }
+        full_report["splits"] = summary
     full_report.update(report or {})
     atomic_write_json(staging / "report.json", full_report)
     return ConversionResult(
