@@ -243,6 +243,14 @@ def test_corrupt_dicom_and_missing_instance(tmp_path):
     assert res.num_images == 2 and len(report["series_skipped"]) == 1
     assert SERIES_AX not in res.report.read_text()
     bad.unlink()
+    # header fine, pixel data truncated, on a labelled instance
+    labelled = root / "train_images" / STUDY / SERIES_AX / "2.dcm"
+    ds = pydicom.dcmread(labelled)
+    ds.PixelData = ds.PixelData[:100]
+    ds.save_as(labelled)
+    with pytest.raises(ConversionError, match=r"2\.dcm: cannot decode pixel data"):
+        convert_rsna_lsdc(root, tmp_path / "out3", key=KEY, fractions=None)
+    assert not (tmp_path / "out3").exists()
     root2 = _make_archive(tmp_path / "rsna2", extra_rows=[[STUDY, SERIES_SAG, 17, "Spinal Canal Stenosis", "L1/L2", 5, 5]])
     with pytest.raises(ConversionError, match="instance_number 17 is not in the series headers"):
         convert_rsna_lsdc(root2, tmp_path / "out2", key=KEY)

@@ -193,13 +193,19 @@ def _geometry(ds: Any, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
 
 def _pixels(path: Path) -> np.ndarray:
     import pydicom
+    from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise ConversionError(f"{path}: not a readable DICOM file ({exc})") from exc
+    try:
         arr = ds.pixel_array.astype(np.float64)
-    except Exception as exc:  # pydicom raises many types for corrupt or undecodable data
-        ts = getattr(getattr(locals().get("ds"), "file_meta", None), "TransferSyntaxUID", None)
-        hint = f" (transfer syntax {ts.name}; install pylibjpeg/gdcm to decode it)" if ts is not None and ts.is_compressed else ""
+    except Exception as exc:  # pydicom raises many types for corrupt or undecodable pixel data
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        hint = ""
+        if syntax is not None and syntax.is_compressed:
+            hint = f" (compressed transfer syntax {syntax.name}: install pylibjpeg or python-gdcm to decode it)"
         raise ConversionError(f"{path}: cannot decode pixel data: {exc}{hint}") from None
     if arr.ndim != 2:
         raise ConversionError(f"{path}: expected a single-frame 2D image, got pixel array shape {arr.shape}")
