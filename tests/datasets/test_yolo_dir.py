@@ -13,7 +13,7 @@ from PIL import Image
 
 from welde_det.classes import LUMBAR_CLASSES
 from welde_det.datasets.coco import YoloFormatError, load_coco
-from welde_det.datasets.sources.common import ConversionError
+from welde_det.datasets.sources.common import ConversionError, UnknownClassError
 from welde_det.datasets.sources.yolo_dir import convert_yolo_dir
 from welde_det.engine.convert import DeidKeyError, resolve_key, run_convert
 
@@ -72,7 +72,7 @@ def test_keep_source_splits(tmp_path):
 def test_unknown_class_and_corrupt_image(tmp_path):
     src = _lumbar_folder(tmp_path / "lumbar", n=3)
     (src / "labels" / "Smith_John_000_1.txt").write_text("0 0.5 0.5 0.1 0.1\n6 0.5 0.5 0.1 0.1\n")
-    with pytest.raises(ConversionError, match=r"Smith_John_000_1\.txt:2: class '6' is not an index in 0\.\.5"):
+    with pytest.raises(UnknownClassError, match=r"Smith_John_000_1\.txt:2: class '6' is not an index in 0\.\.5"):
         convert_yolo_dir(src, tmp_path / "out", key=KEY)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lumbar"]
     (src / "labels" / "Smith_John_000_1.txt").write_text("0 0.5 0.5 0.1 0.1\n")

@@ -45,6 +45,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "YOLO_SPLITS",
     "CocoFormatError",
+    "YoloClassIndexError",
     "YoloFormatError",
     "coco_to_yolo",
     "find_data_yaml",
@@ -77,6 +78,10 @@ class CocoFormatError(ValueError):
 
 class YoloFormatError(ValueError):
     """A YOLO dataset folder, ``data.yaml`` or label line is malformed (file and line named)."""
+
+
+class YoloClassIndexError(YoloFormatError):
+    """A YOLO label line names a class index outside the class list (file and line named)."""
 
 
 # ---------------------------------------------------------------------------- builders
@@ -716,7 +721,7 @@ def parse_yolo_label_file(path: Path, num_classes: int) -> list[tuple[int, float
         except ValueError:
             raise YoloFormatError(f"{path}:{lineno}: non-numeric value in {line.strip()!r}") from None
         if cls_f != int(cls_f) or not 0 <= int(cls_f) < num_classes:
-            raise YoloFormatError(
+            raise YoloClassIndexError(
                 f"{path}:{lineno}: class {parts[0]!r} is not an index in 0..{num_classes - 1}"
             )
         if not all(math.isfinite(v) and -1e-6 <= v <= 1 + 1e-6 for v in vals):

@@ -33,6 +33,7 @@ import numpy as np
 from welde_det.classes import LUMBAR_CLASSES
 from welde_det.datasets.coco import (
     YOLO_SPLITS,
+    YoloClassIndexError,
     YoloFormatError,
     label_path_of,
     parse_yolo_label_file,
@@ -44,6 +45,7 @@ from welde_det.datasets.sources.common import (
     ConversionError,
     ConversionResult,
     ImageRecord,
+    UnknownClassError,
     map_items,
     pseudonym,
     staging_dir,
@@ -100,8 +102,10 @@ def _convert_one_unchecked(item: _Item, class_names: Sequence[str]) -> ImageReco
     if item.label.is_file():
         try:
             rows = parse_yolo_label_file(item.label, len(class_names))
+        except YoloClassIndexError as exc:
+            raise UnknownClassError(f"{exc} (classes {list(class_names)})") from None
         except YoloFormatError as exc:
-            raise ConversionError(f"{exc} (classes {list(class_names)})") from None
+            raise ConversionError(str(exc)) from None
         for cls_idx, cx, cy, w, h in rows:
             bbox = ((cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height)
             boxes.append(BoxRecord(class_names[cls_idx], tuple(round(v, 6) for v in bbox)))
