@@ -20,9 +20,17 @@ from welde_det.datasets.coco import (
     validate_coco,
     yolo_to_coco,
 )
+from welde_det.datasets.splits import (
+    SplitError,
+    split_coco,
+    split_image_ids,
+    split_summary,
+    subset_coco,
+)
 
 __all__ = [
     "CocoFormatError",
+    "SplitError",
     "YoloFormatError",
     "coco_to_yolo",
     "load_coco",
@@ -30,6 +38,10 @@ __all__ = [
     "make_categories",
     "make_image_entry",
     "save_coco",
+    "split_coco",
+    "split_image_ids",
+    "split_summary",
+    "subset_coco",
     "validate_coco",
     "yolo_to_coco",
 ]
