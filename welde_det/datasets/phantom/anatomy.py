@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -120,7 +121,7 @@ class Quad:
     def centre(self) -> np.ndarray:
         return self.point(0.5, 0.5)
 
-    @property
+    @cached_property
     def anterior_dir(self) -> np.ndarray:
         d = (self.a_low - self.p_low) + (self.a_up - self.p_up)
         return d / np.linalg.norm(d)
@@ -233,7 +234,7 @@ def sample_subject(rng: np.random.Generator, top_visible: bool, matrix: int = 38
         conus_level=float(rng.uniform(2.3, 3.6)),  # index into VERTEBRAE (T12 .. L1-L2)
         top_visible=top_visible,
         top_margin=float(rng.uniform(2.0, 14.0)),
-        column_u=float(rng.uniform(0.42, 0.52)),
+        column_u=float(rng.uniform(0.36, 0.45)),
         jitter={
             "body_h": rng.normal(1.0, 0.035, len(VERTEBRAE)),
             "body_d": rng.normal(1.0, 0.035, len(VERTEBRAE)),
@@ -405,7 +406,8 @@ def _band(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------- assembly
 
 
-def build_anatomy(subject: Subject, levels: dict[str, dict], rng: np.random.Generator) -> Anatomy:
+def build_anatomy(subject: Subject, levels: dict[str, dict], rng: np.random.Generator,
+                  draw: bool = True) -> Anatomy:
     """Build the column, place it in the field and list every structure to draw.
 
     Args:
@@ -414,7 +416,12 @@ def build_anatomy(subject: Subject, levels: dict[str, dict], rng: np.random.Gene
             ``nucleus_t2``, ``irregular_mm``, ``osteophyte_mm``, ``modic`` (0 none, 1, 2),
             ``flavum_extra_mm``, ``cleft`` (from :mod:`~welde_det.datasets.phantom.findings`).
         rng: the study's generator (textures of shape details).
+        draw: ``False`` builds only what the annotations need (bodies, discs, canal);
+            boxes and masks are identical either way.
     """
+    # shape details only drawn (bowel, nerve strands...) take their own stream, so the
+    # annotation geometry does not depend on ``draw``
+    draw_rng = np.random.default_rng(int(rng.integers(2**62)))
     bodies, discs = _build_column(subject, levels)
     _place(subject, bodies, discs)
     sc = subject.scale
@@ -427,26 +434,28 @@ def build_anatomy(subject: Subject, levels: dict[str, dict], rng: np.random.Gene
     stations_w, stations_m, stations_pd, tags = [], [], [], []
     for i, vname in enumerate(order):
         q = bodies[vname]
-        ts = np.linspace(1, 0, 9)[:-1] if vname.startswith("S") is False or vname == "S1" else np.linspace(1, 0, 5)[:-1]
-        for t in ts:
-            w = q.point(0.0, t)
-            stations_w.append(w)
-            stations_m.append(w)
-            stations_pd.append(-q.anterior_dir)
-            tags.append((vname, float(t)))
+        ts = np.linspace(1, 0, 9)[:-1] if (not vname.startswith("S") or vname == "S1") else np.linspace(1, 0, 5)[:-1]
+        w = q.point(np.zeros_like(ts), ts)
+        stations_w.append(w)
+        stations_m.append(w)
+        stations_pd.append(np.repeat(-q.anterior_dir[None], len(ts), 0))
+        tags.extend((vname, float(t)) for t in ts)
         if i < len(DISCS):
             dq = discs[DISCS[i]]
             b = levels[DISCS[i]]["bulge_mm"]
-            for t in np.linspace(1, 0, 9)[:-1]:
-                w = dq.point(0.0, t)
-                prof = np.sin(np.pi * t) ** 0.6
-                stations_w.append(w)
-                stations_m.append(w - dq.anterior_dir * (0.15 + b * prof))
-                stations_pd.append(-dq.anterior_dir)
-                tags.append((DISCS[i], float(t)))
-    W = _smooth_open(np.array(stations_w), 1)
-    M = np.array(stations_m)
-    PD = _smooth_open(np.array(stations_pd), 2)
+            ts = np.linspace(1, 0, 9)[:-1]
+            w = dq.point(np.zeros_like(ts), ts)
+            prof = np.sin(np.pi * ts) ** 0.6
+            stations_w.append(w)
+            stations_m.append(w - dq.anterior_dir[None] * (0.15 + b * prof)[:, None])
+            stations_pd.append(np.repeat(-dq.anterior_dir[None], len(ts), 0))
+            tags.extend((DISCS[i], float(t)) for t in ts)
+    stations_w = np.vstack(stations_w)
+    stations_m = np.vstack(stations_m)
+    stations_pd = np.vstack(stations_pd)
+    W = _smooth_open(stations_w, 1)
+    M = stations_m
+    PD = _smooth_open(stations_pd, 2)
     PD /= np.linalg.norm(PD, axis=1, keepdims=True)
     K = len(W)
     vnames = [tg[0] for tg in tags]
@@ -509,131 +518,136 @@ def build_anatomy(subject: Subject, levels: dict[str, dict], rng: np.random.Gene
 
     skin_full = extend(skin)
     fat_full = extend(fat_in)
-    body_poly = np.vstack([skin_full, [[-50.0, fov + 50.0], [-50.0, -50.0]]])
-    structs.append(Structure("body", "viscera", [body_poly]))
-    structs.append(Structure("subcutaneous_fat", "fat", [_band(skin_full, fat_full)]))
-    structs.append(Structure("skin", "skin", [skin_full], line_mm=1.2))
-    # posterior muscles from the bony canal to the fat
-    bp_full = extend(bony_post)
-    structs.append(Structure("paraspinal_muscle", "muscle", [_band(bp_full, fat_full)]))
-    # retroperitoneal fat and prevertebral tissue anterior to the column
-    ant_pts = []
-    for vname in order[:9]:
-        q = bodies[vname]
-        for t in np.linspace(1, 0, 5):
-            ant_pts.append(q.point(1.0, t))
-    ant = np.array(ant_pts)
-    ant_dir = np.array([bodies[v].anterior_dir for v in order[:9] for _ in range(5)])
-    retro = _band(ant - ant_dir * 2.0, _smooth_open(ant + ant_dir * rng.uniform(5, 12), 3))
-    structs.append(Structure("retroperitoneal_fat", "fat", [retro], lateral=(0, 60)))
-    # psoas, lateral to the lumbar bodies (parasagittal slices only)
-    ps_in, ps_out = [], []
-    for j, vname in enumerate(("L1", "L2", "L3", "L4", "L5", "S1")):
-        q = bodies[vname]
-        for t in np.linspace(1, 0, 4):
-            base = q.point(0.75, t)
-            ps_in.append(base)
-            ps_out.append(base + q.anterior_dir * (6 + 7 * j + 4 * t) * sc)
-    structs.append(Structure("psoas", "muscle", [chaikin(_band(np.array(ps_in), np.array(ps_out)), 2)],
-                             lateral=(17.0, 60.0)))
-    # aorta / common iliac (flow void), left of the midline
-    aorta = []
-    for vname in ("T10", "T11", "T12", "L1", "L2", "L3", "L4"):
-        q = bodies[vname]
-        aorta.append(q.point(1.0, 0.5) + q.anterior_dir * 11 * sc)
-    structs.append(Structure("aorta", "vessel", [np.array(aorta)], line_mm=18 * sc,
-                             lateral=(0.0, 10.0), lateral_centre=-16.0))
-    # bowel loops anterior to the column and in the pelvis
-    _bowel(structs, bodies, rng, subject)
+    if draw:
+        body_poly = np.vstack([skin_full, [[-50.0, fov + 50.0], [-50.0, -50.0]]])
+        structs.append(Structure("body", "viscera", [body_poly]))
+        structs.append(Structure("subcutaneous_fat", "fat", [_band(skin_full, fat_full)]))
+        structs.append(Structure("skin", "skin", [skin_full], line_mm=1.2))
+        # posterior muscles from the bony canal to the fat
+        bp_full = extend(bony_post)
+        structs.append(Structure("paraspinal_muscle", "muscle", [_band(bp_full, fat_full)]))
+        # retroperitoneal fat and prevertebral tissue anterior to the column
+        ant_pts = []
+        for vname in order[:9]:
+            q = bodies[vname]
+            for t in np.linspace(1, 0, 5):
+                ant_pts.append(q.point(1.0, t))
+        ant = np.array(ant_pts)
+        ant_dir = np.array([bodies[v].anterior_dir for v in order[:9] for _ in range(5)])
+        retro = _band(ant - ant_dir * 2.0, _smooth_open(ant + ant_dir * draw_rng.uniform(5, 12), 3))
+        structs.append(Structure("retroperitoneal_fat", "fat", [retro], lateral=(0, 60)))
+        # psoas, lateral to the lumbar bodies (parasagittal slices only)
+        ps_in, ps_out = [], []
+        for j, vname in enumerate(("L1", "L2", "L3", "L4", "L5", "S1")):
+            q = bodies[vname]
+            for t in np.linspace(1, 0, 4):
+                base = q.point(0.75, t)
+                ps_in.append(base)
+                ps_out.append(base + q.anterior_dir * (6 + 7 * j + 4 * t) * sc)
+        structs.append(Structure("psoas", "muscle", [chaikin(_band(np.array(ps_in), np.array(ps_out)), 2)],
+                                 lateral=(17.0, 60.0)))
+        # aorta / common iliac (flow void), left of the midline
+        aorta = []
+        for vname in ("T10", "T11", "T12", "L1", "L2", "L3", "L4"):
+            q = bodies[vname]
+            aorta.append(q.point(1.0, 0.5) + q.anterior_dir * 11 * sc)
+        structs.append(Structure("aorta", "vessel", [np.array(aorta)], line_mm=18 * sc,
+                                 lateral=(0.0, 10.0), lateral_centre=-16.0))
+        # bowel loops anterior to the column and in the pelvis
+        _bowel(structs, bodies, draw_rng, subject)
 
-    # ---------------- canal: epidural fat, flavum, dura (CSF), cord, cauda equina
-    bony_canal = _band(W, bony_post)
-    structs.append(Structure("epidural_fat", "fat", [bony_canal], lateral=(0, 11.0)))
-    structs.append(Structure("ligamentum_flavum", "ligament", [_band(flav_line, bony_post)], lateral=(0, 13.0)))
-    structs.append(Structure("pll", "ligament", [_band(W, _offset_line(W, PD, 1.0))], lateral=(0, 9.0)))
-    sac_axis_c = 0.5 * (dura_ant + dura_post)
-    structs.append(Structure("dura", "csf", [_band(dura_ant, dura_post)], lateral=(0, 8.5),
-                             shrink=(sac_axis_c.mean(0), PD.mean(0) / np.linalg.norm(PD.mean(0)))))
-    # cord to the conus, then the cauda equina strands
-    conus_k = int(min(K - 1, max(1, round(subject.conus_level * 16))))
-    cord_w = np.concatenate([np.full(max(conus_k - 6, 1), 3.6 * sc), np.linspace(3.6 * sc, 0.4, 6)])[:conus_k]
-    cord_c = sac_axis_c[:conus_k] - PD[:conus_k] * 0.8
-    cord = _band(_offset_line(cord_c, PD[:conus_k], -cord_w), _offset_line(cord_c, PD[:conus_k], cord_w)[:len(cord_w)])
-    structs.append(Structure("cord", "nerve", [cord], lateral=(0, 4.5),
-                             shrink=(cord_c.mean(0), PD.mean(0) / np.linalg.norm(PD.mean(0)))))
-    n_strands = 7
-    for j in range(n_strands):
-        frac = 0.25 + 0.6 * j / (n_strands - 1) + rng.uniform(-0.05, 0.05)
-        end = int(min(K - 1, conus_k + 10 + j * (K - conus_k) / n_strands))
-        pts = dura_ant[conus_k - 1:end] + (dura_post[conus_k - 1:end] - dura_ant[conus_k - 1:end]) * frac
-        if len(pts) < 2:
-            continue
-        lx = float(rng.uniform(-6.0, 6.0))
-        structs.append(Structure(f"cauda_{j}", "nerve", [pts], line_mm=0.9, lateral=(0.0, 0.9),
-                                 lateral_centre=lx))
+        # ---------------- canal: epidural fat, flavum, dura (CSF), cord, cauda equina
+        bony_canal = _band(W, bony_post)
+        structs.append(Structure("epidural_fat", "fat", [bony_canal], lateral=(0, 11.0)))
+        structs.append(Structure("ligamentum_flavum", "ligament", [_band(flav_line, bony_post)], lateral=(0, 13.0)))
+        structs.append(Structure("pll", "ligament", [_band(W, _offset_line(W, PD, 1.0))], lateral=(0, 9.0)))
+        sac_axis_c = 0.5 * (dura_ant + dura_post)
+        structs.append(Structure("dura", "csf", [_band(dura_ant, dura_post)], lateral=(0, 8.5),
+                                 shrink=(sac_axis_c.mean(0), PD.mean(0) / np.linalg.norm(PD.mean(0)))))
+        # cord to the conus, then the cauda equina strands
+        conus_k = int(min(K - 1, max(1, round(subject.conus_level * 16))))
+        cord_w = np.concatenate([np.full(max(conus_k - 6, 1), 3.6 * sc), np.linspace(3.6 * sc, 0.4, 6)])[:conus_k]
+        cord_c = sac_axis_c[:conus_k] - PD[:conus_k] * 0.8
+        cord = _band(_offset_line(cord_c, PD[:conus_k], -cord_w), _offset_line(cord_c, PD[:conus_k], cord_w)[:len(cord_w)])
+        structs.append(Structure("cord", "nerve", [cord], lateral=(0, 4.5),
+                                 shrink=(cord_c.mean(0), PD.mean(0) / np.linalg.norm(PD.mean(0)))))
+        n_strands = 7
+        for j in range(n_strands):
+            frac = 0.25 + 0.6 * j / (n_strands - 1) + draw_rng.uniform(-0.05, 0.05)
+            end = int(min(K - 1, conus_k + 10 + j * (K - conus_k) / n_strands))
+            pts = dura_ant[conus_k - 1:end] + (dura_post[conus_k - 1:end] - dura_ant[conus_k - 1:end]) * frac
+            if len(pts) < 2:
+                continue
+            lx = float(draw_rng.uniform(-6.0, 6.0))
+            structs.append(Structure(f"cauda_{j}", "nerve", [pts], line_mm=0.9, lateral=(0.0, 0.9),
+                                     lateral_centre=lx))
 
-    # ---------------- posterior elements
-    station_index = {tg: k for k, tg in enumerate(tags)}
+        # ---------------- posterior elements
+        by_name: dict[str, tuple[list[int], np.ndarray]] = {}
+        for k, (nm, tt) in enumerate(tags):
+            by_name.setdefault(nm, ([], []))
+            by_name[nm][0].append(k)
+            by_name[nm][1].append(tt)
 
-    def st_index(name: str, t: float) -> int:
-        best = min((abs(tt - t), k) for (nm, tt), k in station_index.items() if nm == name)
-        return best[1]
+        def st_index(name: str, t: float) -> int:
+            ks, tts = by_name[name]
+            return ks[int(np.argmin(np.abs(np.asarray(tts) - t)))]
 
-    for i, vname in enumerate(VERTEBRAE):
-        k_top = st_index(vname, 0.8)
-        k_bot = st_index(DISCS[i], 0.45)
-        b_top = bony_post[k_top] - PD[k_top] * 1.5
-        b_bot = bony_post[k_bot] - PD[k_bot] * 1.5
-        pd = PD[(k_top + k_bot) // 2]
-        down = np.array([-pd[1], pd[0]]) if np.array([-pd[1], pd[0]])[1] > 0 else np.array([pd[1], -pd[0]])
-        thoracic = vname.startswith("T")
-        ang = math.radians((38.0 if thoracic else 8.0) + jit["spinous_angle"][i])
-        direc = pd * math.cos(ang) + down * math.sin(ang)
-        length = (32.0 if thoracic else 29.0) * sc * jit["spinous_len"][i]
-        base_h = np.linalg.norm(b_bot - b_top)
-        mid = 0.5 * (b_top + b_bot)
-        tip = mid + direc * length
-        perp = np.array([-direc[1], direc[0]])
-        if perp[1] > 0:
-            perp = -perp
-        tip_h = base_h * (0.35 if thoracic else 0.45)
-        poly = np.array([b_top, mid + direc * length * 0.55 + perp * tip_h * 0.9, tip + perp * tip_h * 0.6,
-                         tip + direc * 2.0, tip - perp * tip_h * 0.7, mid + direc * length * 0.5 - perp * tip_h,
-                         b_bot])
-        poly = chaikin(poly, 3)
-        structs.append(Structure(f"spinous_cortex_{vname}", "cortex", [poly], lateral=(0, 4.0)))
-        inner = mid + (poly - mid) * 0.82 + direc * 0.6
-        structs.append(Structure(f"spinous_{vname}", "marrow_post", [inner], lateral=(0, 4.0)))
-        # lamina (parasagittal), pedicle, foramen, articular pillar
-        lam = np.array([b_top + PD[k_top] * 1.0, b_top + PD[k_top] * 9.0, b_bot + PD[k_bot] * 7.0, b_bot])
-        structs.append(Structure(f"lamina_{vname}", "cortex", [chaikin(lam, 2)], lateral=(3.5, 13.0)))
-        q = bodies[vname]
-        ped_a = st_index(vname, 0.92)
-        ped_b = st_index(vname, 0.5)
-        ped = _band(W[ped_a:ped_b + 1] - PD[ped_a:ped_b + 1], bony_post[ped_a:ped_b + 1])
-        structs.append(Structure(f"pedicle_{vname}", "marrow_post", [chaikin(ped, 2)], lateral=(9.0, 17.0)))
-        f_a = st_index(vname, 0.45)
-        f_b = st_index(order[i + 1], 0.92) if i + 1 < len(order) else f_a + 8
-        foramen = _band(M[f_a:f_b + 1], bony_post[f_a:f_b + 1] - PD[f_a:f_b + 1] * 2.0)
-        structs.append(Structure(f"foramen_{DISCS[i]}", "fat", [chaikin(foramen, 2)], lateral=(9.0, 20.0)))
-        root_c = W[f_a] + PD[f_a] * depth[f_a] * 0.45 + (W[f_b] - W[f_a]) * 0.25
-        a = np.linspace(0, 2 * np.pi, 20, endpoint=False)
-        root = root_c + np.stack([np.cos(a) * 2.6, np.sin(a) * 3.0], 1) * sc
-        structs.append(Structure(f"root_{DISCS[i]}", "nerve", [root], lateral=(10.0, 19.0)))
-        p_a = st_index(vname, 1.0)
-        p_b = st_index(DISCS[i], 0.3)
-        pil = _band(bony_post[p_a:p_b + 1] - PD[p_a:p_b + 1] * 1.0, bony_post[p_a:p_b + 1] + PD[p_a:p_b + 1] * 13.0)
-        structs.append(Structure(f"facet_{vname}", "cortex", [chaikin(pil, 2)], lateral=(12.0, 26.0)))
-        inner_p = pil.mean(0) + (chaikin(pil, 2) - pil.mean(0)) * 0.8
-        structs.append(Structure(f"facet_marrow_{vname}", "marrow_post", [inner_p], lateral=(12.0, 26.0)))
-    # median sacral crest
-    for j, sname in enumerate(("S1", "S2", "S3")):
-        k = st_index(sname, 0.5)
-        base = bony_post[k] - PD[k] * 0.5
-        tip = base + PD[k] * (9.0 - 2 * j) * sc
-        perp = np.array([-PD[k][1], PD[k][0]])
-        poly = chaikin(np.array([base + perp * 5, tip + perp * 2, tip - perp * 2, base - perp * 5]), 2)
-        structs.append(Structure(f"sacral_crest_{sname}", "cortex", [poly], lateral=(0, 5.0)))
+        for i, vname in enumerate(VERTEBRAE):
+            k_top = st_index(vname, 0.8)
+            k_bot = st_index(DISCS[i], 0.45)
+            b_top = bony_post[k_top] - PD[k_top] * 1.5
+            b_bot = bony_post[k_bot] - PD[k_bot] * 1.5
+            pd = PD[(k_top + k_bot) // 2]
+            down = np.array([-pd[1], pd[0]]) if np.array([-pd[1], pd[0]])[1] > 0 else np.array([pd[1], -pd[0]])
+            thoracic = vname.startswith("T")
+            ang = math.radians((38.0 if thoracic else 8.0) + jit["spinous_angle"][i])
+            direc = pd * math.cos(ang) + down * math.sin(ang)
+            length = (32.0 if thoracic else 29.0) * sc * jit["spinous_len"][i]
+            base_h = np.linalg.norm(b_bot - b_top)
+            mid = 0.5 * (b_top + b_bot)
+            tip = mid + direc * length
+            perp = np.array([-direc[1], direc[0]])
+            if perp[1] > 0:
+                perp = -perp
+            tip_h = base_h * (0.35 if thoracic else 0.45)
+            poly = np.array([b_top, mid + direc * length * 0.55 + perp * tip_h * 0.9, tip + perp * tip_h * 0.6,
+                             tip + direc * 2.0, tip - perp * tip_h * 0.7, mid + direc * length * 0.5 - perp * tip_h,
+                             b_bot])
+            poly = chaikin(poly, 3)
+            structs.append(Structure(f"spinous_cortex_{vname}", "cortex", [poly], lateral=(0, 4.0)))
+            inner = mid + (poly - mid) * 0.82 + direc * 0.6
+            structs.append(Structure(f"spinous_{vname}", "marrow_post", [inner], lateral=(0, 4.0)))
+            # lamina (parasagittal), pedicle, foramen, articular pillar
+            lam = np.array([b_top + PD[k_top] * 1.0, b_top + PD[k_top] * 9.0, b_bot + PD[k_bot] * 7.0, b_bot])
+            structs.append(Structure(f"lamina_{vname}", "cortex", [chaikin(lam, 2)], lateral=(3.5, 13.0)))
+            q = bodies[vname]
+            ped_a = st_index(vname, 0.92)
+            ped_b = st_index(vname, 0.5)
+            ped = _band(W[ped_a:ped_b + 1] - PD[ped_a:ped_b + 1], bony_post[ped_a:ped_b + 1])
+            structs.append(Structure(f"pedicle_{vname}", "marrow_post", [chaikin(ped, 2)], lateral=(9.0, 17.0)))
+            f_a = st_index(vname, 0.45)
+            f_b = st_index(order[i + 1], 0.92) if i + 1 < len(order) else f_a + 8
+            foramen = _band(M[f_a:f_b + 1], bony_post[f_a:f_b + 1] - PD[f_a:f_b + 1] * 2.0)
+            structs.append(Structure(f"foramen_{DISCS[i]}", "fat", [chaikin(foramen, 2)], lateral=(9.0, 20.0)))
+            root_c = W[f_a] + PD[f_a] * depth[f_a] * 0.45 + (W[f_b] - W[f_a]) * 0.25
+            a = np.linspace(0, 2 * np.pi, 20, endpoint=False)
+            root = root_c + np.stack([np.cos(a) * 2.6, np.sin(a) * 3.0], 1) * sc
+            structs.append(Structure(f"root_{DISCS[i]}", "nerve", [root], lateral=(10.0, 19.0)))
+            p_a = st_index(vname, 1.0)
+            p_b = st_index(DISCS[i], 0.3)
+            pil = _band(bony_post[p_a:p_b + 1] - PD[p_a:p_b + 1] * 1.0, bony_post[p_a:p_b + 1] + PD[p_a:p_b + 1] * 13.0)
+            structs.append(Structure(f"facet_{vname}", "cortex", [chaikin(pil, 2)], lateral=(12.0, 26.0)))
+            inner_p = pil.mean(0) + (chaikin(pil, 2) - pil.mean(0)) * 0.8
+            structs.append(Structure(f"facet_marrow_{vname}", "marrow_post", [inner_p], lateral=(12.0, 26.0)))
+        # median sacral crest
+        for j, sname in enumerate(("S1", "S2", "S3")):
+            k = st_index(sname, 0.5)
+            base = bony_post[k] - PD[k] * 0.5
+            tip = base + PD[k] * (9.0 - 2 * j) * sc
+            perp = np.array([-PD[k][1], PD[k][0]])
+            poly = chaikin(np.array([base + perp * 5, tip + perp * 2, tip - perp * 2, base - perp * 5]), 2)
+            structs.append(Structure(f"sacral_crest_{sname}", "cortex", [poly], lateral=(0, 5.0)))
 
     # ---------------- discs, then vertebral bodies (drawn over the disc margins)
     for i, dname in enumerate(DISCS):
@@ -646,11 +660,11 @@ def build_anatomy(subject: Subject, levels: dict[str, dict], rng: np.random.Gene
         structs.append(Structure(f"disc_{dname}", "annulus", [outline], lateral=(0, w_lat), shrink=shrink))
         # nucleus: a soft ellipse whose T2 signal carries desiccation
         hf = lv["height_factor"]
-        nuc = _ellipse(q, 0.46, 0.5, 0.3, 0.30 + 0.06 * hf)
+        nuc = _ellipse(q, 0.48, 0.5, 0.39, 0.32 + 0.08 * hf)
         structs.append(Structure(f"nucleus_{dname}", "nucleus", [nuc], lateral=(0, w_lat * 0.75),
-                                 shrink=shrink, blur_mm=1.6, value_scale=(1.0, lv["nucleus_t2"])))
+                                 shrink=shrink, blur_mm=1.3, value_scale=(1.0, lv["nucleus_t2"])))
         if lv["cleft"]:
-            cl = q.point(np.linspace(0.22, 0.7, 8), np.full(8, 0.5) + rng.normal(0, 0.02, 8))
+            cl = q.point(np.linspace(0.22, 0.7, 8), np.full(8, 0.5) + draw_rng.normal(0, 0.02, 8))
             structs.append(Structure(f"cleft_{dname}", "annulus", [cl], line_mm=0.7, lateral=(0, w_lat * 0.6),
                                      shrink=shrink))
         ann[f"disc_{dname}"] = outline

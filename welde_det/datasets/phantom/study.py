@@ -12,7 +12,6 @@ import numpy as np
 from welde_det.classes import LUMBAR_CLASSES
 from welde_det.datasets.phantom.anatomy import (
     DISCS,
-    VERTEBRAE,
     Anatomy,
     Subject,
     build_anatomy,
@@ -80,7 +79,9 @@ class Study:
         labels: class index per box in :data:`~welde_det.classes.LUMBAR_CLASSES` order.
         structures: per box, the name of the structure that produced it (key of
             :attr:`polygons` / :attr:`masks`).
-        polygons: structure outlines on the mid-sagittal slice, in pixels.
+        polygons: outlines (pixels, mid-sagittal slice) of every structure that can carry
+            a box: ``disc_<level>``, ``body_<vertebra>``, ``canal_<level>`` (bony canal at
+            a disc level) and ``segment_<vertebra>`` (a body with the disc below it).
         series: per contrast, the rendered series (empty when ``render=False``).
         subject: subject and acquisition geometry.
         findings: per-level findings.
@@ -212,10 +213,7 @@ def _boxes(anatomy: Anatomy, findings: Findings, subject: Subject) -> tuple[np.n
         add(f"canal_{level}", "SS", 0.5)
     if findings.spondy is not None:
         add(f"segment_{findings.spondy}", "Spondylolisthesis", 0.5)
-    used = {s: polys_px[s] for s in structs}
-    for v in VERTEBRAE:
-        used.setdefault(f"body_{v}", polys_px[f"body_{v}"])
-    return (np.array(boxes, dtype=np.float64).reshape(-1, 4), np.array(labels, dtype=np.int64), structs, used)
+    return (np.array(boxes, dtype=np.float64).reshape(-1, 4), np.array(labels, dtype=np.int64), structs, polys_px)
 
 
 def generate_study(
@@ -267,7 +265,7 @@ def generate_study(
     geo = np.random.default_rng(streams[0])
     subject = sample_subject(geo, top_visible(seed, plan), matrix=int(matrix))
     findings = sample_findings(seed, geo, subject, plan, float(difficulty))
-    anatomy = build_anatomy(subject, findings.levels, geo)
+    anatomy = build_anatomy(subject, findings.levels, geo, draw=render)
     boxes, labels, structs, polys = _boxes(anatomy, findings, subject)
     patient = _patient(np.random.default_rng(streams[1]), subject.age)
     series: dict[str, Series] = {}

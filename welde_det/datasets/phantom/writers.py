@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from welde_det.datasets.phantom.study import Series, Study
+from welde_det.utils.fileio import atomic_write_bytes
 
 __all__ = ["crop_box", "to_uint8", "write_dicom_series", "write_nifti", "write_png"]
 
@@ -57,7 +58,7 @@ def to_uint8(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndar
 
 def _write(path: str | os.PathLike, data: bytes, atomic: bool) -> Path:
     if atomic:
-        return _write(path, data, atomic)
+        return atomic_write_bytes(path, data)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
