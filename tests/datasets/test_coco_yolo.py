@@ -92,6 +92,24 @@ def test_yolo_folder_is_what_ultralytics_expects(tmp_path):
     assert len(images) == 4 and all(p.is_symlink() for p in images)
     for label in img2label_paths([str(p) for p in images]):
         assert Path(label).is_file()
+    # Ultralytics' own dataset class reads the same boxes back (normalised xywh, class index)
+    from ultralytics.data.dataset import YOLODataset
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        ds = YOLODataset(img_path=data["train"], data=data, task="detect", imgsz=64, augment=False)
+    by_stem = {Path(lb["im_file"]).stem: lb for lb in ds.labels}
+    for img in tr["images"]:
+        lb = by_stem[Path(img["file_name"]).stem]
+        w, h = img["width"], img["height"]
+        want = sorted(
+            (a["category_id"] - 1, (a["bbox"][0] + a["bbox"][2] / 2) / w, (a["bbox"][1] + a["bbox"][3] / 2) / h,
+             a["bbox"][2] / w, a["bbox"][3] / h)
+            for a in tr["annotations"] if a["image_id"] == img["id"]
+        )
+        got = sorted((int(c), *map(float, b)) for c, b in zip(lb["cls"][:, 0], lb["bboxes"]))
+        assert len(got) == len(want)
+        for g, wv in zip(got, want):
+            assert g[0] == wv[0] and np.allclose(g[1:], wv[1:], atol=1e-6)
 
 
 def test_yolo_line_values_by_hand(tmp_path):
