@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import cv2
 import numpy as np
 
 __all__ = [
@@ -50,11 +51,11 @@ THORACIC_DISCS: tuple[str, ...] = ("T11-T12", "T12-L1")
 LUMBAR_DISCS: tuple[str, ...] = DISCS[3:]
 
 # Mean adult dimensions in mm (posterior body height, AP depth, lateral half-width).
-_BODY_H = (20.0, 21.5, 23.0, 25.0, 26.0, 26.5, 26.5, 26.0)
+_BODY_H = (22.0, 23.5, 25.0, 27.5, 28.5, 29.0, 29.0, 28.5)
 _BODY_D = (28.0, 29.5, 31.0, 33.0, 35.0, 36.5, 37.5, 37.0)
 _BODY_W = (16.0, 17.0, 18.0, 20.0, 21.5, 23.0, 24.0, 25.0)
 _BODY_WEDGE = (-4.0, -3.0, -3.0, -2.0, 0.0, 1.0, 2.0, 5.0)  # degrees, + = anterior taller
-_DISC_H = (5.0, 6.0, 7.5, 9.0, 10.0, 11.0, 11.5, 10.5)
+_DISC_H = (5.5, 6.5, 8.5, 10.0, 11.0, 12.0, 12.5, 11.5)
 _DISC_WEDGE = (-3.0, -2.0, 0.0, 4.0, 6.0, 8.0, 11.0, 14.0)
 _SACRUM_H = (27.0, 21.0, 17.0, 13.0, 10.0)
 _SACRUM_D = (37.0, 29.0, 23.0, 17.0, 12.0)
@@ -228,13 +229,13 @@ def sample_subject(rng: np.random.Generator, top_visible: bool, matrix: int = 38
         lordosis=slope / 45.0 * float(rng.uniform(0.85, 1.15)),
         midline_x=float(rng.uniform(-1.0, 1.0)),
         canal_depth=float(rng.uniform(17.0, 22.0)),
-        fat_thickness=float(rng.uniform(8.0, 38.0)),
+        fat_thickness=float(rng.uniform(6.0, 28.0)),
         muscle_extra=float(rng.uniform(6.0, 18.0)),
         age=int(rng.integers(22, 80)),
         conus_level=float(rng.uniform(2.3, 3.6)),  # index into VERTEBRAE (T12 .. L1-L2)
         top_visible=top_visible,
         top_margin=float(rng.uniform(2.0, 14.0)),
-        column_u=float(rng.uniform(0.36, 0.45)),
+        column_u=float(rng.uniform(0.41, 0.5)),
         jitter={
             "body_h": rng.normal(1.0, 0.035, len(VERTEBRAE)),
             "body_d": rng.normal(1.0, 0.035, len(VERTEBRAE)),
@@ -290,7 +291,7 @@ def _build_column(subject: Subject, levels: dict[str, dict]) -> tuple[dict[str, 
         a_up = p + _e(phi) * d
         a_low = p_low + _e(phi_low) * d * 0.95
         bodies[name] = Quad(p_low, a_low, p.copy(), a_up)
-        p = p_low - _n(phi_low) * 1.5 * sc  # fused remnant disc
+        p = p_low - _n(phi_low) * 0.9 * sc  # fused remnant disc
         phi = phi_low
     # Lumbar and thoracic column upwards.
     p = np.zeros(2)
@@ -501,7 +502,7 @@ def build_anatomy(subject: Subject, levels: dict[str, dict], rng: np.random.Gene
 
     # ---------------- outer body: skin, fat, muscle, viscera
     fov = subject.fov_v
-    spin_len = 30.0 * sc
+    spin_len = 27.0 * sc
     skin_d = depth + spin_len + subject.muscle_extra + subject.fat_thickness
     for k, name in enumerate(vnames):
         if name.startswith("S"):
@@ -535,6 +536,12 @@ def build_anatomy(subject: Subject, levels: dict[str, dict], rng: np.random.Gene
         ant = np.array(ant_pts)
         ant_dir = np.array([bodies[v].anterior_dir for v in order[:9] for _ in range(5)])
         retro = _band(ant - ant_dir * 2.0, _smooth_open(ant + ant_dir * draw_rng.uniform(5, 12), 3))
+        # presacral / pelvic fat in front of the sacrum, thickening downwards
+        sac = np.vstack([bodies[n].point(np.full(4, 1.0), np.linspace(1, 0, 4)) for n in ("S1", "S2", "S3", "S4", "S5")])
+        sac_dir = np.vstack([np.repeat(bodies[n].anterior_dir[None], 4, 0) for n in ("S1", "S2", "S3", "S4", "S5")])
+        thick = np.linspace(6.0, 30.0, len(sac)) * float(draw_rng.uniform(0.7, 1.4))
+        presacral = _band(sac - sac_dir * 2.0, _smooth_open(sac + sac_dir * thick[:, None], 3))
+        structs.append(Structure("presacral_fat", "fat", [chaikin(presacral, 2)], lateral=(0, 70), blur_mm=2.0))
         structs.append(Structure("retroperitoneal_fat", "fat", [retro], lateral=(0, 60)))
         # psoas, lateral to the lumbar bodies (parasagittal slices only)
         ps_in, ps_out = [], []
@@ -593,6 +600,16 @@ def build_anatomy(subject: Subject, levels: dict[str, dict], rng: np.random.Gene
             ks, tts = by_name[name]
             return ks[int(np.argmin(np.abs(np.asarray(tts) - t)))]
 
+        tips: list[np.ndarray] = []
+        # fat streaks in the paraspinal muscles, along the column
+        for j in range(int(draw_rng.integers(5, 11))):
+            k = int(draw_rng.integers(5, K - 5))
+            start = bony_post[k] + PD[k] * float(draw_rng.uniform(8.0, max(9.0, spin_len + subject.muscle_extra)))
+            along = W[min(K - 1, k + 6)] - W[max(0, k - 6)]
+            along /= np.linalg.norm(along)
+            streak = start + np.outer(np.linspace(-1, 1, 6), along) * float(draw_rng.uniform(8.0, 25.0))
+            structs.append(Structure(f"muscle_fat_{j}", "fat", [streak], line_mm=float(draw_rng.uniform(0.8, 2.2)),
+                                     lateral=(0.0, 60.0), blur_mm=0.6))
         for i, vname in enumerate(VERTEBRAE):
             k_top = st_index(vname, 0.8)
             k_bot = st_index(DISCS[i], 0.45)
@@ -603,7 +620,7 @@ def build_anatomy(subject: Subject, levels: dict[str, dict], rng: np.random.Gene
             thoracic = vname.startswith("T")
             ang = math.radians((38.0 if thoracic else 8.0) + jit["spinous_angle"][i])
             direc = pd * math.cos(ang) + down * math.sin(ang)
-            length = (32.0 if thoracic else 29.0) * sc * jit["spinous_len"][i]
+            length = (30.0 if thoracic else 26.0) * sc * jit["spinous_len"][i]
             base_h = np.linalg.norm(b_bot - b_top)
             mid = 0.5 * (b_top + b_bot)
             tip = mid + direc * length
@@ -615,6 +632,12 @@ def build_anatomy(subject: Subject, levels: dict[str, dict], rng: np.random.Gene
                              tip + direc * 2.0, tip - perp * tip_h * 0.7, mid + direc * length * 0.5 - perp * tip_h,
                              b_bot])
             poly = chaikin(poly, 3)
+            tips.append(tip + direc * 1.5)
+            if draw_rng.random() < 0.8:  # interspinous fat below the process
+                fc = mid + direc * length * float(draw_rng.uniform(0.35, 0.7)) + down * base_h * 0.8
+                a = np.linspace(0, 2 * np.pi, 18, endpoint=False)
+                ell = fc + np.outer(np.cos(a), direc) * length * 0.3 + np.outer(np.sin(a), down) * base_h * 0.28
+                structs.append(Structure(f"interspinous_fat_{vname}", "fat", [ell], lateral=(0, 6.0), blur_mm=1.5))
             structs.append(Structure(f"spinous_cortex_{vname}", "cortex", [poly], lateral=(0, 4.0)))
             inner = mid + (poly - mid) * 0.82 + direc * 0.6
             structs.append(Structure(f"spinous_{vname}", "marrow_post", [inner], lateral=(0, 4.0)))
@@ -640,6 +663,8 @@ def build_anatomy(subject: Subject, levels: dict[str, dict], rng: np.random.Gene
             structs.append(Structure(f"facet_{vname}", "cortex", [chaikin(pil, 2)], lateral=(12.0, 26.0)))
             inner_p = pil.mean(0) + (chaikin(pil, 2) - pil.mean(0)) * 0.8
             structs.append(Structure(f"facet_marrow_{vname}", "marrow_post", [inner_p], lateral=(12.0, 26.0)))
+        structs.append(Structure("supraspinous_ligament", "ligament", [np.array(tips)], line_mm=2.0,
+                                 lateral=(0, 5.0)))
         # median sacral crest
         for j, sname in enumerate(("S1", "S2", "S3")):
             k = st_index(sname, 0.5)
@@ -648,6 +673,12 @@ def build_anatomy(subject: Subject, levels: dict[str, dict], rng: np.random.Gene
             perp = np.array([-PD[k][1], PD[k][0]])
             poly = chaikin(np.array([base + perp * 5, tip + perp * 2, tip - perp * 2, base - perp * 5]), 2)
             structs.append(Structure(f"sacral_crest_{sname}", "cortex", [poly], lateral=(0, 5.0)))
+
+    # fused sacrum: one cortical shell under the segments, so remnant discs read as dark lines
+    sac_pts = np.vstack([bodies[n].point(np.array([0.0, 1.0, 1.0, 0.0]), np.array([0.0, 0.0, 1.0, 1.0]))
+                         for n in ("S1", "S2", "S3", "S4", "S5")])
+    hull = cv2.convexHull(sac_pts.astype(np.float32)).reshape(-1, 2).astype(np.float64)
+    structs.append(Structure("sacrum_shell", "cortex", [chaikin(hull, 2)], lateral=(0, 24.0)))
 
     # ---------------- discs, then vertebral bodies (drawn over the disc margins)
     for i, dname in enumerate(DISCS):

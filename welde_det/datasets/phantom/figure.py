@@ -30,7 +30,7 @@ def draw_boxes(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, thickne
     """Grey slice (uint8) -> BGR with class-coloured boxes."""
     out = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image.copy()
     for box, lab in zip(boxes, labels):
-        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        x0, y0, x1, y1 = (round(v) for v in box)
         cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), CLASS_COLOURS[int(lab)], thickness, cv2.LINE_AA)
     return out
 
@@ -41,7 +41,7 @@ def pick_showcase_seeds(difficulty: float, count: int, start: int = 0) -> list[i
     seeds, seed = [], start
     while len(seeds) < count:
         labels = set(generate_study(seed, difficulty=difficulty, render=False).labels.tolist())
-        if labels & rare and LUMBAR_CLASSES.index("Spondylolisthesis") in labels or len(labels & rare) >= 2:
+        if (labels & rare and LUMBAR_CLASSES.index("Spondylolisthesis") in labels) or len(labels & rare) >= 2:
             seeds.append(seed)
         seed += 1
     return seeds

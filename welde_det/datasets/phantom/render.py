@@ -30,7 +30,7 @@ CONTRASTS = ("t1", "t2")
 #: both, fluid (CSF, nucleus) bright on T2 and dark on T1, cortical bone and ligaments dark.
 TISSUES: dict[str, tuple[float, float, str | None, float]] = {
     "viscera": (0.30, 0.24, "coarse", 0.45),
-    "fat": (0.95, 0.82, "medium", 0.07),
+    "fat": (0.95, 0.85, "medium", 0.04),
     "skin": (0.55, 0.45, None, 0.0),
     "muscle": (0.36, 0.22, "striated", 0.13),
     "vessel": (0.05, 0.05, None, 0.0),
@@ -234,7 +234,7 @@ def sample_acquisition(rng: np.random.Generator, contrast: str, anatomy: Anatomy
         contrast=contrast,
         matrix_rows=int(rng.integers(224, 385)),
         matrix_cols=int(rng.integers(256, 385)),
-        noise=float(rng.uniform(0.018, 0.045)),
+        noise=float(rng.uniform(0.012, 0.03)),
         coil_length_mm=float(rng.uniform(70.0, 130.0)),
         bias_amplitude=float(rng.uniform(0.05, 0.2)),
         gain=float(rng.uniform(500.0, 2800.0) if contrast == "t2" else rng.uniform(700.0, 3500.0)),
