@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--speed-studies", type=int, default=40)
+    parser.add_argument("--cpu-studies", type=int, default=8, help="studies timed in-process (CPU time)")
     parser.add_argument("--difficulties", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     parser.add_argument("--out", type=Path, default=None, help="keep generated data here (default: temp)")
     args = parser.parse_args()
@@ -108,7 +109,7 @@ def main() -> None:
           f"(T1+T2), evaluated on val+test; tail = {[LUMBAR_CLASSES[c] for c in tail]}")
     print(f"{'difficulty':>10} {'bal.acc':>8} {'tail rec':>8} {'head rec':>8} {'accuracy':>8}  "
           + " ".join(f"{n[:6]:>6}" for n in LUMBAR_CLASSES) + "   gen s  train s")
-    for d, bacc, tr, hr, acc, rec, sup, gen, tr_s in rows:
+    for d, bacc, tr, hr, acc, rec, _sup, gen, tr_s in rows:
         print(f"{d:>10.2f} {bacc:>8.3f} {tr:>8.3f} {hr:>8.3f} {acc:>8.3f}  "
               + " ".join(f"{r:>6.2f}" for r in rec) + f"  {gen:>6.1f} {tr_s:>8.1f}")
     print("support (val+test): " + ", ".join(f"{n} {s}" for n, s in zip(LUMBAR_CLASSES, rows[0][6])))
@@ -127,6 +128,17 @@ def main() -> None:
     print(f"  no volumes (PNG, COCO, YOLO, crops; mid slice only): {args.speed_studies / fast:.2f} studies/s "
           f"-> 1,000 studies in {1000 / (args.speed_studies / fast) / 60:.1f} min")
     print(f"  ratio: fast path {full / fast:.1f}x the full export")
+    # CPU seconds per study in this process: independent of other users of a shared CPU
+    from welde_det.datasets.phantom.dataset import FORMATS, study_seed
+    from welde_det.datasets.phantom.dataset import _make_one as make_one
+
+    cpu0 = time.process_time()
+    for i in range(args.cpu_studies):
+        make_one({"root": str(tmp / "cpu"), "formats": FORMATS, "seed": study_seed(args.seed + 2, i), "index": i,
+                  "difficulty": 0.5, "contrast": "both", "freqs": None, "crop_size": 64, "study_id": f"cpu{i}"})
+    per_study = (time.process_time() - cpu0) / args.cpu_studies
+    print(f"  CPU time per study (all formats, T1+T2, one process): {per_study:.2f} s "
+          f"-> 1,000 studies on 2 free cores: {1000 * per_study / 2 / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -316,3 +316,21 @@ def test_dataset_bad_arguments(tmp_path):
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a phantom dataset"):
         make_phantom_dataset(tmp_path / "busy", 2, workers=1, progress=False)
+
+
+def test_make_phantom_tool_end_to_end(tmp_path):
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[2] / "tools" / "make_phantom.py"
+    out = tmp_path / "cli"
+    res = subprocess.run([sys.executable, str(tool), "--out", str(out), "--n-studies", "3", "--contrast", "t1",
+                          "--formats", "coco", "crops", "--workers", "1", "--difficulty", "0.8",
+                          "--frequencies", '{"Normal_IVD": 0.5, "LDB": 0.2, "SS": 0.2, "DDD": 0.1}'],
+                         capture_output=True, text=True, check=True)
+    assert res.stdout.strip().splitlines()[-1] == str(out.absolute())
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["params"]["difficulty"] == 0.8 and man["params"]["contrast"] == "t1"
+    assert man["params"]["class_frequencies"]["TDB"] == 0.0 and man["n_images"] == 3
+    bad = subprocess.run([sys.executable, str(tool), "--n-studies", "3"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--out" in bad.stderr
