@@ -260,7 +260,8 @@ class Anatomy:
         discs: disc quads keyed by level.
         structures: drawable structures in painter's order (back to front).
         annotation_polys: polygon (mm, mid-sagittal slice) of every structure that can
-            carry a box: ``disc_<level>``, ``canal_<level>``, ``segment_<vertebra>``.
+            carry a box: ``disc_<level>``, ``canal_<level>``, ``segment_<vertebra>`` (the
+            slip zone below a vertebra: its lower third, the disc, the next body's upper third).
     """
 
     bodies: dict[str, Quad]
@@ -744,7 +745,15 @@ def build_anatomy(subject: Subject, levels: dict[str, dict], rng: np.random.Gene
         k1 = min(K - 1, ks[-1] + 2)
         ann[f"canal_{dname}"] = _band(M[k0:k1 + 1] + PD[k0:k1 + 1] * 0.3, bony_post[k0:k1 + 1])
     for i, vname in enumerate(VERTEBRAE):
-        ann[f"segment_{vname}"] = np.vstack([ann[f"body_{vname}"], ann[f"disc_{DISCS[i]}"]])
+        # the slip zone: lower third of the slipped body, the disc, upper third of the one below
+        above, below = bodies[vname], bodies[order[i + 1]]
+        s_grid = np.linspace(0.0, 1.0, 6)
+        pts = np.vstack([
+            above.point(s_grid, np.full(6, 0.33)), above.point(s_grid, np.zeros(6)),
+            ann[f"disc_{DISCS[i]}"],
+            below.point(s_grid, np.ones(6)), below.point(s_grid, np.full(6, 0.67)),
+        ])
+        ann[f"segment_{vname}"] = cv2.convexHull(pts.astype(np.float32)).reshape(-1, 2).astype(np.float64)
     return Anatomy(bodies, discs, structs, ann, float(np.median(skin[:, 0])))
 
 

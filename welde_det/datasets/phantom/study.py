@@ -81,7 +81,8 @@ class Study:
             :attr:`polygons` / :attr:`masks`).
         polygons: outlines (pixels, mid-sagittal slice) of every structure that can carry
             a box: ``disc_<level>``, ``body_<vertebra>``, ``canal_<level>`` (bony canal at
-            a disc level) and ``segment_<vertebra>`` (a body with the disc below it).
+            a disc level) and ``segment_<vertebra>`` (the slip zone under a vertebra: the lower
+            third of its body, the disc below and the upper third of the next body).
         series: per contrast, the rendered series (empty when ``render=False``).
         subject: subject and acquisition geometry.
         findings: per-level findings.
