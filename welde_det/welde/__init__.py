@@ -1,0 +1,17 @@
+"""WELDE: Weighted Ensemble Loss with Diversity Enhancement (METHOD.md §3).
+
+- :class:`Adapter`, :class:`WELDEHeads`: K adapters + K classifiers on one shared feature;
+- :class:`WELDEObjective`: EMA-normalised components, learnable floored weights, relaxed
+  sum-to-one penalty, bounded Jensen–Shannon diversity;
+- :func:`fuse`: weighted probability fusion at inference;
+- :func:`build_welde`: both from registry names.
+"""
+
+from __future__ import annotations
+
+from welde_det.welde.builder import build_welde
+from welde_det.welde.fusion import fuse
+from welde_det.welde.heads import Adapter, CosineClassifier, WELDEHeads
+from welde_det.welde.objective import WELDEObjective, js_diversity
+
+__all__ = ["Adapter", "CosineClassifier", "WELDEHeads", "WELDEObjective", "build_welde", "fuse", "js_diversity"]

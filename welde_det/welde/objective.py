@@ -1,0 +1,242 @@
+"""The WELDE objective: EMA-normalised components, learnable weights, relaxed sum-to-one, diversity.
+
+For K component losses ℓ_k (each on its own head's logits), METHOD.md §3:
+
+- EMA normalisation: m_k ← μ·m_k + (1−μ)·ℓ_k.detach(), bias-corrected m̂_k = m_k / (1 − μ^t);
+  ℓ̂_k = ℓ_k / (m̂_k + 1e-8). Every component then contributes gradients of comparable
+  size whatever its raw scale (property 1).
+- Weights: w_k = softplus(θ_k), θ initialised so w_k = 1/K; the effective weight is
+  max(w_k, weight_floor). The floor is applied with a straight-through gradient, so a
+  weight at the floor still receives the gradient that can lift it. Until
+  ``warmup_steps`` training steps have passed the weights are held at 1/K (θ gets no
+  gradient), so the EMA statistics settle before the weights start to move.
+- Relaxed sum-to-one penalty λ_s(Σ_k w_k − 1)²: with ℓ̂ ≈ 1 the weights settle at
+  Σw ≈ 1 − 1/(2λ_s) (0.95 at λ_s = 10) and move apart only as components progress at
+  different rates relative to their own history (property 2).
+- Diversity D: mean over pairs k < l of the Jensen–Shannon divergence between the heads'
+  predictive distributions — softmax distributions per sample, or per-class Bernoulli
+  distributions for sigmoid heads on foreground samples only; bounded by log 2.
+- Total: Σ_k w_k·ℓ̂_k + λ_s(Σw − 1)² − λ_d·D.
+
+θ is an ``nn.Parameter`` of this module: give the objective's parameters to the same
+optimiser as the heads. The EMA statistics and step counter are buffers, so they are
+saved and restored with ``state_dict``. Statistics update only in training mode.
+Under DDP each rank keeps its own EMA of its own batches' losses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["WELDEObjective", "js_diversity"]
+
+
+def _entropy_softmax(p: torch.Tensor) -> torch.Tensor:
+    return -torch.special.xlogy(p, p).sum(-1)
+
+
+def _entropy_bernoulli(p: torch.Tensor) -> torch.Tensor:
+    return -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p))
+
+
+def js_diversity(probs: Sequence[torch.Tensor], activation: str = "softmax") -> torch.Tensor:
+    """Mean pairwise Jensen–Shannon divergence between K heads' distributions.
+
+    JS(p, q) = H((p + q)/2) − (H(p) + H(q))/2, in nats, in [0, log 2].
+
+    Args:
+        probs: K tensors (N, C) of probabilities (softmax rows, or per-class sigmoid).
+        activation: ``"softmax"`` (rows are distributions) or ``"sigmoid"`` (each entry is a
+            Bernoulli; divergences are averaged over classes).
+
+    Returns:
+        0-dim tensor; 0 when K < 2 or N = 0.
+    """
+    k = len(probs)
+    if k < 2 or probs[0].shape[0] == 0:
+        return probs[0].sum() * 0
+    ent = _entropy_softmax if activation == "softmax" else _entropy_bernoulli
+    h = [ent(p) for p in probs]
+    total = probs[0].new_zeros(())
+    for i in range(k):
+        for j in range(i + 1, k):
+            js = ent(0.5 * (probs[i] + probs[j])) - 0.5 * (h[i] + h[j])
+            total = total + js.mean()
+    return total / (k * (k - 1) / 2)
+
+
+def _unique_names(names: Sequence[str]) -> tuple[str, ...]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        if n in seen:
+            seen[n] += 1
+            out.append(f"{n}_{seen[n]}")
+        else:
+            seen[n] = 0
+            out.append(n)
+    return tuple(out)
+
+
+class WELDEObjective(nn.Module):
+    """Combine K component losses into the WELDE objective.
+
+    Args:
+        losses: the K component losses, as a mapping name → module or (name, module) pairs
+            (duplicate names get suffixes: ce, ce_1, ce_2, ...).
+        ema_momentum: μ of the EMA normalisation.
+        sum_penalty: λ_s of the relaxed sum-to-one penalty.
+        diversity: λ_d of the diversity term (0 switches it off).
+        weight_floor: lower bound of each effective weight.
+        warmup_steps: training steps during which the weights are held at 1/K.
+        activation: ``"softmax"`` or ``"sigmoid"`` — how heads' logits become distributions
+            for the diversity term.
+
+    Example:
+        >>> from welde_det.losses import build_loss
+        >>> obj = WELDEObjective({"ce": build_loss("ce"), "focal": build_loss("focal")})
+        >>> out = obj([torch.randn(8, 3), torch.randn(8, 3)], torch.randint(0, 3, (8,)))
+        >>> sorted(out)[:3]
+        ['diversity', 'loss', 'loss_ce']
+    """
+
+    def __init__(
+        self,
+        losses: Mapping[str, nn.Module] | Sequence[tuple[str, nn.Module]],
+        *,
+        ema_momentum: float = 0.99,
+        sum_penalty: float = 10.0,
+        diversity: float = 0.1,
+        weight_floor: float = 0.05,
+        warmup_steps: int = 50,
+        activation: str = "softmax",
+    ) -> None:
+        super().__init__()
+        items = list(losses.items()) if isinstance(losses, Mapping) else list(losses)
+        if not items:
+            raise ValueError("WELDEObjective needs at least one component loss")
+        if not 0.0 <= ema_momentum < 1.0:
+            raise ValueError(f"ema_momentum must be in [0, 1), got {ema_momentum}")
+        if sum_penalty < 0 or diversity < 0 or warmup_steps < 0:
+            raise ValueError("sum_penalty, diversity and warmup_steps must be >= 0")
+        k = len(items)
+        if not 0.0 <= weight_floor < 1.0 / k + 1e-12:
+            raise ValueError(f"weight_floor must be in [0, 1/K] = [0, {1 / k:.3f}], got {weight_floor}")
+        if activation not in ("softmax", "sigmoid"):
+            raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+        self.names = _unique_names([n for n, _ in items])
+        self.losses = nn.ModuleList(m for _, m in items)
+        self.ema_momentum = float(ema_momentum)
+        self.sum_penalty = float(sum_penalty)
+        self.diversity = float(diversity)
+        self.weight_floor = float(weight_floor)
+        self.warmup_steps = int(warmup_steps)
+        self.activation = activation
+        theta0 = math.log(math.expm1(1.0 / k))  # softplus(theta0) = 1/K
+        self.theta = nn.Parameter(torch.full((k,), theta0))
+        self.register_buffer("ema", torch.zeros(k))
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+
+    @property
+    def num_components(self) -> int:
+        """K."""
+        return len(self.names)
+
+    @property
+    def in_warmup(self) -> bool:
+        """Whether the weights are still held at 1/K."""
+        return int(self.num_steps) <= self.warmup_steps
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward the epoch to components that use it (deferred re-weighting)."""
+        for loss in self.losses:
+            if hasattr(loss, "set_epoch"):
+                loss.set_epoch(epoch)
+
+    def raw_weights(self) -> torch.Tensor:
+        """w_k = softplus(θ_k) (differentiable)."""
+        return F.softplus(self.theta)
+
+    def effective_weights(self) -> torch.Tensor:
+        """max(w_k, floor) with a straight-through gradient; 1/K (constant) during warm-up."""
+        if self.in_warmup:
+            return torch.full_like(self.theta, 1.0 / self.num_components)
+        w = self.raw_weights()
+        return w + (w.clamp_min(self.weight_floor) - w).detach()
+
+    @torch.no_grad()
+    def fusion_weights(self) -> torch.Tensor:
+        """ŵ = w / Σ w of the effective weights (detached), for :func:`welde_det.welde.fuse`."""
+        w = self.effective_weights().detach()
+        return w / w.sum()
+
+    def ema_estimate(self) -> torch.Tensor:
+        """Bias-corrected EMA m̂_k (zeros before the first step)."""
+        t = int(self.num_steps)
+        if t == 0:
+            return torch.zeros_like(self.ema)
+        return self.ema / (1.0 - self.ema_momentum**t)
+
+    def forward(self, logits_list: Sequence[torch.Tensor], target: torch.Tensor, **loss_kwargs) -> dict[str, torch.Tensor]:
+        """Compute the objective.
+
+        Args:
+            logits_list: K logit tensors (N, C), one per head, in component order.
+            target: the targets every component loss takes (integer or soft).
+            **loss_kwargs: passed to every component (e.g. ``normalizer=`` for sigmoid losses).
+
+        Returns:
+            ``loss`` (differentiable total) and detached scalars ``loss_<name>``,
+            ``norm_<name>``, ``weight_<name>``, ``diversity``, ``penalty``.
+        """
+        k = self.num_components
+        if len(logits_list) != k:
+            raise ValueError(f"WELDEObjective has {k} components {list(self.names)} but got {len(logits_list)} logit tensors")
+        raw = torch.stack([loss(z, target, **loss_kwargs).float() for loss, z in zip(self.losses, logits_list)])
+        if not torch.isfinite(raw.detach()).all():
+            bad = [n for n, v in zip(self.names, raw.detach().tolist()) if not math.isfinite(v)]
+            raise FloatingPointError(f"WELDE component loss(es) {bad} are not finite: {raw.detach().tolist()}")
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                self.ema.mul_(self.ema_momentum).add_((1 - self.ema_momentum) * raw.detach())
+                self.num_steps.add_(1)
+        m_hat = self.ema_estimate()
+        if int(self.num_steps) == 0:
+            m_hat = raw.detach()
+        normed = raw / (m_hat + 1e-8)
+        w = self.effective_weights()
+        penalty = self.sum_penalty * (w.sum() - 1.0) ** 2
+        div = self._diversity(logits_list, target) if self.diversity > 0 and k > 1 else raw.new_zeros(())
+        total = (w * normed).sum() + penalty - self.diversity * div
+        out: dict[str, torch.Tensor] = {"loss": total}
+        for i, name in enumerate(self.names):
+            out[f"loss_{name}"] = raw[i].detach()
+            out[f"norm_{name}"] = normed[i].detach()
+            out[f"weight_{name}"] = w[i].detach()
+        out["diversity"] = div.detach()
+        out["penalty"] = penalty.detach()
+        return out
+
+    def _diversity(self, logits_list: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        if self.activation == "softmax":
+            probs = [z.float().softmax(1) for z in logits_list]
+        else:
+            c = logits_list[0].shape[1]
+            if target.dtype.is_floating_point:
+                fg = target.max(1).values > 0
+            else:
+                fg = (target >= 0) & (target < c)
+            probs = [z.float()[fg].sigmoid() for z in logits_list]
+        return js_diversity(probs, self.activation)
+
+    def extra_repr(self) -> str:
+        return (
+            f"components={list(self.names)}, ema_momentum={self.ema_momentum}, sum_penalty={self.sum_penalty}, "
+            f"diversity={self.diversity}, weight_floor={self.weight_floor}, warmup_steps={self.warmup_steps}, "
+            f"activation={self.activation!r}"
+        )
