@@ -25,6 +25,22 @@ from welde_det.datasets.sources.masks import (
 KEY = "mask-test-key"
 
 
+def _io_has(module: str, name: str) -> bool:
+    """Whether the parallel-developed ``welde_det.io`` part this test needs is in the checkout."""
+    import importlib
+
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except ImportError:
+        return False
+
+
+needs_io = pytest.mark.skipif(
+    not (_io_has("welde_det.io", "read_volume") and _io_has("welde_det.io.deid", "pseudonymise")),
+    reason="needs welde_det.io.read_volume/mid_sagittal and welde_det.io.deid (issue 5 items 1-2, 4)",
+)
+
+
 def _reoriented(array, affine, perm, flips):
     """The same image stored with permuted/flipped voxel axes (and the matching affine)."""
     out = np.transpose(array, perm)
@@ -130,8 +146,8 @@ def _spider_like():
     return arr, affine, labels
 
 
+@needs_io
 def test_convert_masks_end_to_end(tmp_path, pycocotools_check):
-    pytest.importorskip("welde_det.io")
     arr, affine, labels = _spider_like()
     src = tmp_path / "spider"
     for case in ("12_t1", "12_t2", "13_t1"):
@@ -156,8 +172,8 @@ def test_convert_masks_end_to_end(tmp_path, pycocotools_check):
     pycocotools_check(res.coco, *res.splits.values())
 
 
+@needs_io
 def test_convert_masks_bad_input(tmp_path):
-    pytest.importorskip("welde_det.io")
     arr, affine, labels = _spider_like()
     src = tmp_path / "src"
     _write_case(src, "a", arr, affine, labels)
