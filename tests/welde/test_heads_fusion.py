@@ -62,3 +62,4 @@ def test_fusion_bad_input():
         fuse([torch.zeros(1, 2)] * 2, [1.0, -1.0])
     with pytest.raises(ValueError, match="disagree"):
         fuse([torch.zeros(1, 2), torch.zeros(1, 3)])
+

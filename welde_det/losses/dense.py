@@ -39,8 +39,14 @@ def sigmoid_focal_term(logits: torch.Tensor, t: torch.Tensor, gamma: float) -> t
     bce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
     if gamma == 0:
         return bce
-    one_minus_pt = t * torch.sigmoid(-logits) + (1 - t) * torch.sigmoid(logits)
-    return one_minus_pt.pow(gamma) * bce
+    # σ(z) and σ(−z) from one exp(−|z|), each without cancellation.
+    e = torch.exp(-logits.abs())
+    r = 1.0 / (1.0 + e)
+    pos = logits >= 0
+    sig = torch.where(pos, r, e * r)
+    sig_neg = torch.where(pos, e * r, r)
+    one_minus_pt = t * sig_neg + (1 - t) * sig
+    return (one_minus_pt.square() if gamma == 2.0 else one_minus_pt.pow(gamma)) * bce
 
 
 class _DenseLoss(ClassLoss):
@@ -138,7 +144,8 @@ class _PositiveWeightedBCE(_DenseLoss):
         self.register_buffer("weight", weights.float())
 
     def _elementwise(self, logits, t):
-        return -(self.weight * t * F.logsigmoid(logits) + (1 - t) * F.logsigmoid(-logits))
+        # −(w t log σ(z) + (1−t) log σ(−z)) = (w t + 1 − t)·softplus(−z) + (1 − t)·z: one softplus.
+        return (self.weight * t + 1 - t) * F.softplus(-logits) + (1 - t) * logits
 
 
 @register_loss("cb", activation="sigmoid")
@@ -205,7 +212,7 @@ class LDAMBCELoss(_DenseLoss):
         z = self.s * (logits - self.margins * t)
         if not self.drw_active:
             return F.binary_cross_entropy_with_logits(z, t, reduction="none")
-        return -(self.drw_weight * t * F.logsigmoid(z) + (1 - t) * F.logsigmoid(-z))
+        return (self.drw_weight * t + 1 - t) * F.softplus(-z) + (1 - t) * z
 
 
 @register_loss("lmf", activation="sigmoid")

@@ -47,7 +47,8 @@ def focal_term(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torc
     if gamma == 0:
         return -logp_t
     # 1 - p_t via -expm1(log p_t): accurate when p_t is close to 1.
-    return -torch.pow((-torch.expm1(logp_t)).clamp_min(0.0), gamma) * logp_t
+    one_minus = (-torch.expm1(logp_t)).clamp_min(0.0)
+    return -(one_minus.square() if gamma == 2.0 else one_minus.pow(gamma)) * logp_t
 
 
 class _SoftmaxLoss(ClassLoss):
@@ -222,8 +223,7 @@ class LDAMLoss(_SoftmaxLoss):
 
     def margin_logits(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """s·(z − Δ_y e_y): the logits CE is applied to."""
-        shifted = logits.scatter_add(1, target[:, None], -self.margins[target][:, None])
-        return self.s * shifted
+        return logits.scatter_add(1, target[:, None], -self.margins[target][:, None]) * self.s
 
     def _loss(self, logits, target):
         per = _nll(self.margin_logits(logits, target), target)

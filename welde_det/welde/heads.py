@@ -30,7 +30,7 @@ class Adapter(nn.Module):
 
     Args:
         dim: feature dimension D (channels for feature maps).
-        hidden: bottleneck width (default ``max(8, dim // 4)``).
+        hidden: bottleneck width (default ``max(16, dim // 8)``).
         conv: use 1×1 convolutions on (N, D, H, W) feature maps.
 
     Example:
@@ -42,7 +42,7 @@ class Adapter(nn.Module):
 
     def __init__(self, dim: int, hidden: int | None = None, *, conv: bool = False) -> None:
         super().__init__()
-        hidden = hidden or max(8, dim // 4)
+        hidden = hidden or max(16, dim // 8)
         layer = nn.Conv2d if conv else nn.Linear
         kw = {"kernel_size": 1} if conv else {}
         self.down = layer(dim, hidden, **kw)
