@@ -9,12 +9,7 @@ import numpy as np
 import pytest
 
 from welde_det.datasets.coco import load_coco
-from welde_det.datasets.sources.common import (
-    ConversionError,
-    UnknownClassError,
-    display_pixel_spacing,
-    display_slice,
-)
+from welde_det.datasets.sources.common import ConversionError, UnknownClassError, slice_like
 from welde_det.datasets.sources.masks import (
     SPIDER_LABEL_MAP,
     convert_masks,
@@ -67,31 +62,27 @@ def _ras_volume():
     return arr, affine
 
 
-def test_display_slice_is_superior_up_anterior_left():
-    arr, affine = _ras_volume()
-    img = display_slice(arr, affine, 0, 3)
-    assert img.shape == (30, 20)  # rows along S-I (z), columns along A-P (y)
-    rows, cols = np.nonzero(img == 2)
-    # superior block (z 24..27) near the top rows, anterior block (y 15..17) near the left
-    assert (rows.min(), rows.max()) == (29 - 27, 29 - 24) and (cols.min(), cols.max()) == (19 - 17, 19 - 15)
-    rows, cols = np.nonzero(img == 1)
-    assert rows.min() > 20 and cols.min() > 14
-    assert display_pixel_spacing(affine, 0) == pytest.approx((0.6, 0.8))
+@needs_io
+def test_slice_like_matches_mid_sagittal_in_all_48_orientations():
+    from welde_det.io import Volume, mid_sagittal
 
-
-def test_display_slice_same_in_all_48_orientations():
     arr, affine = _ras_volume()
-    want = display_slice(arr, affine, 0, 3)
-    seen = 0
+    want = mid_sagittal(Volume(arr.astype(np.float32), affine)).image
+    rows, cols = np.nonzero(want == 2)
+    # superior block (z 24..27) at the top rows, anterior block (y 15..17) at the left columns
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (29 - 27, 29 - 24, 19 - 17, 19 - 15)
     for perm in itertools.permutations(range(3)):
         for flips in itertools.product([False, True], repeat=3):
             arr2, aff2 = _reoriented(arr, affine, perm, flips)
-            axis = perm.index(0)
-            index = arr.shape[0] - 1 - 3 if flips[axis] else 3
-            np.testing.assert_array_equal(display_slice(arr2, aff2, axis, index), want)
-            assert display_pixel_spacing(aff2, axis) == pytest.approx((0.6, 0.8))
-            seen += 1
-    assert seen == 48
+            labels2 = (arr2 == 2).astype(np.int64) * 7  # a label volume on the same grid
+            sag = mid_sagittal(Volume(arr2.astype(np.float32), aff2))
+            np.testing.assert_array_equal(slice_like(arr2, sag), sag.image)
+            np.testing.assert_array_equal(slice_like(labels2, sag) == 7, want == 2)
+            assert sag.pixel_spacing == pytest.approx((0.6, 0.8))
+            other = 1 if not flips[perm.index(0)] else arr.shape[0] - 2  # physical slice x index 1
+            np.testing.assert_array_equal(slice_like(arr2, sag, other), np.zeros_like(want))
+    with pytest.raises(ConversionError, match="outside"):
+        slice_like(arr, mid_sagittal(Volume(arr.astype(np.float32), affine)), 7)
 
 
 def test_parse_label_map_ranges_and_errors():

@@ -15,7 +15,7 @@ from welde_det.classes import LUMBAR_CLASSES
 from welde_det.datasets.coco import YoloFormatError, load_coco
 from welde_det.datasets.sources.common import ConversionError, UnknownClassError
 from welde_det.datasets.sources.yolo_dir import convert_yolo_dir
-from welde_det.engine.convert import DeidKeyError, resolve_key, run_convert
+from welde_det.engine.convert import resolve_key, run_convert
 
 KEY = "yolo-dir-key"
 
@@ -104,16 +104,16 @@ def test_unknown_class_and_corrupt_image(tmp_path):
 
 def test_key_resolution(tmp_path, monkeypatch):
     monkeypatch.delenv("WELDE_DEID_KEY", raising=False)
-    with pytest.raises(DeidKeyError, match="no de-identification key"):
+    with pytest.raises(ValueError, match="no de-identification key"):
         resolve_key()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "k").write_text("secret")
-    with pytest.raises(DeidKeyError, match="inside the output folder"):
+    with pytest.raises(ValueError, match="inside the dataset"):
         resolve_key(key_file=tmp_path / "out" / "k", out_dir=tmp_path / "out")
     (tmp_path / "k").write_text("secret\n")
     assert resolve_key(key_file=tmp_path / "k", out_dir=tmp_path / "out") == b"secret"
     monkeypatch.setenv("WELDE_DEID_KEY", "envkey")
-    assert resolve_key() == "envkey"
+    assert resolve_key() == b"envkey"
     src = _lumbar_folder(tmp_path / "lumbar", n=2)
     res = run_convert("yolo", src, tmp_path / "ds", fractions=None)
     assert res.num_images == 2 and res.splits == {}

@@ -27,17 +27,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CONVERTER_KINDS", "KEY_ENV", "DeidKeyError", "export_yolo", "get_converter", "resolve_key", "run_convert"]
+__all__ = ["CONVERTER_KINDS", "KEY_ENV", "export_yolo", "get_converter", "resolve_key", "run_convert"]
 
 logger = logging.getLogger(__name__)
 
-#: Environment variable holding the de-identification key.
+#: Environment variable holding the de-identification key (read by :func:`welde_det.io.deid.load_key`).
 KEY_ENV = "WELDE_DEID_KEY"
 CONVERTER_KINDS: tuple[str, ...] = ("yolo", "rsna", "masks", "boxes")
-
-
-class DeidKeyError(ValueError):
-    """No usable de-identification key, or one stored inside the dataset it protects."""
 
 
 def resolve_key(
@@ -52,27 +48,11 @@ def resolve_key(
         ValueError: no key, an empty key, or a key file inside ``out_dir`` (the key must
             stay outside the dataset it protects).
     """
+    from welde_det.io.deid import load_key
+
     if key:
         return key
-    if key_file is not None:
-        path = Path(key_file)
-        if not path.is_file():
-            raise DeidKeyError(f"{path}: key file not found")
-        if out_dir is not None:
-            out = Path(out_dir).absolute().resolve()
-            if out == path.absolute().resolve().parent or out in path.absolute().resolve().parents:
-                raise DeidKeyError(f"{path}: the key file lies inside the output folder {out}; keep it outside")
-        data = path.read_bytes().strip()
-        if not data:
-            raise DeidKeyError(f"{path}: key file is empty")
-        return data
-    env = os.environ.get(KEY_ENV, "")
-    if env:
-        return env
-    raise DeidKeyError(
-        f"no de-identification key: pass --key-file PATH (outside the dataset) or set {KEY_ENV}; "
-        "the same key gives the same pseudonyms, so keep it to add data later"
-    )
+    return load_key(key_file, dataset_root=out_dir)
 
 
 def get_converter(kind: str) -> Callable[..., Any]:

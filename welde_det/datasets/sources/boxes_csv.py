@@ -44,14 +44,12 @@ from welde_det.datasets.sources.common import (
     ImageRecord,
     MissingColumnsError,
     UnknownClassError,
-    display_pixel_spacing,
-    display_slice,
     map_items,
     pseudonym,
+    slice_like,
     slice_world_x,
     staging_dir,
-    to_bit_depth,
-    window_to_unit,
+    window_png,
     write_dataset,
     write_png,
 )
@@ -170,10 +168,8 @@ def _convert_volume(job: _VolumeJob) -> list[ImageRecord]:
         volume = read_volume(job.path, series=job.series) if job.series is not None else read_volume(job.path)
     except (OSError, ValueError) as exc:
         raise ConversionError(f"{job.rows[0].where}: cannot read {job.path}: {exc}") from exc
-    array = np.asarray(volume.array)
-    if array.ndim == 2:
-        array = array[:, :, None]
     sag = mid_sagittal(volume)
+    array = np.asarray(volume.array)
     axis = int(sag.axis)
     by_slice: dict[int, list[BoxRow]] = {}
     for row in job.rows:
@@ -183,7 +179,7 @@ def _convert_volume(job: _VolumeJob) -> list[ImageRecord]:
         by_slice.setdefault(index, []).append(row)
     records = []
     for index, rows in sorted(by_slice.items()):
-        image2d = display_slice(array, volume.affine, axis, index)
+        image2d = sag.image if index == sag.index else slice_like(array, sag, index)
         height, width = image2d.shape
         boxes = []
         for row in rows:
@@ -191,16 +187,16 @@ def _convert_volume(job: _VolumeJob) -> list[ImageRecord]:
             if x < -0.5 or y < -0.5 or x + w > width + 0.5 or y + h > height + 0.5:
                 raise ConversionError(f"{row.where}: box {list(row.bbox)} lies outside the {width}x{height} slice")
             boxes.append(BoxRecord(row.class_name, row.bbox))
-        png = to_bit_depth(window_to_unit(image2d), job.bit_depth)
+        png = window_png(image2d, bit_depth=job.bit_depth, window=sag.window)
         file_name = f"{job.patient}/{job.volume_id}_{index:03d}.png"
         write_png(job.out_images / file_name, png)
         fields = {
-            "pixel_spacing": list(display_pixel_spacing(volume.affine, axis)),
+            "pixel_spacing": [float(v) for v in sag.pixel_spacing],
             "patient_id": job.patient,
             "series_id": job.volume_id,
             "slice_index": index,
             "slice_axis": axis,
-            "world_x": slice_world_x(volume.affine, array.shape, axis, index),
+            "world_x": slice_world_x(sag, index),
             "source": SOURCE,
         }
         records.append(ImageRecord(file_name, int(width), int(height), tuple(boxes), fields))

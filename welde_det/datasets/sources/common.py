@@ -48,15 +48,12 @@ __all__ = [
     "ImageRecord",
     "MissingColumnsError",
     "UnknownClassError",
-    "display_pixel_spacing",
-    "display_slice",
-    "display_slice_axes",
     "map_items",
     "pseudonym",
+    "slice_like",
     "slice_world_x",
     "staging_dir",
-    "to_bit_depth",
-    "window_to_unit",
+    "window_png",
     "write_dataset",
     "write_png",
 ]
@@ -120,22 +117,20 @@ class ConversionResult:
 
 # ---------------------------------------------------------------------------- identifiers
 def pseudonym(value: Any, key: str | bytes, *, length: int = 12) -> str:
-    """Keyed pseudonym of an identifier, safe for file names (see :mod:`welde_det.io.deid`).
+    """Keyed pseudonym (hex, file-name safe) of an identifier: :func:`welde_det.io.deid.pseudonymise`.
 
     Args:
-        value: the identifier (patient ID, study UID, file stem, ...).
+        value: the identifier (patient ID, study UID, file stem, ...), prefixed by its kind
+            by the callers (``"patient:..."``) so equal strings of different kinds differ.
         key: the secret key, kept outside the dataset.
-        length: number of characters kept (hex digits are file-name safe).
+        length: hex characters kept (12 = 48 bits: collisions are negligible below ~10^6 ids).
     """
     from welde_det.io.deid import pseudonymise
 
-    if key is None or (isinstance(key, (str, bytes)) and not key):
-        raise ConversionError("a non-empty de-identification key is required to pseudonymise identifiers")
-    out = str(pseudonymise(str(value), key))
-    safe = "".join(ch for ch in out if ch.isalnum())
-    if len(safe) < 8:
-        raise ConversionError(f"pseudonymise returned {len(safe)} file-name-safe characters; need at least 8")
-    return safe[:length]
+    try:
+        return pseudonymise(str(value), key, length=length)
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------- PNG writing
@@ -163,111 +158,63 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     return atomic_write_bytes(path, encode_png(image))
 
 
-def window_to_unit(
-    image: np.ndarray,
-    *,
-    window: tuple[float, float] | None = None,
-    percentiles: tuple[float, float] = (0.5, 99.5),
-) -> np.ndarray:
-    """Map intensities to ``[0, 1]``: a ``(center, width)`` window, else a percentile clip.
+# ---------------------------------------------------------------------------- slices
+def slice_like(array: np.ndarray, sagittal: Any, index: int | None = None) -> np.ndarray:
+    """Cut ``array`` exactly as :func:`welde_det.io.mid_sagittal` cut ``sagittal.image``.
+
+    Used to take a label volume (or another slice index) on the same voxel grid and show it
+    the same way (superior up, anterior left), so boxes found on it lie on the image.
 
     Args:
-        image: real-valued intensities (rescale slope/intercept already applied).
-        window: DICOM-style ``(center, width)``; ``None`` uses ``percentiles``.
-        percentiles: low/high percentiles of the image mapped to 0 and 1.
-
-    Returns:
-        float64 array of the same shape; a constant image maps to zeros.
-    """
-    arr = np.asarray(image, dtype=np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise ConversionError("image has non-finite intensities")
-    if window is not None:
-        center, width = (float(v) for v in window)
-        if width <= 0:
-            raise ConversionError(f"window width must be > 0, got {width}")
-        lo, hi = center - width / 2, center + width / 2
-    else:
-        p_lo, p_hi = percentiles
-        if not 0 <= p_lo < p_hi <= 100:
-            raise ConversionError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles}")
-        lo, hi = (float(v) for v in np.percentile(arr, [p_lo, p_hi]))
-    if hi <= lo:
-        return np.zeros_like(arr)
-    return np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
-
-
-def to_bit_depth(image: np.ndarray, bit_depth: int) -> np.ndarray:
-    """Convert an already windowed image in ``[0, 1]`` to ``uint8`` or ``uint16``."""
-    if bit_depth not in (8, 16):
-        raise ConversionError(f"bit_depth must be 8 or 16, got {bit_depth}")
-    top = 255 if bit_depth == 8 else 65535
-    arr = np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0)
-    return np.rint(arr * top).astype(np.uint8 if bit_depth == 8 else np.uint16)
-
-
-# ---------------------------------------------------------------------------- slice geometry
-def display_slice_axes(affine: np.ndarray, axis: int) -> tuple[int, int, bool, bool]:
-    """How a slice across ``axis`` is shown superior up, anterior left.
-
-    Of the two in-plane voxel axes, the one whose RAS direction has the larger superior
-    component runs down the rows; the other runs along the columns.
-
-    Args:
-        affine: voxel -> RAS (mm) affine.
-        axis: the voxel axis the slice is cut across.
-
-    Returns:
-        ``(row_axis, col_axis, flip_rows, flip_cols)``: voxel axes along rows and columns,
-        and whether each must be reversed (rows when the index runs superiorly, columns
-        when it runs anteriorly).
+        array: 3D voxels on the grid of the volume ``sagittal`` came from.
+        sagittal: a :class:`welde_det.io.SagittalSlice`.
+        index: slice index across ``sagittal.axis`` (default ``sagittal.index``).
 
     Shape:
-        affine: ``(4, 4)``.
-    """
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4) or axis not in (0, 1, 2):
-        raise ConversionError(f"need a 4x4 affine and an axis in 0..2, got {affine.shape} and {axis}")
-    p, q = (a for a in range(3) if a != axis)
-    row_axis, col_axis = (p, q) if abs(affine[2, p]) >= abs(affine[2, q]) else (q, p)
-    return row_axis, col_axis, bool(affine[2, row_axis] > 0), bool(affine[1, col_axis] > 0)
-
-
-def display_slice(array: np.ndarray, affine: np.ndarray, axis: int, index: int) -> np.ndarray:
-    """The 2D slice ``index`` across ``axis`` of a 3D array, superior up and anterior left.
-
-    Shape:
-        array: ``(X, Y, Z)`` voxels (any axis order; ``affine`` says which is which);
-        returns ``(rows, cols)``.
+        array: ``sagittal.shape3d``; returns ``sagittal.image.shape``.
     """
     array = np.asarray(array)
-    if array.ndim != 3:
-        raise ConversionError(f"need a 3D volume, got shape {array.shape}")
+    if tuple(array.shape) != tuple(sagittal.shape3d):
+        raise ConversionError(f"array shape {array.shape} differs from the volume's {tuple(sagittal.shape3d)}")
+    index = int(sagittal.index if index is None else index)
+    axis = int(sagittal.axis)
     if not 0 <= index < array.shape[axis]:
         raise ConversionError(f"slice index {index} is outside 0..{array.shape[axis] - 1} along axis {axis}")
-    row_axis, _, flip_rows, flip_cols = display_slice_axes(affine, axis)
     sl = np.take(array, index, axis=axis)
     in_plane = [a for a in range(3) if a != axis]
-    img = sl if in_plane.index(row_axis) == 0 else sl.T
-    if flip_rows:
-        img = img[::-1, :]
-    if flip_cols:
-        img = img[:, ::-1]
-    return np.ascontiguousarray(img)
+    if in_plane.index(int(sagittal.row_axis)) != 0:
+        sl = sl.T
+    if sagittal.flip_rows:
+        sl = sl[::-1, :]
+    if sagittal.flip_cols:
+        sl = sl[:, ::-1]
+    return np.ascontiguousarray(sl)
 
 
-def display_pixel_spacing(affine: np.ndarray, axis: int) -> tuple[float, float]:
-    """``(row_mm, col_mm)`` of :func:`display_slice` images."""
-    row_axis, col_axis, _, _ = display_slice_axes(affine, axis)
-    aff = np.asarray(affine, dtype=np.float64)
-    return float(np.linalg.norm(aff[:3, row_axis])), float(np.linalg.norm(aff[:3, col_axis]))
+def slice_world_x(sagittal: Any, index: int) -> float:
+    """RAS x (mm) of the centre of slice ``index`` across ``sagittal.axis``."""
+    centre = np.array([(n - 1) / 2 for n in sagittal.shape3d], dtype=np.float64)
+    centre[int(sagittal.axis)] = index
+    return float((np.asarray(sagittal.affine, dtype=np.float64) @ np.array([*centre, 1.0]))[0])
 
 
-def slice_world_x(affine: np.ndarray, shape: Sequence[int], axis: int, index: int) -> float:
-    """RAS x (mm) of the centre of slice ``index`` across ``axis``."""
-    centre = [(n - 1) / 2 for n in shape[:3]]
-    centre[axis] = index
-    return float((np.asarray(affine, dtype=np.float64) @ np.array([*centre, 1.0]))[0])
+def window_png(image: np.ndarray, *, bit_depth: int, window: Sequence[float] | None = None,
+               percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+    """Window a slice to ``uint8``/``uint16`` with :func:`welde_det.io.window_image`.
+
+    Args:
+        image: real-valued slice.
+        bit_depth: 8 or 16.
+        window: DICOM ``(center, width)``; ``None`` clips at ``percentiles``.
+        percentiles: low/high percentiles mapped to black and white.
+    """
+    from welde_det.io import window_image
+
+    if bit_depth not in (8, 16):
+        raise ConversionError(f"bit_depth must be 8 or 16, got {bit_depth}")
+    if window is not None:
+        return window_image(image, center=float(window[0]), width=float(window[1]), bit_depth=bit_depth)
+    return window_image(image, percentiles=tuple(percentiles), bit_depth=bit_depth)
 
 
 # ---------------------------------------------------------------------------- parallel map

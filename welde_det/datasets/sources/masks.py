@@ -42,14 +42,11 @@ from welde_det.datasets.sources.common import (
     ConversionResult,
     ImageRecord,
     UnknownClassError,
-    display_pixel_spacing,
-    display_slice,
     map_items,
     pseudonym,
-    slice_world_x,
+    slice_like,
     staging_dir,
-    to_bit_depth,
-    window_to_unit,
+    window_png,
     write_dataset,
     write_png,
 )
@@ -185,7 +182,7 @@ class _Case:
 
 
 def _convert_case(
-    case: _Case, value_to_class: Mapping[int, str | None], per: str, min_pixels: int, bit_depth: int
+    case: _Case, value_to_class: Mapping[int, str | None], per: str, min_pixels: int, bit_depth: int, refine: bool
 ) -> ImageRecord:
     from welde_det.io import mid_sagittal, read_volume
 
@@ -196,7 +193,7 @@ def _convert_case(
         raise ConversionError(f"case {case.name}: {exc}") from exc
     image_arr = np.asarray(volume.array)
     label_arr = np.asarray(labels.array)
-    if image_arr.ndim != 3 or label_arr.shape != image_arr.shape:
+    if label_arr.shape != image_arr.shape:
         raise ConversionError(
             f"{case.mask}: label volume shape {label_arr.shape} does not match the image {case.image} {image_arr.shape}"
         )
@@ -205,24 +202,17 @@ def _convert_case(
     rounded = np.rint(label_arr)
     if not np.array_equal(rounded, label_arr) or rounded.min() < 0:
         raise ConversionError(f"{case.mask}: label volume must hold non-negative integers")
-    sag = mid_sagittal(volume)
-    axis, index = int(sag.axis), int(sag.index)
-    image2d = display_slice(image_arr, volume.affine, axis, index)
-    if image2d.shape != np.asarray(sag.image).shape:
-        raise ConversionError(
-            f"{case.image}: the slice shown by mid_sagittal {np.asarray(sag.image).shape} and the mask slice "
-            f"{image2d.shape} disagree"
-        )
-    mask2d = display_slice(rounded.astype(np.int64), labels.affine, axis, index)
+    sag = mid_sagittal(volume, refine=refine)
+    mask2d = slice_like(rounded.astype(np.int64), sag)
     boxes = mask_boxes(mask2d, value_to_class, per=per, min_pixels=min_pixels, source=str(case.mask))
-    png = to_bit_depth(window_to_unit(image2d), bit_depth)
+    png = window_png(sag.image, bit_depth=bit_depth, window=sag.window)
     write_png(case.out_png, png)
     fields = dict(case.fields)
     fields.update(
-        pixel_spacing=list(display_pixel_spacing(volume.affine, axis)),
-        slice_index=index,
-        slice_axis=axis,
-        world_x=slice_world_x(volume.affine, image_arr.shape, axis, index),
+        pixel_spacing=[float(v) for v in sag.pixel_spacing],
+        slice_index=int(sag.index),
+        slice_axis=int(sag.axis),
+        world_x=float(sag.world_x),
     )
     return ImageRecord(case.file_name, int(png.shape[1]), int(png.shape[0]), tuple(boxes), fields)
 
@@ -236,6 +226,7 @@ def convert_masks(
     per: str = "label",
     min_pixels: int = 1,
     patient_pattern: str | None = None,
+    refine: bool = False,
     bit_depth: int = 8,
     fractions: Mapping[str, float] | Sequence[float] | None = (0.70, 0.15, 0.15),
     seed: int = 0,
@@ -254,6 +245,7 @@ def convert_masks(
         per: ``"label"`` or ``"component"``.
         min_pixels: smallest region kept.
         patient_pattern: regex on the case name; group ``patient`` (or the first) names it.
+        refine: let :func:`welde_det.io.mid_sagittal` move the slice towards the spinal canal.
         bit_depth: 8 or 16-bit PNGs.
         fractions: patient-level split fractions; ``None`` for no splits.
         seed: split seed.
@@ -300,7 +292,7 @@ def convert_masks(
                                {"patient_id": patient, "series_id": pseudonym(f"case:{name}", key),
                                 "source": SOURCE}))
         worker = functools.partial(_convert_case, value_to_class=value_to_class, per=per,
-                                   min_pixels=min_pixels, bit_depth=bit_depth)
+                                   min_pixels=min_pixels, bit_depth=bit_depth, refine=refine)
         records = []
         for _case, result in map_items(worker, cases, workers=workers, progress=progress, desc="cases"):
             if isinstance(result, BaseException):

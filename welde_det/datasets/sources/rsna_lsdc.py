@@ -60,8 +60,7 @@ from welde_det.datasets.sources.common import (
     map_items,
     pseudonym,
     staging_dir,
-    to_bit_depth,
-    window_to_unit,
+    window_png,
     write_dataset,
     write_png,
 )
@@ -215,6 +214,8 @@ def _pixels(path: Path) -> np.ndarray:
 
 
 def _convert_series(job: _SeriesJob) -> dict[str, Any]:
+    from welde_det.io.deid import burned_in_annotation
+
     if not job.folder.is_dir():
         raise ConversionError(f"{job.folder}: series folder not found (labelled in train_label_coordinates.csv)")
     files = sorted(p for p in job.folder.iterdir() if p.suffix.lower() == ".dcm" and p.is_file())
@@ -232,10 +233,10 @@ def _convert_series(job: _SeriesJob) -> dict[str, Any]:
         by_instance[number] = path
         headers[path] = ds
     patient_raw = next((str(ds.PatientID) for ds in headers.values() if str(getattr(ds, "PatientID", "") or "")), None)
-    patient = pseudonym(patient_raw if patient_raw is not None else f"study:{job.study}", job.key)
+    patient = pseudonym(f"patient:{patient_raw}" if patient_raw is not None else f"patient:rsna-study:{job.study}", job.key)
     study = pseudonym(f"study:{job.study}", job.key)
     series = pseudonym(f"series:{job.study}/{job.series}", job.key)
-    burned = any(str(getattr(ds, "BurnedInAnnotation", "")).upper() == "YES" for ds in headers.values())
+    burned = any(burned_in_annotation(ds) for ds in headers.values())
 
     geometry = {p: _geometry(ds, p) for p, ds in headers.items()}
     records = []
@@ -257,7 +258,7 @@ def _convert_series(job: _SeriesJob) -> dict[str, Any]:
         image = _pixels(path)
         if image.shape != (rows, cols):
             raise ConversionError(f"{path}: pixel array {image.shape} disagrees with Rows/Columns {(rows, cols)}")
-        png = to_bit_depth(window_to_unit(image, percentiles=job.percentiles), job.bit_depth)
+        png = window_png(image, bit_depth=job.bit_depth, percentiles=job.percentiles)
         file_name = f"{patient}/{study}_{series}_{slice_index:03d}.png"
         write_png(job.out_images / file_name, png)
         box_w = job.box_mm[1] / spacing[1]

@@ -185,8 +185,8 @@ def convert_yolo_dir(
         items = []
         for split, (_root, files) in splits.items():
             for image in files:
-                patient = pseudonym(_patient_of(image.stem, pattern, image), key)
-                stem = pseudonym(f"{split}/{image.relative_to(_root).as_posix()}", key)
+                patient = pseudonym(f"patient:{_patient_of(image.stem, pattern, image)}", key)
+                stem = pseudonym(f"image:{split}/{image.relative_to(_root).as_posix()}", key)
                 file_name = f"{patient}/{stem}.png"
                 fields: dict[str, Any] = {"patient_id": patient, "source": SOURCE}
                 if pixel_spacing is not None:
