@@ -119,3 +119,23 @@ def test_box_outside_slice_leaves_nothing(tmp_path):
     with pytest.raises(ConversionError, match=r"e\.csv:2: volume .*missing\.nii\.gz not found"):
         convert_boxes_table(t, tmp_path / "out", key=KEY)
     assert not (tmp_path / "out").exists()
+
+
+@needs_io
+def test_2d_image_rows_keep_the_image_as_drawn(tmp_path):
+    from PIL import Image
+
+    img = np.full((40, 30), 20, np.uint8)
+    img[2:5, 1:4] = 200  # top-left block: the box below must land on it in the written PNG
+    (tmp_path / "in").mkdir()
+    Image.fromarray(img).save(tmp_path / "in" / "Jane_Roe.png")
+    t = _write_csv(tmp_path / "in" / "t.csv", ["volume", "class", "x", "y", "w", "h"],
+                   [["Jane_Roe.png", "LDB", 1, 2, 3, 3]])
+    res = convert_boxes_table(t, tmp_path / "out", key=KEY, fractions=None)
+    coco = load_coco(res.coco)
+    entry = coco["images"][0]
+    out = np.asarray(Image.open(res.out_dir / "images" / entry["file_name"]))
+    x, y, w, h = (int(v) for v in coco["annotations"][0]["bbox"])
+    assert out.shape == (40, 30) and (out[y : y + h, x : x + w] == out.max()).all()
+    assert (out == out.max()).sum() == 9
+    assert "jane" not in entry["file_name"].lower()
