@@ -481,7 +481,7 @@ def coco_to_yolo(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if "val" not in loaded:
-        logger.warning("%s has no 'val' split; Ultralytics needs one to train", out_dir / "data.yaml")
+        logger.warning("%s has no 'val' split; Ultralytics needs one to train", root_in_yaml / "data.yaml")
     return out_dir / "data.yaml"
 
 
