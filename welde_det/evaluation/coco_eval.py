@@ -342,48 +342,49 @@ def _accumulate(m: dict[str, np.ndarray], n_cat: int, device: torch.device) -> d
     precision = -np.ones((T, R, n_cat, A, M))
     recall = -np.ones((T, n_cat, A, M))
     scores = -np.ones((T, R, n_cat, A, M))
-    rec_thrs = torch.as_tensor(REC_THRS, dtype=torch.float64, device=device)
+    rec_thrs = torch.as_tensor(REC_THRS, dtype=torch.float64, device=device).expand(T * A, R).contiguous()
     eps = np.spacing(1)
     # E order in pycocotools: images by id, then rank; then a stable sort by -score
     base = np.lexsort([m["rank"], m["img"], m["cat"]])
+    cat_sorted = m["cat"][base]
+    bounds = np.searchsorted(cat_sorted, np.arange(n_cat + 1))
+    tp_all = torch.as_tensor(m["tp"], device=device)
+    fp_all = torch.as_tensor(m["fp"], device=device)
     for k in range(n_cat):
-        if not m["has_pair"][k]:
+        npig = m["npig"][k]
+        if not m["has_pair"][k] or not (npig > 0).any():
             continue
-        lo, hi = np.searchsorted(m["cat"][base], [k, k + 1])
-        idx_k = base[lo:hi]
+        idx_k = base[bounds[k]:bounds[k + 1]]
+        areas = np.nonzero(npig > 0)[0]
+        npig_t = torch.as_tensor(np.maximum(npig, 1), dtype=torch.float64, device=device)[None, :, None]
         for mi, max_det in enumerate(MAX_DETS):
             sel = idx_k[m["rank"][idx_k] < max_det]
             srt = sel[np.argsort(-m["score"][sel], kind="mergesort")]
             nd = len(srt)
-            tp = torch.as_tensor(m["tp"][srt], device=device).permute(1, 2, 0).to(torch.float64)  # (T, A, nd)
-            fp = torch.as_tensor(m["fp"][srt], device=device).permute(1, 2, 0).to(torch.float64)
-            tp_sum = torch.cumsum(tp, -1)
-            fp_sum = torch.cumsum(fp, -1)
-            sc = m["score"][srt]
-            for a in range(A):
-                npig = int(m["npig"][k, a])
-                if npig == 0:
-                    continue
-                if nd == 0:
-                    recall[:, k, a, mi] = 0
-                    precision[:, :, k, a, mi] = 0
-                    scores[:, :, k, a, mi] = 0
-                    continue
-                tps, fps = tp_sum[:, a], fp_sum[:, a]
-                rc = tps / npig
-                pr = tps / (fps + tps + eps)
-                recall[:, k, a, mi] = rc[:, -1].cpu().numpy()
-                pr = torch.flip(torch.cummax(torch.flip(pr, [-1]), -1).values, [-1])
-                inds = torch.searchsorted(rc.contiguous(), rec_thrs.expand(T, R).contiguous(), side="left")
-                valid = inds < nd
-                safe = inds.clamp(max=nd - 1)
-                q = torch.where(valid, torch.gather(pr, 1, safe), torch.zeros_like(pr[:, :1]).expand(T, R))
-                # pycocotools stops filling at the first index past the end: later entries stay 0
-                stop = torch.cumprod(valid.to(torch.int64), 1).bool()
-                q = torch.where(stop, q, torch.zeros_like(q))
-                precision[:, :, k, a, mi] = q.cpu().numpy()
-                ss = np.where(stop.cpu().numpy(), sc[safe.cpu().numpy()], 0.0)
-                scores[:, :, k, a, mi] = ss
+            if nd == 0:
+                recall[:, k, areas, mi] = 0
+                precision[:, :, k, areas, mi] = 0
+                scores[:, :, k, areas, mi] = 0
+                continue
+            srt_t = torch.as_tensor(srt, device=device)
+            tp_sum = torch.cumsum(tp_all[srt_t].permute(1, 2, 0).to(torch.float64), -1)  # (T, A, nd)
+            fp_sum = torch.cumsum(fp_all[srt_t].permute(1, 2, 0).to(torch.float64), -1)
+            rc = tp_sum / npig_t
+            pr = tp_sum / (fp_sum + tp_sum + eps)
+            pr = torch.flip(torch.cummax(torch.flip(pr, [-1]), -1).values, [-1])
+            inds = torch.searchsorted(rc.reshape(T * A, nd).contiguous(), rec_thrs, side="left")
+            valid = inds < nd
+            safe = inds.clamp(max=nd - 1)
+            # pycocotools stops filling at the first index past the end: later entries stay 0
+            stop = torch.cumprod(valid.to(torch.int64), 1).bool()
+            q = torch.where(stop, torch.gather(pr.reshape(T * A, nd), 1, safe), torch.zeros((), dtype=torch.float64,
+                                                                                          device=device))
+            q = q.reshape(T, A, R).cpu().numpy()
+            ss = np.where(stop.cpu().numpy(), m["score"][srt][safe.cpu().numpy()], 0.0).reshape(T, A, R)
+            rc_last = rc[:, :, -1].cpu().numpy()
+            recall[:, k, areas, mi] = rc_last[:, areas]
+            precision[:, :, k, areas, mi] = q[:, areas].transpose(0, 2, 1)
+            scores[:, :, k, areas, mi] = ss[:, areas].transpose(0, 2, 1)
     return {"precision": precision, "recall": recall, "scores": scores}
 
 
@@ -428,41 +429,70 @@ def summary_lines(stats: Sequence[float]) -> list[str]:
     return out
 
 
-def confusion_matrix(gt: _GroundTruth, det: DetectionArrays, *, iou_thr: float = 0.5, score_thr: float = 0.25) -> np.ndarray:
+def confusion_matrix(gt: _GroundTruth, det: DetectionArrays, *, iou_thr: float = 0.5, score_thr: float = 0.25,
+                     device: torch.device | None = None) -> np.ndarray:
     """(K+1)×(K+1) confusion counts, rows = GT class (last = background), columns = predicted.
 
     Per image, detections with score ≥ ``score_thr`` are taken in score order and matched to
-    the unmatched non-crowd GT (of any class) with the highest IoU ≥ ``iou_thr``.
+    the unmatched non-crowd GT (of any class) with the highest IoU ≥ ``iou_thr`` (the last
+    such GT on ties). Vectorised over images, looping over detection rank.
     """
+    device = device or torch.device("cpu")
     k = len(gt.cat_ids)
     cm = np.zeros((k + 1, k + 1), np.int64)
     keep = det.score >= score_thr
-    d_img, d_cat, d_box, d_score = det.image_id[keep], det.category_id[keep], det.bbox[keep], det.score[keep]
     reg = ~gt.crowd
-    g_img, g_cat, g_box = gt.image_id[reg], gt.category_id[reg], gt.bbox[reg]
-    g_by = {i: np.nonzero(g_img == i)[0] for i in np.unique(g_img)}
-    d_by = {i: np.nonzero(d_img == i)[0] for i in np.unique(d_img)}
-    for img in set(g_by) | set(d_by):
-        gi = g_by.get(img, np.zeros(0, np.int64))
-        di = d_by.get(img, np.zeros(0, np.int64))
-        di = di[np.argsort(-d_score[di], kind="mergesort")]
-        used = np.zeros(len(gi), bool)
-        if len(gi) and len(di):
-            ious = _bbox_iou(torch.as_tensor(d_box[di]), torch.as_tensor(g_box[gi])[None].expand(len(di), -1, -1),
-                             torch.zeros(len(di), len(gi), dtype=torch.bool)).numpy()
-        for j, d in enumerate(di):
-            pc = int(np.searchsorted(gt.cat_ids, d_cat[d]))
-            best, best_iou = -1, iou_thr
-            for g in range(len(gi)):
-                if not used[g] and ious[j, g] >= best_iou:
-                    best, best_iou = g, ious[j, g]
-            if best < 0:
-                cm[k, pc] += 1
-            else:
-                used[best] = True
-                cm[int(np.searchsorted(gt.cat_ids, g_cat[gi[best]])), pc] += 1
-        for g in np.nonzero(~used)[0]:
-            cm[int(np.searchsorted(gt.cat_ids, g_cat[gi[g]])), k] += 1
+    d_img, d_box, d_score = det.image_id[keep], det.bbox[keep], det.score[keep]
+    d_cls = np.searchsorted(gt.cat_ids, det.category_id[keep])
+    g_img, g_box = gt.image_id[reg], gt.bbox[reg]
+    g_cls = np.searchsorted(gt.cat_ids, gt.category_id[reg])
+    imgs = np.union1d(np.unique(d_img), np.unique(g_img))
+    if len(imgs) == 0:
+        return cm
+    di = np.searchsorted(imgs, d_img)
+    gi = np.searchsorted(imgs, g_img)
+    d_order = np.lexsort([-d_score, di])
+    d_cnt = np.bincount(di, minlength=len(imgs))
+    d_rank = np.arange(len(d_order)) - np.repeat(np.r_[0, np.cumsum(d_cnt)[:-1]], d_cnt)
+    g_order = np.argsort(gi, kind="stable")
+    g_cnt = np.bincount(gi, minlength=len(imgs))
+    g_slot = np.arange(len(g_order)) - np.repeat(np.r_[0, np.cumsum(g_cnt)[:-1]], g_cnt)
+    n, gmax, dmax = len(imgs), max(1, int(g_cnt.max())), int(d_cnt.max()) if len(d_cnt) else 0
+    gb = np.zeros((n, gmax, 4))
+    gb[gi[g_order], g_slot] = g_box[g_order]
+    gv = np.zeros((n, gmax), bool)
+    gv[gi[g_order], g_slot] = True
+    gc = np.full((n, gmax), k, np.int64)
+    gc[gi[g_order], g_slot] = g_cls[g_order]
+    db = np.zeros((n, max(dmax, 1), 4))
+    db[di[d_order], d_rank] = d_box[d_order]
+    dc = np.full((n, max(dmax, 1)), -1, np.int64)
+    dc[di[d_order], d_rank] = d_cls[d_order]
+    g_box_t = torch.as_tensor(gb, device=device)
+    used = ~torch.as_tensor(gv, device=device)  # padding counts as used
+    no_crowd = torch.zeros((n, gmax), dtype=torch.bool, device=device)
+    pairs = []
+    img_by_count = np.argsort(-d_cnt, kind="stable")
+    g_box_t, used, no_crowd = g_box_t[img_by_count], used[img_by_count], no_crowd[img_by_count]
+    db, dc, gc_sorted = db[img_by_count], dc[img_by_count], gc[img_by_count]
+    idx = torch.arange(gmax, device=device)
+    for d in range(dmax):
+        a = int((d_cnt[img_by_count] > d).sum())
+        iou = _bbox_iou(torch.as_tensor(db[:a, d], device=device), g_box_t[:a], no_crowd[:a])
+        cand = torch.where(~used[:a] & (iou >= iou_thr), iou, torch.full_like(iou, -1.0))
+        best_val = cand.max(-1, keepdim=True).values
+        last = torch.where(cand == best_val, idx, torch.full_like(idx, -1)).max(-1).values
+        hit = best_val[:, 0] >= 0
+        used[:a] |= (idx[None, :] == last[:, None]) & hit[:, None]
+        rows = np.arange(a)
+        g_of = np.where(hit.cpu().numpy(), gc_sorted[rows, last.clamp(min=0).cpu().numpy()], k)
+        pairs.append((g_of, dc[:a, d]))
+    if pairs:
+        g_all = np.concatenate([p[0] for p in pairs])
+        d_all = np.concatenate([p[1] for p in pairs])
+        np.add.at(cm, (g_all, d_all), 1)
+    unmatched = (~used).cpu().numpy()
+    np.add.at(cm, (gc_sorted[unmatched], np.full(int(unmatched.sum()), k)), 1)
     return cm
 
 
@@ -558,7 +588,7 @@ def evaluate_coco(
         "tail_rule": class_stats.tail_rule + (" (derived from the evaluated ground truth)" if derived else ""),
         "tail_excluded": excluded,
         "class_stats": class_stats.to_dict(),
-        "confusion": confusion_matrix(g, dets, iou_thr=confusion_iou, score_thr=confusion_score),
+        "confusion": confusion_matrix(g, dets, iou_thr=confusion_iou, score_thr=confusion_score, device=dev),
         "confusion_iou": confusion_iou,
         "confusion_score": confusion_score,
         "pr_curves": {name: p_all[0, :, k].tolist() for k, name in enumerate(g.cat_names)},
