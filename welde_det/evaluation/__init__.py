@@ -14,4 +14,4 @@ from welde_det.evaluation.coco_eval import (
     summary_lines,
 )
 
-__all__ = ["CocoEvaluator", "DetectionArrays", "evaluate_coco", "summary_lines"]
+__all__ = ["CocoEvaluator", "DetectionArrays", "classification_metrics", "evaluate_coco", "summary_lines"]
