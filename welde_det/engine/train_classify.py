@@ -134,7 +134,7 @@ def _run_epochs(model: torch.nn.Module, objective: WELDEObjective, loader: DataL
             opt.step()
             sched.step()
             for k, v in out.items():
-                sums[k] += float(v)
+                sums[k] += float(v.detach())
             steps += 1
         if log is not None:
             log.append({"stage": desc, "epoch": epoch_offset + epoch, **{k: v / max(steps, 1) for k, v in sums.items()}})
