@@ -201,3 +201,17 @@ def test_duplicate_names_get_suffixes_and_bad_input():
         build_welde(["ce", "lfm"], class_counts=COUNTS, num_classes=6, in_dim=4)
     with pytest.raises(FloatingPointError, match="not finite"):
         WELDEObjective({"ce": build_loss("ce", validate=False)})([torch.full((2, 3), float("nan"))], torch.tensor([0, 1]))
+
+
+def test_single_loss_objective_is_the_plain_loss():
+    from welde_det.welde import single_loss_objective
+
+    z = torch.randn(16, 6, requires_grad=True)
+    y = torch.randint(0, 6, (16,))
+    obj = single_loss_objective("ce", build_loss("ce"))
+    for _ in range(3):
+        out = obj([z], y)
+        torch.testing.assert_close(out["loss"], F.cross_entropy(z, y))
+    (g,) = torch.autograd.grad(out["loss"], z)
+    (g_ce,) = torch.autograd.grad(F.cross_entropy(z, y), z)
+    torch.testing.assert_close(g, g_ce)

@@ -39,7 +39,7 @@ from welde_det.losses import available_losses, build_loss
 from welde_det.losses.samplers import build_sampler
 from welde_det.utils.fileio import atomic_write_json, atomic_write_text, atomic_writer
 from welde_det.utils.logging import progress_enabled
-from welde_det.welde import WELDEHeads, WELDEObjective
+from welde_det.welde import WELDEHeads, WELDEObjective, single_loss_objective
 
 __all__ = ["evaluate_classifier", "fit_classifier", "load_classifier", "train"]
 
@@ -77,8 +77,7 @@ def _objective(cfg: ExperimentConfig, comps: Sequence[str], counts: Sequence[int
             kw.setdefault("drw_epoch", cfg.loss.drw_epoch)
         losses.append((name, build_loss(name, class_counts=counts, **kw)))
     if cfg.loss.mode == "single":
-        # one component, weight fixed at 1, no EMA normalisation effect on the optimum
-        return WELDEObjective(losses, diversity=0.0, sum_penalty=0.0, warmup_steps=10**12, weight_floor=0.0)
+        return single_loss_objective(*losses[0])
     return WELDEObjective(losses, ema_momentum=cfg.loss.ema_momentum, sum_penalty=cfg.loss.sum_penalty,
                           diversity=cfg.loss.diversity, weight_floor=cfg.loss.weight_floor,
                           warmup_steps=cfg.loss.warmup_steps)
@@ -182,8 +181,7 @@ def fit_classifier(cfg: ExperimentConfig, data: ClassificationData, *, device: t
     if cfg.train.stage1_epochs > 0:
         head = WELDEHeads(model.heads.adapters[0].down.in_features, num, ["ce"]).to(device)
         stage1 = _BackboneWithHead(model.backbone, head)
-        ce = WELDEObjective([("ce", build_loss("ce"))], diversity=0.0, sum_penalty=0.0, warmup_steps=10**12,
-                            weight_floor=0.0).to(device)
+        ce = single_loss_objective("ce", build_loss("ce")).to(device)
         _run_epochs(stage1, ce, loader, list(stage1.parameters()), epochs=cfg.train.stage1_epochs, desc="stage 1",
                     **common)
     model.freeze_backbone()

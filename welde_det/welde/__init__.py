@@ -12,6 +12,6 @@ from __future__ import annotations
 from welde_det.welde.builder import build_welde
 from welde_det.welde.fusion import fuse
 from welde_det.welde.heads import Adapter, CosineClassifier, WELDEHeads
-from welde_det.welde.objective import WELDEObjective, js_diversity
+from welde_det.welde.objective import WELDEObjective, js_diversity, single_loss_objective
 
-__all__ = ["Adapter", "CosineClassifier", "WELDEHeads", "WELDEObjective", "build_welde", "fuse", "js_diversity"]
+__all__ = ["Adapter", "CosineClassifier", "WELDEHeads", "WELDEObjective", "build_welde", "fuse", "js_diversity", "single_loss_objective"]

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["WELDEObjective", "js_diversity"]
+__all__ = ["WELDEObjective", "js_diversity", "single_loss_objective"]
 
 
 def _entropy_softmax(p: torch.Tensor) -> torch.Tensor:
@@ -96,6 +96,9 @@ class WELDEObjective(nn.Module):
         warmup_steps: training steps during which the weights are held at 1/K.
         activation: ``"softmax"`` or ``"sigmoid"`` — how heads' logits become distributions
             for the diversity term.
+        normalize: divide each component by its EMA (WELDE). ``False`` keeps raw losses —
+            with K = 1, no penalty and no diversity the objective is exactly the plain loss,
+            which is how single-loss baselines run through the same code path.
 
     Example:
         >>> from welde_det.losses import build_loss
@@ -115,6 +118,7 @@ class WELDEObjective(nn.Module):
         weight_floor: float = 0.05,
         warmup_steps: int = 50,
         activation: str = "softmax",
+        normalize: bool = True,
     ) -> None:
         super().__init__()
         items = list(losses.items()) if isinstance(losses, Mapping) else list(losses)
@@ -137,6 +141,7 @@ class WELDEObjective(nn.Module):
         self.weight_floor = float(weight_floor)
         self.warmup_steps = int(warmup_steps)
         self.activation = activation
+        self.normalize = bool(normalize)
         theta0 = math.log(math.expm1(1.0 / k))  # softplus(theta0) = 1/K
         self.theta = nn.Parameter(torch.full((k,), theta0))
         self.register_buffer("ema", torch.zeros(k))
@@ -205,10 +210,13 @@ class WELDEObjective(nn.Module):
             with torch.no_grad():
                 self.ema.mul_(self.ema_momentum).add_((1 - self.ema_momentum) * raw.detach())
                 self.num_steps.add_(1)
-        m_hat = self.ema_estimate()
-        if int(self.num_steps) == 0:
-            m_hat = raw.detach()
-        normed = raw / (m_hat + 1e-8)
+        if self.normalize:
+            m_hat = self.ema_estimate()
+            if int(self.num_steps) == 0:
+                m_hat = raw.detach()
+            normed = raw / (m_hat + 1e-8)
+        else:
+            normed = raw
         w = self.effective_weights()
         penalty = self.sum_penalty * (w.sum() - 1.0) ** 2
         div = self._diversity(logits_list, target) if self.diversity > 0 and k > 1 else raw.new_zeros(())
@@ -238,5 +246,11 @@ class WELDEObjective(nn.Module):
         return (
             f"components={list(self.names)}, ema_momentum={self.ema_momentum}, sum_penalty={self.sum_penalty}, "
             f"diversity={self.diversity}, weight_floor={self.weight_floor}, warmup_steps={self.warmup_steps}, "
-            f"activation={self.activation!r}"
+            f"activation={self.activation!r}, normalize={self.normalize}"
         )
+
+
+def single_loss_objective(name: str, loss: nn.Module) -> WELDEObjective:
+    """A K = 1 objective that returns exactly ``loss`` (no EMA, penalty, diversity): baselines."""
+    return WELDEObjective([(name, loss)], diversity=0.0, sum_penalty=0.0, warmup_steps=2**62, weight_floor=0.0,
+                          normalize=False)
