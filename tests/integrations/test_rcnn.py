@@ -1,0 +1,150 @@
+"""Faster R-CNN with WELDE RoI heads: torchvision equivalence, background statistics, stage 2, reload."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.detection.roi_heads import fastrcnn_loss
+
+from welde_det.integrations.rcnn import (
+    WELDERoIHeads,
+    build_faster_rcnn,
+    freeze_for_stage2,
+    rcnn_class_counts,
+)
+from welde_det.losses import class_balanced_weights, ldam_margins
+
+FG = [633, 2033, 4131, 1921, 151, 122]
+
+
+def _batch(seed=0, n=2, size=128, channels=3):
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(channels, size, size, generator=g) for _ in range(n)]
+    targets = []
+    for _ in range(n):
+        xy = torch.rand(3, 2, generator=g) * 80
+        wh = 10 + torch.rand(3, 2, generator=g) * 30
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(1, 7, (3,), generator=g)})
+    return images, targets
+
+
+def _tiny(arch="fasterrcnn_mobilenet_v3_large_fpn", **kw):
+    torch.manual_seed(0)
+    return build_faster_rcnn(arch, foreground_counts=FG, min_size=128, max_size=128, **kw)
+
+
+def test_background_is_class_zero_with_smallest_margin_and_weight():
+    counts = rcnn_class_counts(FG, positive_fraction=0.25)
+    assert counts[0] == 3 * sum(FG)
+    m = ldam_margins(counts)
+    w = class_balanced_weights(counts, 0.9999)
+    assert int(m.argmin()) == 0 and int(w.argmin()) == 0
+
+
+def test_k1_ce_reproduces_fastrcnn_loss():
+    torch.manual_seed(0)
+    ref = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
+        weights=None, weights_backbone=None, num_classes=7, min_size=128, max_size=128)
+    ours = copy.deepcopy(ref)
+    ours.roi_heads = WELDERoIHeads.from_roi_heads(ours.roi_heads, components=["ce"], foreground_counts=FG,
+                                                  mode="single")
+    ref.train()
+    ours.train()
+    images, targets = _batch()
+    torch.manual_seed(1)
+    ref_losses = ref(images, targets)
+    torch.manual_seed(1)
+    our_losses = ours(images, targets)
+    for key in ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"):
+        torch.testing.assert_close(our_losses[key], ref_losses[key], rtol=1e-5, atol=1e-6)
+
+
+def test_fastrcnn_loss_by_hand_matches_predictor_terms():
+    roi = _tiny(components=["ce"], mode="single").roi_heads
+    logits = torch.randn(8, 7)
+    box = torch.randn(8, 28)
+    labels = [torch.tensor([0, 1, 2, 0]), torch.tensor([3, 0, 6, 0])]
+    reg = [torch.randn(4, 4), torch.randn(4, 4)]
+    cls_ref, box_ref = fastrcnn_loss(logits, box, labels, reg)
+    out = roi.objective([logits], torch.cat(labels))
+    torch.testing.assert_close(out["loss"], cls_ref)
+    from welde_det.integrations.rcnn import _box_loss
+
+    torch.testing.assert_close(_box_loss(box, torch.cat(labels), torch.cat(reg)), box_ref)
+
+
+@pytest.mark.parametrize("arch", ["fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn"])
+def test_welde_train_and_eval_modes(arch):
+    model = _tiny(arch, components=["ce", "focal", "cb", "ldam"], mode="welde", warmup_steps=0)
+    images, targets = _batch()
+    model.train()
+    losses = model(images, targets)
+    assert set(losses) >= {"loss_classifier", "loss_box_reg"}
+    sum(losses.values()).backward()
+    assert "weight_ldam" in model.roi_heads.last_terms
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == 2 and set(out[0]) == {"boxes", "labels", "scores"}
+    if len(out[0]["scores"]):
+        assert ((out[0]["scores"] >= 0) & (out[0]["scores"] <= 1)).all()
+        assert out[0]["labels"].min() >= 1
+
+
+def test_grayscale_input():
+    model = _tiny(components=["ce"], mode="single", in_channels=1)
+    model.eval()
+    with torch.no_grad():
+        model([torch.rand(1, 128, 128)])
+
+
+def test_stage2_trains_only_heads_and_theta():
+    model = _tiny(components=["ce", "focal", "cb", "ldam"], mode="welde")
+    trainable = freeze_for_stage2(model)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith(("roi_heads.box_predictor.heads.", "roi_heads.objective.")) for n in names)
+    assert "roi_heads.objective.theta" in names
+    assert not any("bbox_pred" in n or "backbone" in n or "rpn" in n or "box_head" in n for n in names)
+    assert len(trainable) == len(names)
+
+
+def test_checkpoint_reload_gives_same_detections(tmp_path):
+    model = _tiny(components=["ce", "focal"], mode="welde", warmup_steps=0)
+    model.train()
+    images, targets = _batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(2):
+        loss = sum(model(images, targets).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    again = _tiny(components=["ce", "focal"], mode="welde", warmup_steps=0)
+    again.load_state_dict(torch.load(tmp_path / "m.pt"))
+    model.eval()
+    again.eval()
+    with torch.no_grad():
+        a, b = model(images), again(images)
+    for x, y in zip(a, b):
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(x[key], y[key])
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="unknown Faster R-CNN arch"):
+        build_faster_rcnn("fasterrcnn_vgg", foreground_counts=FG)
+    with pytest.raises(ValueError, match="never downloads"):
+        build_faster_rcnn("fasterrcnn_resnet50_fpn", foreground_counts=FG, weights="COCO_V1")
+    with pytest.raises(ValueError, match="unknown softmax loss 'focall'"):
+        _tiny(components=["focall"], mode="single")
+    with pytest.raises(ValueError, match="one component"):
+        _tiny(components=["ce", "focal"], mode="single")
+    model = _tiny(components=["ce"], mode="single")
+    model.train()
+    images, targets = _batch()
+    targets[0]["labels"] = targets[0]["labels"].int()
+    with pytest.raises(TypeError, match="int64"):
+        model(images, targets)

@@ -1,0 +1,274 @@
+"""torchvision Faster R-CNN with WELDE RoI heads.
+
+The clean way in (torchvision's ``fastrcnn_loss`` hard-codes cross-entropy) is a
+:class:`~torchvision.models.detection.roi_heads.RoIHeads` subclass built from an existing
+model's parts: :meth:`WELDERoIHeads.from_roi_heads` keeps the RoI pooler, the shared
+TwoMLPHead, the proposal sampler and the post-processing, and swaps the box predictor
+for :class:`WELDEBoxPredictor` — K classification heads (adapter + classifier each, on
+the 1024-d box feature) and one shared box regressor. The classification term is a
+:class:`~welde_det.welde.WELDEObjective` over softmax losses with **background as class
+0**; at inference the heads' softmax probabilities are fused (:func:`~welde_det.welde.fuse`)
+and handed to torchvision's standard ``postprocess_detections`` unchanged.
+
+Background statistics (they set its class-balanced weight and LDAM margin): the RoI
+sampler draws ``positive_fraction`` foreground RoIs, so background is counted as
+``(1 − f) / f`` times the foreground instances (3× at torchvision's 0.25). Background is
+therefore the most frequent class: it gets the **smallest** LDAM margin and the
+**smallest** class-balanced weight, and a K = 1 ``ce`` predictor is exactly torchvision's
+classification loss.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection.roi_heads import RoIHeads
+
+from welde_det.losses import build_loss
+from welde_det.welde import WELDEHeads, WELDEObjective, fuse, single_loss_objective
+
+__all__ = [
+    "RCNN_ARCHS",
+    "WELDEBoxPredictor",
+    "WELDERoIHeads",
+    "background_count",
+    "build_faster_rcnn",
+    "freeze_for_stage2",
+    "rcnn_class_counts",
+]
+
+RCNN_ARCHS = ("fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn")
+
+
+def background_count(foreground_counts: Sequence[int], positive_fraction: float = 0.25) -> int:
+    """Background 'instances' implied by the RoI sampler: Σ fg · (1 − f) / f."""
+    if not 0 < positive_fraction < 1:
+        raise ValueError(f"positive_fraction must be in (0, 1), got {positive_fraction}")
+    return max(1, round(sum(foreground_counts) * (1 - positive_fraction) / positive_fraction))
+
+
+def rcnn_class_counts(foreground_counts: Sequence[int], positive_fraction: float = 0.25) -> list[int]:
+    """Counts for the C + 1 softmax classes: background first, then the foreground classes."""
+    return [background_count(foreground_counts, positive_fraction), *(int(c) for c in foreground_counts)]
+
+
+class WELDEBoxPredictor(nn.Module):
+    """K classification heads and one shared box regressor on the box-head feature.
+
+    Args:
+        in_channels: box-head feature size (1024 for torchvision's TwoMLPHead).
+        num_classes: C + 1 (background included).
+        components: registry names of the K heads.
+        hidden: adapter bottleneck width.
+
+    Shape:
+        x (N, D) or (N, D, 1, 1) → (K × (N, C + 1), (N, 4 (C + 1))).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, components: Sequence[str], *, hidden: int | None = None
+                 ) -> None:
+        super().__init__()
+        self.heads = WELDEHeads(in_channels, num_classes, components, hidden=hidden)
+        self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        x = x.flatten(start_dim=1)
+        return self.heads(x), self.bbox_pred(x)
+
+
+def _box_loss(box_regression: torch.Tensor, labels: torch.Tensor, regression_targets: torch.Tensor) -> torch.Tensor:
+    """torchvision's box term of ``fastrcnn_loss`` (smooth L1 on positives, / number of RoIs)."""
+    pos = torch.where(labels > 0)[0]
+    n = labels.numel()
+    box_regression = box_regression.reshape(n, box_regression.size(-1) // 4, 4)
+    loss = F.smooth_l1_loss(box_regression[pos, labels[pos]], regression_targets[pos], beta=1 / 9, reduction="sum")
+    return loss / n
+
+
+class WELDERoIHeads(RoIHeads):
+    """RoI heads whose classification loss is a WELDE objective (or one registry loss).
+
+    Build it with :meth:`from_roi_heads`. The loss dict keeps torchvision's names
+    (``loss_classifier``, ``loss_box_reg``); the detached WELDE terms of the last step are
+    in :attr:`last_terms` for logging.
+    """
+
+    objective: WELDEObjective
+
+    @classmethod
+    def from_roi_heads(
+        cls,
+        roi_heads: RoIHeads,
+        *,
+        components: Sequence[str],
+        foreground_counts: Sequence[int],
+        mode: str = "welde",
+        loss_params: Mapping[str, Mapping[str, Any]] | None = None,
+        hidden: int | None = None,
+        **objective_kw: Any,
+    ) -> WELDERoIHeads:
+        """Reuse ``roi_heads``' pooler, box head, sampler and post-processing; new predictor.
+
+        Args:
+            roi_heads: an existing model's ``roi_heads``.
+            components: registry names of the heads (one for baselines).
+            foreground_counts: training instances per foreground class (ClassStats order).
+            mode: ``"single"`` (plain loss), ``"ce_ensemble"`` or ``"welde"``.
+            loss_params: extra keyword arguments per registry name.
+            hidden: adapter width.
+            **objective_kw: :class:`WELDEObjective` settings.
+        """
+        if roi_heads.has_mask() or roi_heads.has_keypoint():
+            raise ValueError("WELDERoIHeads supports box detection only (no mask/keypoint heads)")
+        old = roi_heads.box_predictor
+        in_channels = old.cls_score.in_features
+        num_classes = old.cls_score.out_features
+        if len(foreground_counts) != num_classes - 1:
+            raise ValueError(f"{len(foreground_counts)} foreground class counts for a model with "
+                             f"{num_classes - 1} foreground classes")
+        counts = rcnn_class_counts(foreground_counts, roi_heads.fg_bg_sampler.positive_fraction)
+        params = dict(loss_params or {})
+        losses = [(c, build_loss(c, class_counts=counts, **params.get(c, {}))) for c in components]
+        if mode == "single":
+            if len(losses) != 1:
+                raise ValueError(f"mode 'single' takes one component, got {list(components)}")
+            objective = single_loss_objective(*losses[0])
+        else:
+            objective = WELDEObjective(losses, activation="softmax", **objective_kw)
+        new = cls(
+            roi_heads.box_roi_pool,
+            roi_heads.box_head,
+            WELDEBoxPredictor(in_channels, num_classes, components, hidden=hidden),
+            roi_heads.proposal_matcher.high_threshold,
+            roi_heads.proposal_matcher.low_threshold,
+            roi_heads.fg_bg_sampler.batch_size_per_image,
+            roi_heads.fg_bg_sampler.positive_fraction,
+            roi_heads.box_coder.weights,
+            roi_heads.score_thresh,
+            roi_heads.nms_thresh,
+            roi_heads.detections_per_img,
+        )
+        with torch.no_grad():  # start from the old regressor and classifier where shapes allow
+            new.box_predictor.bbox_pred.load_state_dict(old.bbox_pred.state_dict())
+            for clf in new.box_predictor.heads.classifiers:
+                if isinstance(clf, nn.Linear):
+                    clf.load_state_dict(old.cls_score.state_dict())
+        new.objective = objective
+        new.class_counts = counts
+        new.last_terms = {}
+        return new
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if targets is not None:
+            for t in targets:
+                if t["boxes"].dtype not in (torch.float, torch.double, torch.half):
+                    raise TypeError(f"target boxes must be of float type, instead got {t['boxes'].dtype}")
+                if t["labels"].dtype != torch.int64:
+                    raise TypeError(f"target labels must be of int64 type, instead got {t['labels'].dtype}")
+        if self.training:
+            proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        logits_list, box_regression = self.box_predictor(box_features)
+        if self.training:
+            labels_cat = torch.cat(labels, dim=0)
+            out = self.objective(logits_list, labels_cat)
+            self.last_terms = {k: v for k, v in out.items() if k != "loss"}
+            losses = {"loss_classifier": out["loss"],
+                      "loss_box_reg": _box_loss(box_regression, labels_cat, torch.cat(regression_targets, dim=0))}
+            return [], losses
+        probs = fuse(logits_list, self.objective.fusion_weights().to(box_regression.device), activation="softmax")
+        # postprocess_detections applies softmax: log-probabilities give back the fused p exactly
+        boxes, scores, labels = self.postprocess_detections(torch.log(probs.clamp_min(1e-30)), box_regression,
+                                                            proposals, image_shapes)
+        return [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels)], {}
+
+
+def _adapt_channels(model: nn.Module, in_channels: int) -> None:
+    if in_channels == 3:
+        return
+    if in_channels != 1:
+        raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+    t = model.transform
+    t.image_mean = [float(sum(t.image_mean) / 3)]
+    t.image_std = [float(sum(t.image_std) / 3)]
+    for name, module in model.backbone.body.named_modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3:
+            new = nn.Conv2d(1, module.out_channels, module.kernel_size, module.stride, module.padding,
+                            module.dilation, module.groups, module.bias is not None)
+            with torch.no_grad():
+                new.weight.copy_(module.weight.sum(1, keepdim=True))
+                if module.bias is not None:
+                    new.bias.copy_(module.bias)
+            parent = model.backbone.body
+            *path, last = name.split(".")
+            for p in path:
+                parent = getattr(parent, p)
+            setattr(parent, last, new)
+            return
+
+
+def build_faster_rcnn(
+    arch: str,
+    *,
+    foreground_counts: Sequence[int],
+    components: Sequence[str] = ("ce",),
+    mode: str = "single",
+    in_channels: int = 3,
+    weights: str | os.PathLike | None = None,
+    min_size: int = 384,
+    max_size: int = 640,
+    loss_params: Mapping[str, Mapping[str, Any]] | None = None,
+    hidden: int | None = None,
+    **objective_kw: Any,
+) -> nn.Module:
+    """A torchvision Faster R-CNN (random init or a local checkpoint) with WELDE RoI heads.
+
+    Args:
+        arch: one of :data:`RCNN_ARCHS`.
+        foreground_counts: training instances per class (C classes; background is added).
+        components, mode, loss_params, hidden, **objective_kw: see :meth:`WELDERoIHeads.from_roi_heads`.
+        in_channels: 1 (grayscale) or 3.
+        weights: a local state dict of a torchvision Faster R-CNN with the same class count
+            (e.g. a stage-1 checkpoint) — never a download.
+        min_size, max_size: GeneralizedRCNNTransform resizing.
+
+    Raises:
+        ValueError: unknown arch, a weights name that is not a local file.
+    """
+    import torchvision
+
+    if arch not in RCNN_ARCHS:
+        raise ValueError(f"unknown Faster R-CNN arch {arch!r}; choose one of {list(RCNN_ARCHS)}")
+    builder = getattr(torchvision.models.detection, arch)
+    model = builder(weights=None, weights_backbone=None, num_classes=len(foreground_counts) + 1,
+                    min_size=min_size, max_size=max_size)
+    if weights is not None:
+        if not os.path.isfile(weights):
+            raise ValueError(f"weights {weights!r} is not a local file; welde_det never downloads weights — pass "
+                             "the path of a saved state dict, or leave it unset for random initialisation")
+        state = torch.load(weights, map_location="cpu", weights_only=False)
+        state = state.get("model", state) if isinstance(state, dict) else state
+        model.load_state_dict(state, strict=False)
+    _adapt_channels(model, in_channels)
+    model.roi_heads = WELDERoIHeads.from_roi_heads(model.roi_heads, components=components,
+                                                   foreground_counts=foreground_counts, mode=mode,
+                                                   loss_params=loss_params, hidden=hidden, **objective_kw)
+    return model
+
+
+def freeze_for_stage2(model: nn.Module) -> list[nn.Parameter]:
+    """Freeze backbone, FPN, RPN, box head and box regressor; return what still trains.
+
+    Only the K adapters and classifiers and the WELDE weights θ stay trainable.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = [*model.roi_heads.box_predictor.heads.parameters(), *model.roi_heads.objective.parameters()]
+    for p in trainable:
+        p.requires_grad_(True)
+    return trainable
