@@ -61,6 +61,24 @@ def make_run_dir(cfg: ExperimentConfig) -> Path:
     return run_dir
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _shared_run_dir(cfg: ExperimentConfig) -> Path:
+    """Rank 0 makes the run folder; under torchrun every rank gets the same path."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return make_run_dir(cfg)
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    box = [str(make_run_dir(cfg)) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
 def resolve_runner(cfg: ExperimentConfig):
     """Import and return the runner module for the config's task and framework."""
     key = (cfg.task, cfg.model.framework)
@@ -102,9 +120,10 @@ def run_training(
             from welde_det.engine.config import apply_overrides
 
             cfg = apply_overrides(cfg, list(overrides))
-        run_dir = make_run_dir(cfg)
+        run_dir = _shared_run_dir(cfg)
     runner = resolve_runner(cfg)
-    save_config(cfg, run_dir / CONFIG_NAME)
+    if _rank() == 0:
+        save_config(cfg, run_dir / CONFIG_NAME)
     seed_everything(cfg.train.seed)
     logger.info("run folder: %s", run_dir)
     return Path(runner.train(cfg, run_dir, resume=resume))
