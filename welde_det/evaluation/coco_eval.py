@@ -203,13 +203,6 @@ def _bbox_iou(d: torch.Tensor, g: torch.Tensor, crowd: torch.Tensor) -> torch.Te
     return torch.where((w <= 0) | (h <= 0), torch.zeros_like(iou), iou)
 
 
-def _last_max(mask: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the GT index of the highest rank among ``mask`` (rank orders by IoU, then index)."""
-    keyed = torch.where(mask, rank, torch.full_like(rank, -1))
-    best, idx = keyed.max(-1)
-    return idx, best >= 0
-
-
 def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device) -> dict[str, np.ndarray]:
     """Greedy matching for every (image, category) pair, IoU threshold and area range.
 
@@ -285,37 +278,46 @@ def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device) -> dict
         # ignore per area range: crowd, or GT area outside [lo, hi] (inclusive bounds)
         out_rng = (g_area[:, None, :] < rng[None, :, 0, None]) | (g_area[:, None, :] > rng[None, :, 1, None])
         g_ig = g_crowd[:, None, :] | out_rng  # (n, A, G)
+        # regular GTs outrank ignored ones: key = rank + G for regular, rank for ignored
+        g_bonus = torch.where(g_ig, 0, gmax).to(torch.int16)[:, None, :, :]  # (n, 1, A, G)
         gtm = torch.zeros((n, T, A, gmax), dtype=torch.bool, device=device)
         det_rows = det_row_of[chunk, :dmax]  # (n, dmax) global kept-det index or -1
+        valid_rows = det_rows >= 0
+        db = np.zeros((n, dmax, 4))
+        db[valid_rows] = det.bbox[order[det_rows[valid_rows]]]
+        det_box = torch.as_tensor(db, device=device)
+        tp_chunk = torch.zeros((n, dmax, T, A), dtype=torch.bool, device=device)
+        fp_chunk = torch.zeros((n, dmax, T, A), dtype=torch.bool, device=device)
+        ar = torch.arange(gmax, device=device, dtype=torch.int16)
+        n_active = [int((n_det_pair[chunk] > d).sum()) for d in range(dmax)]  # chunk sorted: prefixes
         for d in range(dmax):
-            active = int((n_det_pair[chunk] > d).sum())  # chunk sorted by count, so a prefix
-            rows_d = det_rows[:active, d]
-            boxes = torch.as_tensor(det.bbox[order[rows_d]], device=device)
+            active = n_active[d]
+            boxes = det_box[:active, d]
             iou = _bbox_iou(boxes, g_box[:active], g_crowd[:active])  # (a, G)
             iou = torch.where(g_valid[:active], iou, torch.full_like(iou, -1.0))
             # rank of each GT by (IoU, index): the last GT among equal IoUs ranks highest
             srt = torch.sort(iou, dim=-1, stable=True).indices
-            rnk = torch.empty_like(srt)
-            rnk.scatter_(-1, srt, torch.arange(gmax, device=device).expand_as(srt))
-            rnk = rnk[:, None, None, :]
+            rnk = torch.empty((active, gmax), dtype=torch.int16, device=device)
+            rnk.scatter_(-1, srt, ar.expand(active, -1))
             free = ~(gtm[:active] & ~g_crowd[:active, None, None, :])
             elig = (iou[:, None, None, :] >= thr[None, :, None, None]) & free & g_valid[:active, None, None, :]
-            ig = g_ig[:active, None, :, :]
-            m_reg, f_reg = _last_max(elig & ~ig, rnk)
-            m_ign, f_ign = _last_max(elig & ig, rnk)
-            m = torch.where(f_reg, m_reg, m_ign)
-            found = f_reg | f_ign
-            matched_ig = ~f_reg & f_ign
-            upd = torch.zeros_like(gtm[:active]).scatter_(-1, m[..., None], found[..., None])
-            gtm[:active] |= upd
+            keyed = torch.where(elig, rnk[:, None, None, :] + g_bonus[:active], torch.full((), -1, dtype=torch.int16,
+                                                                                           device=device))
+            best, m = keyed.max(-1)  # (a, T, A)
+            found = best >= 0
+            matched_ig = found & (best < gmax)
+            gtm[:active] |= torch.zeros_like(gtm[:active]).scatter_(-1, m[..., None], found[..., None])
             matched_id = torch.gather(g_id[:active, None, None, :].expand(-1, T, A, -1), -1, m[..., None])[..., 0]
             dtm = found & (matched_id != 0)  # pycocotools marks matches by GT id (id 0 looks unmatched)
             dt_ig = found & matched_ig
             d_area = boxes[:, 2] * boxes[:, 3]
             d_out = (d_area[:, None] < rng[None, :, 0]) | (d_area[:, None] > rng[None, :, 1])  # (a, A)
             dt_ig = dt_ig | (~dtm & d_out[:, None, :])
-            tp_out[rows_d] = (dtm & ~dt_ig).cpu().numpy()
-            fp_out[rows_d] = (~dtm & ~dt_ig).cpu().numpy()
+            tp_chunk[:active, d] = dtm & ~dt_ig
+            fp_chunk[:active, d] = ~dtm & ~dt_ig
+        vr = torch.as_tensor(valid_rows, device=device)
+        tp_out[det_rows[valid_rows]] = tp_chunk[vr].cpu().numpy()
+        fp_out[det_rows[valid_rows]] = fp_chunk[vr].cpu().numpy()
         del gtm
     g_ig_all = gt.crowd[:, None] | (gt.area[:, None] < np.array(AREA_RNG)[None, :, 0]) | (
         gt.area[:, None] > np.array(AREA_RNG)[None, :, 1])
