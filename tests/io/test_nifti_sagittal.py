@@ -139,3 +139,15 @@ def test_window_image():
     assert window_image(img, bit_depth=16, percentiles=(0, 100)).tolist() == [[0, 16384], [32768, 65535]]
     with pytest.raises(ValueError, match="both"):
         window_image(img, center=1)
+
+
+def test_refinement_moves_to_the_canal_slice():
+    rng = np.random.default_rng(1)
+    vol = rng.normal(100, 5, size=(11, 40, 30)).astype(np.float32)  # i = lateral
+    vol[6, 10:35, 14:16] = 400.0  # a long bright vertical CSF-like column two slices off centre
+    v = Volume(vol, BASE_AFFINE)
+    assert mid_sagittal(v).index == 5
+    refined = mid_sagittal(v, refine=True)
+    assert refined.index == 6
+    far = mid_sagittal(v, refine=True, max_shift_mm=0.5)  # less than one 0.9 mm slice: stays
+    assert far.index == 5
