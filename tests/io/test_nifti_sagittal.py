@@ -144,7 +144,7 @@ def test_window_image():
 def test_refinement_moves_to_the_canal_slice():
     rng = np.random.default_rng(1)
     vol = rng.normal(100, 5, size=(11, 40, 30)).astype(np.float32)  # i = lateral
-    vol[6, 10:35, 14:16] = 400.0  # a long bright vertical CSF-like column two slices off centre
+    vol[6, 14:16, 4:28] = 400.0  # a long bright superior-inferior (vertical) column, one slice off centre
     v = Volume(vol, BASE_AFFINE)
     assert mid_sagittal(v).index == 5
     refined = mid_sagittal(v, refine=True)
