@@ -118,3 +118,4 @@ def test_focal_stable_for_extreme_logits():
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
     assert loss.item() == pytest.approx(2e4, rel=1e-3)
+

@@ -35,18 +35,18 @@ __all__ = [
 
 
 def sigmoid_focal_term(logits: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Element-wise (1 − p_t)^γ · BCE, with 1 − p_t = t·σ(−z) + (1 − t)·σ(z) (stable for large |z|)."""
+    """Element-wise (1 − p_t)^γ · BCE with p = σ(z) and 1 − p_t = p + t·(1 − 2p).
+
+    That form equals t·(1 − p) + (1 − t)·p for soft targets, needs one sigmoid, and stays
+    finite for any logit: at |z| → ∞ the modulator tends to exactly 0 or 1 (no NaN from
+    ``1 − sigmoid`` cancellation reaching a log, since the BCE is computed from the logits).
+    """
     bce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
     if gamma == 0:
         return bce
-    # σ(z) and σ(−z) from one exp(−|z|), each without cancellation.
-    e = torch.exp(-logits.abs())
-    r = 1.0 / (1.0 + e)
-    pos = logits >= 0
-    sig = torch.where(pos, r, e * r)
-    sig_neg = torch.where(pos, e * r, r)
-    one_minus_pt = t * sig_neg + (1 - t) * sig
-    return (one_minus_pt.square() if gamma == 2.0 else one_minus_pt.pow(gamma)) * bce
+    p = torch.sigmoid(logits)
+    one_minus_pt = p + t * (1 - 2 * p)
+    return (one_minus_pt.square() if gamma == 2.0 else one_minus_pt.clamp_min(0).pow(gamma)) * bce
 
 
 class _DenseLoss(ClassLoss):
