@@ -6,7 +6,7 @@ as its first stage, both evaluated with the pycocotools-exact evaluator on the s
 validation split, and a side-by-side report. Prints where everything is.
 
 Usage:
-    python -m welde_det.engine.demo [--n-images 60] [--epochs 6] [--imgsz 192] [--out runs/demo]
+    python -m welde_det.engine.demo [--n-images 30] [--epochs 4] [--imgsz 160] [--out runs/demo]
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-images", type=int, default=60, help="phantom studies (T1 + T2 slices each)")
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--imgsz", type=int, default=192)
+    parser.add_argument("--n-images", type=int, default=30, help="phantom studies (T1 + T2 slices each)")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--imgsz", type=int, default=160)
     parser.add_argument("--out", default="runs/demo")
     args = parser.parse_args(argv)
     setup_logging()
