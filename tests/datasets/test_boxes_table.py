@@ -19,20 +19,7 @@ nib = pytest.importorskip("nibabel")
 KEY = "boxes-test-key"
 
 
-def _io_has(module: str, name: str) -> bool:
-    """Whether the parallel-developed ``welde_det.io`` part this test needs is in the checkout."""
-    import importlib
 
-    try:
-        return hasattr(importlib.import_module(module), name)
-    except ImportError:
-        return False
-
-
-needs_io = pytest.mark.skipif(
-    not (_io_has("welde_det.io", "read_volume") and _io_has("welde_det.io.deid", "pseudonymise")),
-    reason="needs welde_det.io.read_volume/mid_sagittal and welde_det.io.deid (issue 5 items 1-2, 4)",
-)
 
 
 def _volumes(folder):
@@ -49,7 +36,6 @@ def _write_csv(path, header, rows):
     return path
 
 
-@needs_io
 def test_csv_boxes_to_coco(tmp_path, pycocotools_check):
     _volumes(tmp_path / "vols")
     table = _write_csv(tmp_path / "vols" / "boxes.csv", ["volume", "slice", "patient", "class", "x", "y", "w", "h"], [
@@ -76,7 +62,6 @@ def test_csv_boxes_to_coco(tmp_path, pycocotools_check):
     pycocotools_check(res.coco)
 
 
-@needs_io
 def test_json_table_with_corners(tmp_path):
     _volumes(tmp_path / "vols")
     table = tmp_path / "boxes.json"
@@ -107,7 +92,6 @@ def test_bad_tables(tmp_path):
         read_box_table(t)
 
 
-@needs_io
 def test_box_outside_slice_leaves_nothing(tmp_path):
     _volumes(tmp_path / "vols")
     t = _write_csv(tmp_path / "vols" / "t.csv", ["volume", "class", "x", "y", "w", "h"],
@@ -121,7 +105,6 @@ def test_box_outside_slice_leaves_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@needs_io
 def test_2d_image_rows_keep_the_image_as_drawn(tmp_path):
     from PIL import Image
 

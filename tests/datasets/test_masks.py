@@ -20,20 +20,7 @@ from welde_det.datasets.sources.masks import (
 KEY = "mask-test-key"
 
 
-def _io_has(module: str, name: str) -> bool:
-    """Whether the parallel-developed ``welde_det.io`` part this test needs is in the checkout."""
-    import importlib
 
-    try:
-        return hasattr(importlib.import_module(module), name)
-    except ImportError:
-        return False
-
-
-needs_io = pytest.mark.skipif(
-    not (_io_has("welde_det.io", "read_volume") and _io_has("welde_det.io.deid", "pseudonymise")),
-    reason="needs welde_det.io.read_volume/mid_sagittal and welde_det.io.deid (issue 5 items 1-2, 4)",
-)
 
 
 def _reoriented(array, affine, perm, flips):
@@ -62,7 +49,6 @@ def _ras_volume():
     return arr, affine
 
 
-@needs_io
 def test_slice_like_matches_mid_sagittal_in_all_48_orientations():
     from welde_det.io import Volume, mid_sagittal
 
@@ -137,7 +123,6 @@ def _spider_like():
     return arr, affine, labels
 
 
-@needs_io
 def test_convert_masks_end_to_end(tmp_path, pycocotools_check):
     arr, affine, labels = _spider_like()
     src = tmp_path / "spider"
@@ -163,7 +148,6 @@ def test_convert_masks_end_to_end(tmp_path, pycocotools_check):
     pycocotools_check(res.coco, *res.splits.values())
 
 
-@needs_io
 def test_convert_masks_bad_input(tmp_path):
     arr, affine, labels = _spider_like()
     src = tmp_path / "src"

@@ -30,17 +30,7 @@ from welde_det.datasets.sources.rsna_lsdc import convert_rsna_lsdc  # noqa: E402
 KEY = "test-secret-key-outside-dataset"
 
 
-def _io_has(module: str, name: str) -> bool:
-    """Whether the parallel-developed ``welde_det.io`` part this test needs is in the checkout."""
-    import importlib
 
-    try:
-        return hasattr(importlib.import_module(module), name)
-    except ImportError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _io_has("welde_det.io.deid", "pseudonymise"), reason="needs welde_det.io.deid.pseudonymise (issue 5 item 4)")
 PHI = {
     "PatientName": "Doe^Johnathan",
     "PatientID": "PHI-PID-7731",

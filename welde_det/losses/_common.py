@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ClassLoss", "check_inputs", "dense_targets"]
+__all__ = ["ClassLoss", "MarginMixin", "check_inputs", "dense_targets"]
 
 
 def check_inputs(
@@ -107,3 +107,22 @@ class ClassLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}"
+
+
+class MarginMixin:
+    """LDAM margins and deferred re-weighting shared by the softmax and dense LDAM losses."""
+
+    def _init_margins(self, class_counts: torch.Tensor, max_m: float, s: float, drw_epoch: int,
+                      drw_beta: float) -> None:
+        from welde_det.losses.weighting import class_balanced_weights, ldam_margins
+
+        if s <= 0:
+            raise ValueError(f"ldam scale s must be > 0, got {s}")
+        self.s, self.drw_epoch = float(s), int(drw_epoch)
+        self.register_buffer("margins", ldam_margins(class_counts, max_m))
+        self.register_buffer("drw_weight", class_balanced_weights(class_counts, drw_beta))
+
+    @property
+    def drw_active(self) -> bool:
+        """Whether deferred re-weighting is on at the current epoch."""
+        return 0 <= self.drw_epoch <= self.epoch

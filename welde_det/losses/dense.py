@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from welde_det.losses._common import ClassLoss, dense_targets
+from welde_det.losses._common import ClassLoss, MarginMixin, dense_targets
 from welde_det.losses.registry import register_loss
 from welde_det.losses.weighting import (
     bwcce_weights,
@@ -183,7 +183,7 @@ class BWCCEBCELoss(_PositiveWeightedBCE):
 
 
 @register_loss("ldam", activation="sigmoid")
-class LDAMBCELoss(_DenseLoss):
+class LDAMBCELoss(MarginMixin, _DenseLoss):
     """LDAM for sigmoid heads: BCE on s·(z − Δ_c·t_c).
 
     The margin is applied where the target is positive (scaled by the soft target, so a
@@ -197,16 +197,7 @@ class LDAMBCELoss(_DenseLoss):
     def __init__(self, class_counts=None, *, max_m: float = 0.5, s: float = 30.0, drw_epoch: int = -1,
                  drw_beta: float = 0.9999, validate: bool = True) -> None:
         super().__init__(class_counts, validate=validate)
-        if s <= 0:
-            raise ValueError(f"ldam scale s must be > 0, got {s}")
-        self.s, self.drw_epoch = float(s), int(drw_epoch)
-        self.register_buffer("margins", ldam_margins(class_counts, max_m))
-        self.register_buffer("drw_weight", class_balanced_weights(class_counts, drw_beta))
-
-    @property
-    def drw_active(self) -> bool:
-        """Whether deferred re-weighting is on at the current epoch."""
-        return 0 <= self.drw_epoch <= self.epoch
+        self._init_margins(class_counts, max_m, s, drw_epoch, drw_beta)
 
     def _elementwise(self, logits, t):
         z = self.s * (logits - self.margins * t)

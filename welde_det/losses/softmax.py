@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from welde_det.losses._common import ClassLoss
+from welde_det.losses._common import ClassLoss, MarginMixin
 from welde_det.losses.registry import register_loss
 from welde_det.losses.weighting import (
     bwcce_weights,
@@ -185,7 +185,7 @@ class ClassBalancedLoss(_SoftmaxLoss):
 
 
 @register_loss("ldam")
-class LDAMLoss(_SoftmaxLoss):
+class LDAMLoss(MarginMixin, _SoftmaxLoss):
     """LDAM: mean_i CE(s·(z_i − Δ_{y_i} e_{y_i}), y_i), Δ_c = max_m · n_c^{−1/4} / max_j n_j^{−1/4}.
 
     The loss does not normalise the logits: pair it with a cosine classifier (normalised
@@ -210,16 +210,7 @@ class LDAMLoss(_SoftmaxLoss):
         validate: bool = True,
     ) -> None:
         super().__init__(class_counts, validate=validate)
-        if s <= 0:
-            raise ValueError(f"ldam scale s must be > 0, got {s}")
-        self.s, self.drw_epoch = float(s), int(drw_epoch)
-        self.register_buffer("margins", ldam_margins(class_counts, max_m))
-        self.register_buffer("drw_weight", class_balanced_weights(class_counts, drw_beta))
-
-    @property
-    def drw_active(self) -> bool:
-        """Whether deferred re-weighting is on at the current epoch."""
-        return 0 <= self.drw_epoch <= self.epoch
+        self._init_margins(class_counts, max_m, s, drw_epoch, drw_beta)
 
     def margin_logits(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """s·(z − Δ_y e_y): the logits CE is applied to."""
