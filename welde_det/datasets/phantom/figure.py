@@ -93,7 +93,7 @@ def comparison_figure(real_dir: str | os.PathLike, out: str | os.PathLike, *, si
         cv2.putText(legend, name, (x + 20, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
         x += 40 + 9 * len(name)
     fig = np.vstack([np.hstack(top), np.hstack(bottom), legend])
-    ok, buf = cv2.imencode(".png", fig)
+    ok, buf = cv2.imencode(".png", fig, [cv2.IMWRITE_PNG_COMPRESSION, 9])
     if not ok:
         raise OSError(f"{out}: PNG encoding failed")
     return atomic_write_bytes(out, buf.tobytes())
