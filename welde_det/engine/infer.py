@@ -1,0 +1,574 @@
+"""Inference on MRI slices: a detector abstraction, input discovery, overlays and JSON.
+
+- :class:`Detector` is the small interface every framework implements: class names, the
+  tail set, input channels and size, and ``predict(image, conf)`` on one 2D slice.
+  :class:`RCNNDetector` wraps our Faster R-CNN checkpoints; YOLO checkpoints are handed
+  to ``welde_det.engine.train_yolo.load_yolo_detector`` (imported only when needed).
+- :func:`load_detector` dispatches on the checkpoint's contents, never its file name.
+- :func:`collect_inputs` / :func:`read_input` turn a source (DICOM folder or file, NIfTI,
+  PNG/JPEG, or a folder of them) into windowed mid-sagittal slices.
+- :func:`run_inference` reads and validates **every** input first, then predicts, then
+  writes one overlay PNG and one JSON per input (atomically), so a bad input never leaves
+  a half-written output folder.
+
+Coordinates: boxes are ``[x1, y1, x2, y2]`` in continuous pixel units of the slice as
+displayed (superior up, anterior left; ``(0, 0)`` is the top-left corner of the first
+pixel). :meth:`SagittalSlice.pixel_to_world` puts pixel *centres* at integers, so a box
+corner ``(x, y)`` is at ``pixel_to_world(rows=y - 0.5, cols=x - 0.5)`` in RAS mm.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from welde_det.classes import ClassStats
+from welde_det.io import SagittalSlice, WeldeIOError, mid_sagittal, read_volume, window_image
+from welde_det.io.image2d import IMAGE_SUFFIXES, is_image2d
+from welde_det.io.nifti import is_nifti
+from welde_det.utils.fileio import atomic_write_bytes, atomic_write_json
+from welde_det.utils.logging import progress_enabled
+
+__all__ = [
+    "Detector",
+    "InferenceInput",
+    "InferenceInputError",
+    "InferenceSummary",
+    "RCNNDetector",
+    "collect_inputs",
+    "detection_record",
+    "image_to_float",
+    "load_detector",
+    "read_input",
+    "run_inference",
+]
+
+logger = logging.getLogger(__name__)
+HOW_TO_TRAIN = ("make one with `python tools/train.py --config configs/rcnn_welde.yaml` "
+                "(the run folder's weights/last.pt)")
+
+
+class InferenceInputError(WeldeIOError):
+    """An input that cannot be used as an MRI slice; the message names the file and what is expected."""
+
+
+# --------------------------------------------------------------------------- detectors
+def image_to_float(image: np.ndarray) -> np.ndarray:
+    """A 2D uint8/uint16 slice as float32 in [0, 1] (÷255 or ÷65535), as the detectors were trained.
+
+    Raises:
+        ValueError: not a 2D uint8/uint16 array.
+    """
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError(f"a detector takes one 2D slice (rows, cols), got shape {image.shape}")
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if image.dtype == np.uint16:
+        return image.astype(np.float32) / 65535.0
+    raise ValueError(f"a detector takes a uint8 or uint16 slice, got {image.dtype} "
+                     "(window it first with welde_det.io.window_image)")
+
+
+class Detector(abc.ABC):
+    """One trained detector, framework-independent.
+
+    Subclasses set the attributes (usually by calling ``super().__init__``) and implement
+    :meth:`predict`.
+
+    Attributes:
+        class_stats: the training split's :class:`ClassStats` saved in the checkpoint.
+        names: class names in class-index order.
+        tail: names of the tail classes.
+        channels: input channels the model takes (1, or 3 = the grey slice repeated).
+        imgsz: the training input size (pixels); models resize internally.
+        weights: the checkpoint path, if loaded from one.
+        device: where the model runs.
+        framework: ``"rcnn"``, ``"yolo"``, ...
+
+    Example:
+        >>> det = load_detector("runs/rcnn_welde-…/weights/last.pt")  # doctest: +SKIP
+        >>> det.predict(slice_uint8, conf=0.25)[0]  # doctest: +SKIP
+        {'bbox': [41.2, 80.0, 97.5, 101.3], 'score': 0.91, 'class_index': 2, 'class_name': 'Normal_IVD'}
+    """
+
+    framework: str = "unknown"
+
+    def __init__(self, class_stats: ClassStats, *, channels: int = 1, imgsz: int = 640,
+                 weights: str | os.PathLike | None = None, device: str = "cpu") -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.class_stats = class_stats
+        self.names: list[str] = list(class_stats.names)
+        self.tail: list[str] = list(class_stats.tail_names)
+        self.channels = int(channels)
+        self.imgsz = int(imgsz)
+        self.weights = Path(weights) if weights is not None else None
+        self.device = str(device)
+
+    @abc.abstractmethod
+    def predict(self, image: np.ndarray, conf: float = 0.25) -> list[dict[str, Any]]:
+        """Detections on one slice, highest score first.
+
+        Args:
+            image: (rows, cols) uint8 or uint16 slice, displayed superior up, anterior left.
+            conf: keep detections with ``score >= conf``.
+
+        Returns:
+            Dicts ``{"bbox": [x1, y1, x2, y2], "score", "class_index", "class_name"}``,
+            boxes in pixels of ``image``.
+        """
+
+    def check_names(self, expected: Sequence[str] | None) -> None:
+        """Raise unless the checkpoint's classes are exactly ``expected`` (in order); ``None`` passes."""
+        if expected is None:
+            return
+        expected = [str(n) for n in expected]
+        if expected != self.names:
+            raise ValueError(
+                f"{self.weights or 'detector'}: a checkpoint from another class list — it was trained on "
+                f"{self.names} but {expected} were expected")
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(weights={str(self.weights)!r}, classes={self.names}, "
+                f"tail={self.tail}, channels={self.channels}, imgsz={self.imgsz}, device={self.device!r})")
+
+
+class RCNNDetector(Detector):
+    """A welde_det Faster R-CNN checkpoint (``framework: rcnn``, from ``tools/train.py``).
+
+    Args:
+        weights: the checkpoint (``weights/last.pt`` of a run).
+        device: ``"cpu"``, ``"cuda"``, ...
+    """
+
+    framework = "rcnn"
+
+    def __init__(self, weights: str | os.PathLike, device: str = "cpu") -> None:
+        from welde_det.engine.train_rcnn import load_rcnn
+
+        model, ckpt = load_rcnn(weights, device)
+        cfg = ckpt.get("config", {})
+        super().__init__(ClassStats.from_dict(ckpt["class_stats"]),
+                         channels=int(cfg.get("data", {}).get("channels", 1)),
+                         imgsz=int(cfg.get("train", {}).get("imgsz", 384)), weights=weights, device=device)
+        self.model = model
+        self.arch = ckpt.get("arch")
+        self._default_thresh = float(model.roi_heads.score_thresh)
+
+    def predict(self, image: np.ndarray, conf: float = 0.25) -> list[dict[str, Any]]:
+        """See :meth:`Detector.predict`; labels 1..C of the model are class indices 0..C−1."""
+        import torch
+
+        x = torch.from_numpy(image_to_float(image))[None]
+        if self.channels == 3:
+            x = x.expand(3, -1, -1).contiguous()
+        # the RoI heads drop boxes below their own threshold before we see them
+        self.model.roi_heads.score_thresh = min(self._default_thresh, float(conf))
+        with torch.no_grad():
+            out = self.model([x.to(self.device)])[0]
+        dets = []
+        for box, label, score in zip(out["boxes"].cpu().double().tolist(), out["labels"].tolist(),
+                                     out["scores"].tolist()):
+            if score < conf:
+                continue
+            c = int(label) - 1
+            dets.append({"bbox": [float(v) for v in box], "score": float(score), "class_index": c,
+                         "class_name": self.names[c]})
+        dets.sort(key=lambda d: -d["score"])
+        return dets
+
+
+def _peek_checkpoint(path: Path) -> Any:
+    import torch
+
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle/zip errors come in many types
+        raise ValueError(f"{path}: not a welde_det checkpoint (cannot be read by torch.load: {exc}); "
+                         f"{HOW_TO_TRAIN}") from exc
+
+
+def load_detector(weights: str | os.PathLike, device: str | None = None, *,
+                  expected_names: Sequence[str] | None = None) -> Detector:
+    """Load a trained detector, whatever framework made it.
+
+    Args:
+        weights: a local checkpoint written by ``tools/train.py`` (Faster R-CNN
+            ``weights/last.pt``, or a YOLO ``.pt`` carrying a ``"welde_det"`` entry).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; default CUDA when available.
+        expected_names: the class list the caller expects; a different list raises.
+
+    Returns:
+        A :class:`Detector`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a welde_det checkpoint, or a checkpoint from another class list.
+    """
+    import torch
+
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file (pass a local path; nothing is downloaded)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ckpt = _peek_checkpoint(path)
+    meta = ckpt.get("welde_det") if isinstance(ckpt, dict) else None
+    if isinstance(ckpt, dict) and ckpt.get("framework") == "rcnn":
+        del ckpt
+        detector: Detector = RCNNDetector(path, device)
+    elif isinstance(meta, dict) and meta.get("framework") == "yolo":
+        del ckpt
+        from welde_det.engine.train_yolo import load_yolo_detector
+
+        detector = load_yolo_detector(path, device)
+    else:
+        found = f"a dict with keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: not a welde_det checkpoint (found {found}; expected framework 'rcnn' "
+                         f"or a 'welde_det' entry with framework 'yolo'); {HOW_TO_TRAIN}")
+    detector.check_names(expected_names)
+    logger.info("loaded %r", detector)
+    return detector
+
+
+# --------------------------------------------------------------------------- inputs
+@dataclass
+class InferenceInput:
+    """One input, read and reduced to the slice the detector sees.
+
+    Attributes:
+        source: the file or folder it came from.
+        kind: ``"dicom"``, ``"nifti"`` or ``"image2d"``.
+        image: the windowed slice (rows, cols), uint8 (volumes) or as stored (2D images).
+        slice: the :class:`SagittalSlice` (geometry for pixel → world).
+        window: ``{"center", "width"}`` used, or ``{"percentiles"}``; None for 2D images.
+        provenance: reader provenance worth recording (no free-text DICOM fields).
+    """
+
+    source: Path
+    kind: str
+    image: np.ndarray
+    slice: SagittalSlice
+    window: dict[str, Any] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_dicom_file(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def collect_inputs(source: str | os.PathLike) -> list[Path]:
+    """The inputs a source stands for, each a file or a DICOM series folder.
+
+    - a file: itself (NIfTI, 2D image or DICOM);
+    - a folder with no image/NIfTI files directly in it (and some files): one DICOM
+      series (read recursively, the first usable sagittal series is taken);
+    - otherwise each image, NIfTI file, DICOM file (``.dcm`` or the ``DICM`` marker) and
+      sub-folder in it is one input (sub-folders are read as DICOM series); other files
+      (README, licences) and hidden files are ignored, and logged.
+
+    Raises:
+        FileNotFoundError: the source does not exist.
+        InferenceInputError: an empty folder.
+    """
+    src = Path(source)
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or folder")
+    if src.is_file():
+        return [src]
+    children = sorted(p for p in src.iterdir() if not p.name.startswith("."))
+    files = [p for p in children if p.is_file()]
+    if not children:
+        raise InferenceInputError(f"{src}: the folder is empty; expected a DICOM series, NIfTI files or "
+                                  "PNG/JPEG slices")
+    if files and not any(is_image2d(p) or is_nifti(p) for p in files):
+        return [src]
+    inputs = [p for p in children
+              if p.is_dir() or is_image2d(p) or is_nifti(p) or p.suffix.lower() == ".dcm" or _is_dicom_file(p)]
+    ignored = [p.name for p in files if p not in inputs]
+    if ignored:
+        logger.info("%s: ignoring %d file(s) that are not images, NIfTI or DICOM: %s", src, len(ignored),
+                    ", ".join(ignored[:10]) + (" …" if len(ignored) > 10 else ""))
+    return inputs
+
+
+def _kind(path: Path) -> str:
+    if path.is_dir():
+        return "dicom"
+    if is_nifti(path):
+        return "nifti"
+    if is_image2d(path):
+        return "image2d"
+    return "dicom"
+
+
+_EXPECTED = {
+    "dicom": "a DICOM MR series with a sagittal (or reducible) volume",
+    "nifti": "a 3D (or 4D, first volume) NIfTI volume",
+    "image2d": "a grey 2D slice (8- or 16-bit; RGB only with equal channels), at least 8 pixels a side",
+}
+
+
+def read_input(path: str | os.PathLike) -> InferenceInput:
+    """Read one input and return its windowed mid-sagittal slice.
+
+    Volumes (DICOM, NIfTI) give their mid-sagittal slice (superior up, anterior left),
+    windowed to uint8 with the DICOM window when the series has one, else the 0.5–99.5
+    percentiles. 2D images are used as stored.
+
+    Raises:
+        InferenceInputError: unreadable file, colour image, too small, not reducible to one
+            slice — the message names the file and what is expected.
+    """
+    path = Path(path)
+    kind = _kind(path)
+    try:
+        volume = read_volume(path)
+        sl = mid_sagittal(volume)
+    except (WeldeIOError, OSError, ValueError) as exc:
+        reason = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+        raise InferenceInputError(f"{reason}; expected {_EXPECTED[kind]}") from exc
+    image = np.asarray(sl.image)
+    if image.ndim != 2 or min(image.shape) < 8:
+        raise InferenceInputError(f"{path}: its slice has shape {image.shape}; expected {_EXPECTED[kind]}")
+    prov = volume.provenance
+    if kind == "image2d":
+        if image.dtype not in (np.uint8, np.uint16):
+            raise InferenceInputError(f"{path}: {image.dtype} pixels; expected {_EXPECTED[kind]}")
+        window = None
+        kept = {"format": "image2d", "bit_depth": prov.get("bit_depth"),
+                "pixel_spacing_assumed": prov.get("pixel_spacing_assumed", True)}
+    else:
+        if sl.window is not None:
+            window = {"center": float(sl.window[0]), "width": float(sl.window[1])}
+            image = window_image(sl.image, center=window["center"], width=window["width"])
+        else:
+            window = {"percentiles": [0.5, 99.5]}
+            image = window_image(sl.image, percentiles=(0.5, 99.5))
+        kept = {k: prov.get(k) for k in ("format", "series_uid", "orientation", "modality", "volume_index",
+                                          "num_series_found") if prov.get(k) is not None}
+        kept["volume_shape"] = list(volume.shape)
+    return InferenceInput(source=path, kind=kind, image=image, slice=sl, window=window, provenance=kept)
+
+
+# --------------------------------------------------------------------------- records
+def _corner_grid(bbox: Sequence[float]) -> dict[str, tuple[float, float]]:
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    return {"top_left": (x1, y1), "top_right": (x2, y1), "bottom_left": (x1, y2), "bottom_right": (x2, y2),
+            "centre": ((x1 + x2) / 2, (y1 + y2) / 2)}
+
+
+def detection_record(det: dict[str, Any], item: InferenceInput, tail: Sequence[str]) -> dict[str, Any]:
+    """One detection for the JSON: pixel box and its corners/centre in world coordinates.
+
+    Volumes give RAS mm via ``pixel_to_world(y - 0.5, x - 0.5)`` (pixel centres at
+    integers); 2D images have no patient geometry, so their "world" is ``(x, y) ×``
+    pixel spacing in mm from the image's top-left corner.
+    """
+    points = _corner_grid(det["bbox"])
+    rec = {"bbox_xyxy": [float(v) for v in det["bbox"]], "score": float(det["score"]),
+           "class_index": int(det["class_index"]), "class_name": str(det["class_name"]),
+           "tail": det["class_name"] in set(tail)}
+    if item.kind == "image2d":
+        row_sp, col_sp = item.slice.pixel_spacing
+        rec["world"] = {"frame": "image_mm", **{k: [x * col_sp, y * row_sp] for k, (x, y) in points.items()}}
+    else:
+        xy = np.array(list(points.values()))
+        world = item.slice.pixel_to_world(xy[:, 1] - 0.5, xy[:, 0] - 0.5)
+        rec["world"] = {"frame": "RAS_mm", **{k: [float(v) for v in w] for k, w in zip(points, world)}}
+    return rec
+
+
+def _input_record(item: InferenceInput, dets: list[dict[str, Any]], detector: Detector, conf: float,
+                  overlay: Path) -> dict[str, Any]:
+    sl = item.slice
+    rows, cols = item.image.shape
+    if item.kind == "image2d":
+        slice_info = {"index": None, "axis": None, "world_x": None,
+                      "pixel_spacing": [float(v) for v in sl.pixel_spacing],
+                      "note": "2D image: no patient geometry; world = pixel × pixel spacing (mm) from the "
+                              "top-left corner" + (", spacing assumed 1 mm" if item.provenance.get(
+                                  "pixel_spacing_assumed", True) else "")}
+    else:
+        slice_info = {"index": sl.index, "axis": sl.axis, "world_x": sl.world_x,
+                      "pixel_spacing": [float(v) for v in sl.pixel_spacing], "row_axis": sl.row_axis,
+                      "col_axis": sl.col_axis, "flip_rows": sl.flip_rows, "flip_cols": sl.flip_cols,
+                      "affine": np.asarray(sl.affine).tolist(), "display": "superior up, anterior left"}
+    return {
+        "source": str(item.source),
+        "kind": item.kind,
+        "slice": slice_info,
+        "window": item.window,
+        "image_size": {"height": rows, "width": cols},
+        "image_dtype": str(item.image.dtype),
+        "provenance": item.provenance,
+        "checkpoint": str(detector.weights) if detector.weights is not None else None,
+        "framework": detector.framework,
+        "class_names": list(detector.names),
+        "tail_classes": list(detector.tail),
+        "conf": float(conf),
+        "coordinates": "bbox_xyxy in continuous pixels of the slice as shown (0,0 = top-left corner of the "
+                       "first pixel); world corners of volumes are RAS mm from SagittalSlice.pixel_to_world("
+                       "y - 0.5, x - 0.5)",
+        "overlay": overlay.name,
+        "num_detections": len(dets),
+        "detections": [detection_record(d, item, detector.tail) for d in dets],
+    }
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".dcm", *IMAGE_SUFFIXES):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "input"
+
+
+def _output_names(paths: Sequence[Path]) -> list[str]:
+    """File stems derived from the input names, made unique with ``-2``, ``-3``… suffixes."""
+    used: set[str] = set()
+    names = []
+    for p in paths:
+        base = _stem(p)
+        name, n = base, 1
+        while name.lower() in used:
+            n += 1
+            name = f"{base}-{n}"
+        used.add(name.lower())
+        names.append(name)
+    return names
+
+
+# --------------------------------------------------------------------------- runner
+@dataclass
+class InferenceSummary:
+    """What :func:`run_inference` did.
+
+    Attributes:
+        out_dir: the output folder.
+        outputs: (overlay PNG, JSON) per input written.
+        num_detections: detections over all inputs.
+        skipped: (input, reason) of bad inputs left out with ``skip_bad``.
+    """
+
+    out_dir: Path
+    outputs: list[tuple[Path, Path]] = field(default_factory=list)
+    num_detections: int = 0
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def num_inputs(self) -> int:
+        """Inputs written."""
+        return len(self.outputs)
+
+    def line(self) -> str:
+        """The one-line summary the command line prints."""
+        skipped = f", {len(self.skipped)} bad input(s) skipped" if self.skipped else ""
+        return (f"{self.num_inputs} input(s), {self.num_detections} detection(s){skipped}; "
+                f"overlays and JSON in {self.out_dir}")
+
+
+def run_inference(
+    weights: str | os.PathLike | Detector,
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    conf: float = 0.25,
+    device: str | None = None,
+    expected_names: Sequence[str] | None = None,
+    skip_bad: bool = False,
+    progress: bool | None = None,
+) -> InferenceSummary:
+    """Detect on every input of ``source``; write ``<name>.png`` (overlay) and ``<name>.json`` to ``out``.
+
+    Order: load the detector, read and validate all inputs, predict, then write — a bad
+    input (or a wrong checkpoint) fails before anything is written.
+
+    Args:
+        weights: a checkpoint path (see :func:`load_detector`) or a ready :class:`Detector`.
+        source: DICOM folder or file, NIfTI file, PNG/JPEG, or a folder of them
+            (see :func:`collect_inputs`).
+        out: output folder (created).
+        conf: score threshold in [0, 1].
+        device: for :func:`load_detector`.
+        expected_names: the class list the checkpoint must have.
+        skip_bad: with several inputs, log and skip bad ones instead of failing.
+        progress: tqdm bars (default :func:`progress_enabled`).
+
+    Returns:
+        An :class:`InferenceSummary`.
+
+    Raises:
+        InferenceInputError: a bad input (all bad inputs are listed), unless ``skip_bad``
+            and at least one input is good.
+        ValueError: bad ``conf``, not a welde_det checkpoint, another class list.
+    """
+    if not 0.0 <= float(conf) <= 1.0:
+        raise ValueError(f"conf must be in [0, 1], got {conf}")
+    progress = progress_enabled() if progress is None else progress
+    if isinstance(weights, Detector):
+        detector = weights
+        detector.check_names(expected_names)
+    else:
+        detector = load_detector(weights, device, expected_names=expected_names)
+    paths = collect_inputs(source)
+    items: list[InferenceInput] = []
+    bad: list[tuple[Path, str]] = []
+    for p in _bar(paths, progress, "reading"):
+        try:
+            items.append(read_input(p))
+        except InferenceInputError as exc:
+            bad.append((p, str(exc)))
+    if bad and (not skip_bad or not items):
+        listing = "\n  ".join(reason for _, reason in bad)
+        hint = "" if skip_bad or len(paths) == 1 else " (pass --skip-bad / skip_bad=True to skip them)"
+        raise InferenceInputError(f"{len(bad)} of {len(paths)} input(s) cannot be used{hint}; nothing written:\n  "
+                                  f"{listing}")
+    for p, reason in bad:
+        logger.warning("skipping %s: %s", p, reason)
+    predictions = [detector.predict(item.image, conf) for item in _bar(items, progress, "detecting")]
+    # render everything in memory first: a failure here must not leave some inputs written
+    from welde_det.viz.overlay import render_detections
+
+    out_dir = Path(out)
+    tail = set(detector.tail)
+    rendered = []
+    for item, name, dets in zip(items, _output_names([i.source for i in items]), predictions):
+        n_tail = sum(d["class_name"] in tail for d in dets)
+        title = f"{item.source.name}: {len(dets)} detection(s), {n_tail} tail (conf ≥ {conf:g})"
+        png, _ = render_detections(item.image, dets, detector.names, detector.tail, title=title)
+        record = _input_record(item, dets, detector, conf, out_dir / f"{name}.png")
+        rendered.append((out_dir / f"{name}.png", png, out_dir / f"{name}.json", record))
+    summary = InferenceSummary(out_dir=out_dir, skipped=bad)
+    for png_path, png, json_path, record in rendered:
+        atomic_write_bytes(png_path, png)
+        atomic_write_json(json_path, record)
+        summary.outputs.append((png_path, json_path))
+        summary.num_detections += record["num_detections"]
+    logger.info("%s", summary.line())
+    return summary
+
+
+def _bar(seq: Sequence[Any], enabled: bool, desc: str):
+    if not enabled or len(seq) < 2:
+        return seq
+    from tqdm import tqdm
+
+    return tqdm(seq, desc=desc, leave=False)
