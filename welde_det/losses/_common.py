@@ -31,19 +31,25 @@ def check_inputs(
         raise ValueError(f"{name}: {n} logit rows but {target.shape[0]} targets")
     if n == 0:
         return
+    # Cheap reductions instead of element-wise masks: a floating-point sum is finite only if
+    # every term is (NaN and ±inf propagate), so a finite sum proves the logits finite; a
+    # non-finite sum (NaN/inf, or a finite overflow) is re-checked element-wise below.
+    # aminmax gives the target range in one pass; NaN targets make it NaN, which fails the
+    # (negated) comparisons.
+    maybe_bad_logits = ~torch.isfinite(logits.sum())
     if target.dtype.is_floating_point:
         if target.shape != logits.shape:
             raise ValueError(f"{name}: soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}")
-        bad_logits = ~torch.isfinite(logits).all()
-        bad_target = ((target < 0) | (target > 1) | torch.isnan(target)).any()
+        t_min, t_max = torch.aminmax(target)
+        bad_target = ~((t_min >= 0) & (t_max <= 1))
     else:
         if target.ndim != 1:
             raise ValueError(f"{name}: integer targets must have shape (N,), got {tuple(target.shape)}")
-        bad_logits = ~torch.isfinite(logits).all()
         lo, hi = (-1, c) if background else (0, c - 1)
-        bad_target = ((target < lo) | (target > hi)).any()
-    flags = torch.stack([bad_logits, bad_target]).cpu()
-    if flags[0]:
+        t_min, t_max = torch.aminmax(target)
+        bad_target = (t_min < lo) | (t_max > hi)
+    flags = torch.stack([maybe_bad_logits, bad_target]).cpu()
+    if flags[0] and not bool(torch.isfinite(logits).all()):
         raise ValueError(f"{name}: logits contain NaN or inf; check the learning rate and the inputs")
     if flags[1]:
         if target.dtype.is_floating_point:
@@ -59,10 +65,10 @@ def dense_targets(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(N, C) float targets from integer labels (−1 or C = background: all zeros) or soft targets."""
     if target.dtype.is_floating_point:
         return target.float()
+    # One scatter (no boolean indexing, hence no host sync): background rows scatter a 0.
     fg = (target >= 0) & (target < num_classes)
     out = torch.zeros(target.shape[0], num_classes, dtype=torch.float32, device=target.device)
-    out[fg, target[fg]] = 1.0
-    return out
+    return out.scatter_(1, target.clamp(0, num_classes - 1).unsqueeze(1), fg.unsqueeze(1).float())
 
 
 class ClassLoss(nn.Module):
