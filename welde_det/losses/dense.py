@@ -224,7 +224,7 @@ def _log_sigmoid_abs(p: torch.Tensor, one_minus_p: torch.Tensor, out: torch.Tens
 
 
 def _apply_focal_modulator_(m: torch.Tensor, gamma: float, chain: torch.Tensor | None) -> torch.Tensor | None:
-    """Turn m = 1 − p_t ≥ 0 into m^γ in place, and multiply ``chain`` (if given) by γ·m^{γ−1} in place.
+    """Turn m = 1 − p_t ≥ 0 into m^γ in place, and multiply ``chain`` (if given) by m^{γ−1} in place.
 
     Returns m^γ, or ``None`` at γ = 0 (the modulator is 1). Special-cases γ ∈ {1, 1.5, 2}
     (``sqrt``/``square``/cube instead of a general ``pow``). For γ < 1 the derivative
@@ -235,7 +235,7 @@ def _apply_focal_modulator_(m: torch.Tensor, gamma: float, chain: torch.Tensor |
         return None
     if gamma == 2:
         if chain is not None:
-            chain.mul_(m).mul_(2.0)
+            chain.mul_(m)
         return m.square_()
     m.clamp_min_(0)  # rounding can leave p + t(1 − 2p) at −1 ulp (as in sigmoid_focal_term)
     if gamma == 1:
@@ -243,13 +243,13 @@ def _apply_focal_modulator_(m: torch.Tensor, gamma: float, chain: torch.Tensor |
     if gamma == 1.5:
         r = m.sqrt_()
         if chain is not None:
-            chain.mul_(r).mul_(1.5)
+            chain.mul_(r)
         return r.pow_(3)
     if chain is not None:
         d = m.pow(gamma - 1)
         if gamma < 1:
             d = torch.where(m > 0, d, 0.0)
-        chain.mul_(d).mul_(gamma)
+        chain.mul_(d)
     return m.pow_(gamma)
 
 
@@ -319,7 +319,7 @@ def lmf_dense_sum(
     chain = None
     if need_grad and gamma != 0:
         chain = one_minus_p.mul_(p).mul_(bce)  # p(1 − p)·BCE, in one_minus_p
-    mod = _apply_focal_modulator_(m, gamma, chain)  # m^γ in buf (None: 1); chain ·= γ·m^{γ−1}
+    mod = _apply_focal_modulator_(m, gamma, chain)  # m^γ in buf (None: 1); chain ·= m^{γ−1}
     focal_elem = bce if mod is None else bce.mul_(mod)  # bce is not needed after this
     focal = _dot(focal_elem.sum(0), alpha)
     total = a * ldam + b * focal
@@ -332,7 +332,7 @@ def lmf_dense_sum(
     if mod is not None:
         grad.mul_(mod)
     if chain is not None:
-        grad.add_(chain)
+        grad.add_(chain, alpha=gamma)  # + γ·m^{γ−1}·(1 − 2t)·p(1 − p)·BCE
     grad.mul_(alpha * b)
     # --- ∂/∂z of the LDAM term.
     ldam_grad = p_u.sub_(t) if pos_weight is None else p_u.mul_(coef).sub_(wt)
