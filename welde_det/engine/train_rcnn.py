@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -37,7 +36,7 @@ from welde_det.datasets.coco import load_coco
 from welde_det.engine.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict
 from welde_det.integrations.rcnn import RCNN_ARCHS, build_faster_rcnn, freeze_for_stage2
 from welde_det.losses import available_losses
-from welde_det.utils.fileio import atomic_write_json, atomic_writer
+from welde_det.utils.fileio import append_csv_row, atomic_write_json, atomic_writer
 from welde_det.utils.logging import progress_enabled
 
 __all__ = ["CocoDetectionDataset", "load_rcnn", "predict_coco", "train"]
@@ -271,7 +270,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, *, resume: str | os.PathLike | N
         if rank == 0:
             row = {"epoch": epoch, "stage": 2 if in_stage2 else 1, **{k: v / max(steps, 1) for k, v in sums.items()}}
             log_rows.append(row)
-            _write_csv(run_dir / "terms.csv", row)
+            append_csv_row(run_dir / "terms.csv", row)
             _save(ckpt_path, model, opt, epoch, stats, cfg, arch)
             logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("loss")))
     if world > 1:
@@ -290,17 +289,3 @@ def train(cfg: ExperimentConfig, run_dir: Path, *, resume: str | os.PathLike | N
     if world > 1:
         dist.destroy_process_group()
     return run_dir
-
-
-def _write_csv(path: Path, row: dict[str, Any]) -> None:
-    """Append one epoch's row (rewriting the header if new terms appear)."""
-    rows = []
-    if path.is_file():
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    rows.append({k: str(v) for k, v in row.items()})
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with atomic_writer(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)

@@ -7,6 +7,7 @@ report: readers see either the old file or the complete new one.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import tempfile
@@ -84,3 +85,18 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def append_csv_row(path: str | os.PathLike, row: dict[str, Any]) -> None:
+    """Append one epoch's row (rewriting the header if new terms appear)."""
+    path = Path(path)
+    rows = []
+    if path.is_file():
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    rows.append({k: str(v) for k, v in row.items()})
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with atomic_writer(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)

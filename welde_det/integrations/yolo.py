@@ -1,0 +1,556 @@
+"""Ultralytics YOLO (8.4.x) with WELDE classification heads.
+
+Only Ultralytics' public extension points are subclassed; importing this module changes
+nothing global, and every class lives here so Ultralytics' DDP (which rebuilds the trainer
+by import) and ``YOLO(path)`` (which unpickles the model) find them.
+
+- :class:`WELDEDetect` — a ``Detect`` head whose classification branch ends in K heads
+  (adapter + 1×1 classifier each, :class:`~welde_det.welde.WELDEHeads` with ``conv=True``)
+  on the output of the branch's stem, beside the unchanged box branch. The original last
+  1×1 classifier of each level is kept (so plain Ultralytics weights load) and copied into
+  every head (all classifiers are linear with Ultralytics' prior bias; LDAM/LMF run on raw
+  logits with ``s = 1`` by default, METHOD.md §2). ``preds["scores"]`` are the logits of the **fused** per-class
+  probabilities (Σ_k ŵ_k σ(z_k)), so Ultralytics' own decoding, NMS, predictor and
+  validator see the fused scores unchanged; ``preds["scores_heads"]`` holds the K logit
+  tensors for the criterion. With K = 1 the scores are the single head's logits.
+- :class:`WELDEDetectionModel` — a ``DetectionModel`` built from a YAML (``yolov8n.yaml``)
+  whose last module is swapped for :class:`WELDEDetect`; ``init_criterion`` returns
+  :class:`WELDEDetectionLoss`.
+- :class:`WELDEDetectionLoss` — ``v8DetectionLoss`` keeping the box (CIoU) and DFL terms and
+  the TaskAlignedAssigner; the classification BCE is replaced by the head's
+  :class:`~welde_det.welde.WELDEObjective` over dense sigmoid losses on the assigner's
+  soft targets, normalised by the sum of target scores as Ultralytics does.
+- :class:`WELDEDetectionTrainer` — a ``DetectionTrainer`` whose model is a
+  :class:`WELDEDetectionModel`; ``welde_stage2=True`` freezes backbone, neck, box branch
+  and classification stems, leaving adapters, heads and θ to train. It evaluates with
+  welde_det's pycocotools-exact evaluator instead of Ultralytics' validator when given a
+  COCO ground truth (``welde_eval``).
+
+The WELDE objective (θ, EMA statistics) is a sub-module of the head, so the optimiser,
+Ultralytics' model EMA and its checkpoints carry it. Fusion at inference reads the
+``fusion_weight`` buffer, which the criterion refreshes every step (and Ultralytics' model
+EMA averages like any float buffer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.nn.modules.head import Detect
+from ultralytics.nn.tasks import DetectionModel
+from ultralytics.utils import RANK
+from ultralytics.utils.loss import v8DetectionLoss
+
+from welde_det.losses import build_loss
+from welde_det.welde import WELDEHeads, WELDEObjective, fuse, single_loss_objective
+
+__all__ = [
+    "WELDEDetect",
+    "WELDEDetectionLoss",
+    "WELDEDetectionModel",
+    "WELDEDetectionTrainer",
+    "build_objective",
+    "predict_coco_yolo",
+    "predict_yolo",
+    "stage2_freeze_names",
+    "trainer_spec",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def build_objective(
+    components: Sequence[str],
+    *,
+    class_counts: Sequence[int | float],
+    mode: str = "welde",
+    loss_params: Mapping[str, Mapping[str, Any]] | None = None,
+    **objective_kw: Any,
+) -> WELDEObjective:
+    """The sigmoid objective of a YOLO head: one dense loss (``mode="single"``) or WELDE.
+
+    Args:
+        components: registry names (``activation="sigmoid"``), one per head.
+        class_counts: training instances per class (``ClassStats.effective_counts``).
+        mode: ``"single"`` (plain loss, K = 1), ``"ce_ensemble"`` or ``"welde"``.
+        loss_params: extra keyword arguments per registry name.
+        **objective_kw: :class:`WELDEObjective` settings.
+    """
+    params = dict(loss_params or {})
+    losses = [(c, build_loss(c, class_counts=class_counts, activation="sigmoid", **params.get(c, {})))
+              for c in components]
+    if mode == "single":
+        if len(losses) != 1:
+            raise ValueError(f"mode 'single' takes one loss, got {list(components)}")
+        return single_loss_objective(*losses[0])
+    return WELDEObjective(losses, activation="sigmoid", **objective_kw)
+
+
+class WELDEDetect(Detect):
+    """Ultralytics ``Detect`` with K classification heads per level (see the module docstring).
+
+    Build it from an existing head with :meth:`from_detect`.
+
+    Shape:
+        training: dict with ``boxes`` (B, 4·reg_max, A), ``scores`` (B, C, A) (fused logits,
+        detached when K > 1), ``scores_heads`` K × (B, C, A), ``feats``.
+    """
+
+    @classmethod
+    def from_detect(
+        cls,
+        detect: Detect,
+        objective: WELDEObjective,
+        components: Sequence[str],
+        *,
+        hidden: int | None = None,
+    ) -> WELDEDetect:
+        """Keep ``detect``'s box branch and classification stems; add K heads per level."""
+        if getattr(detect, "one2one_cv2", None) is not None:
+            raise ValueError("end-to-end (one-to-one) YOLO heads are not supported; use a yolov8/yolo11 model YAML")
+        if type(detect) is not Detect and not isinstance(detect, WELDEDetect):
+            raise ValueError(f"WELDE heads need a plain Detect head, got {type(detect).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.__dict__.update({k: v for k, v in detect.__dict__.items() if k not in ("_modules", "_parameters", "_buffers")})
+        new._modules.update(detect._modules)
+        new._buffers.update(detect._buffers)
+        new._parameters.update(detect._parameters)
+        c3 = detect.cv3[0][-1].in_channels
+        heads = []
+        for level in detect.cv3:
+            # linear 1x1 classifiers for every component: dense heads need the prior bias
+            # (99 % of anchors are background), so margin losses run on raw logits (s = 1)
+            h = WELDEHeads(c3, detect.nc, components, hidden=hidden, conv=True, cosine=[False] * len(components))
+            for clf in h.classifiers:
+                if isinstance(clf, nn.Conv2d):
+                    clf.load_state_dict(level[-1].state_dict())
+            heads.append(h)
+        new.welde_heads = nn.ModuleList(heads)
+        new.objective = objective
+        k = len(components)
+        new.register_buffer("fusion_weight", torch.full((k,), 1.0 / k))
+        new.components = tuple(components)
+        return new
+
+    @property
+    def num_heads(self) -> int:
+        """K."""
+        return len(self.components)
+
+    def copy_classifiers_from_stems(self) -> None:
+        """Copy each level's original 1×1 classifier into every non-cosine head (after loading weights)."""
+        with torch.no_grad():
+            for level, heads in zip(self.cv3, self.welde_heads):
+                for clf in heads.classifiers:
+                    if isinstance(clf, nn.Conv2d):
+                        clf.load_state_dict(level[-1].state_dict())
+
+    def bias_init(self) -> None:
+        """Ultralytics' prior bias for the box and class convs, applied to every head too."""
+        super().bias_init()
+        for i, heads in enumerate(self.welde_heads):
+            for clf in heads.classifiers:
+                if isinstance(clf, nn.Conv2d):
+                    clf.bias.data[:] = math.log(5 / self.nc / (640 / self.stride[i]) ** 2)
+
+    def forward_head(self, x, box_head=None, cls_head=None):
+        """Boxes as ``Detect`` does; K logit maps per level, concatenated per head, then fused."""
+        if box_head is None or cls_head is None:
+            return {}
+        bs = x[0].shape[0]
+        boxes = torch.cat([box_head[i](x[i]).view(bs, 4 * self.reg_max, -1) for i in range(self.nl)], dim=-1)
+        per_head: list[list[torch.Tensor]] = [[] for _ in range(self.num_heads)]
+        for i in range(self.nl):
+            stem = cls_head[i][:-1](x[i])
+            for k, z in enumerate(self.welde_heads[i](stem)):
+                per_head[k].append(z.reshape(bs, self.nc, -1))
+        heads = [torch.cat(p, dim=-1) for p in per_head]
+        if self.num_heads == 1:
+            scores = heads[0]
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.training):
+                p = fuse(heads, self.fusion_weight, activation="sigmoid", dim=1)
+                scores = torch.logit(p.clamp(1e-12, 1 - 1e-7)).to(heads[0].dtype)
+        return {"boxes": boxes, "scores": scores, "scores_heads": heads, "feats": x}
+
+
+class WELDEDetectionModel(DetectionModel):
+    """A YOLO detection model whose head is :class:`WELDEDetect`.
+
+    Args:
+        cfg: model YAML (``"yolov8n.yaml"``) or dict.
+        ch: input channels (1 for grayscale slices).
+        nc: number of classes.
+        components: registry names of the K heads (``("ce",)`` for the plain baseline).
+        class_counts: training instances per class.
+        mode: ``"single"``, ``"ce_ensemble"`` or ``"welde"``.
+        loss_params: extra keyword arguments per registry name.
+        hidden: adapter bottleneck width.
+        objective_kw: :class:`WELDEObjective` settings.
+        verbose: print the model summary.
+
+    Example:
+        >>> m = WELDEDetectionModel("yolov8n.yaml", nc=6, class_counts=[5] * 6,
+        ...                         components=("ce", "focal", "cb", "ldam"))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        cfg: str | dict = "yolov8n.yaml",
+        ch: int = 3,
+        nc: int | None = None,
+        *,
+        components: Sequence[str] = ("ce",),
+        class_counts: Sequence[int | float] | None = None,
+        mode: str = "single",
+        loss_params: Mapping[str, Mapping[str, Any]] | None = None,
+        hidden: int | None = None,
+        objective_kw: Mapping[str, Any] | None = None,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__(cfg, ch=ch, nc=nc, verbose=verbose)
+        detect = self.model[-1]
+        counts = list(class_counts) if class_counts is not None else [1] * detect.nc
+        if len(counts) != detect.nc:
+            raise ValueError(f"{len(counts)} class counts for a model with nc={detect.nc}")
+        objective = build_objective(components, class_counts=counts, mode=mode, loss_params=loss_params,
+                                    **dict(objective_kw or {}))
+        head = WELDEDetect.from_detect(detect, objective, components, hidden=hidden)
+        head.bias_init()
+        self.model[-1] = head
+        self.welde_spec = {"components": list(components), "class_counts": counts, "mode": mode,
+                           "loss_params": {k: dict(v) for k, v in (loss_params or {}).items()},
+                           "hidden": hidden, "objective_kw": dict(objective_kw or {})}
+
+    @property
+    def head(self) -> WELDEDetect:
+        """The WELDE detection head."""
+        return self.model[-1]
+
+    def init_criterion(self) -> WELDEDetectionLoss:
+        return WELDEDetectionLoss(self)
+
+    def load(self, weights, verbose: bool = True):
+        """Load matching weights (Ultralytics ``DetectionModel.load``) but keep this model's loss buffers.
+
+        The component losses' per-class buffers (counts, weights, margins) come from this
+        model's own class counts: checkpoints store them in float16. When ``weights`` is a
+        plain Ultralytics model (no K heads), its classifiers are copied into the heads.
+        """
+        model = weights["model"] if isinstance(weights, dict) else weights
+        csd = model.float().state_dict()
+        own = self.state_dict()
+        keep = {k: v for k, v in csd.items()
+                if k in own and v.shape == own[k].shape and ".objective.losses." not in k}
+        self.load_state_dict(keep, strict=False)
+        if not any(".welde_heads." in k for k in keep):
+            self.head.copy_classifiers_from_stems()
+        if verbose:
+            logger.info("transferred %d/%d items from pretrained weights", len(keep), len(own))
+
+
+class _RecordingAssigner(nn.Module):
+    """Wraps Ultralytics' TaskAlignedAssigner and keeps its last soft targets for the criterion."""
+
+    def __init__(self, assigner: nn.Module) -> None:
+        super().__init__()
+        self.inner = assigner
+        self.last: tuple[torch.Tensor, ...] | None = None
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        self.last = out
+        return out
+
+
+class WELDEDetectionLoss(v8DetectionLoss):
+    """Ultralytics' detection loss with the classification BCE replaced by the head's objective.
+
+    Box (CIoU) and DFL terms, the gains ``box``/``cls``/``dfl`` and the assignment are
+    Ultralytics' own; the classification term is ``objective(K logits, target_scores,
+    normalizer=Σ target_scores)["loss"] · cls``. The detached WELDE terms of the last step
+    are in :attr:`last_terms`.
+    """
+
+    def __init__(self, model: WELDEDetectionModel, tal_topk: int = 10, tal_topk2: int | None = None) -> None:
+        super().__init__(model, tal_topk, tal_topk2)
+        self.head = model.model[-1]
+        self.assigner = _RecordingAssigner(self.assigner)
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def get_assigned_targets_and_loss(self, preds, batch, **assign_kwargs):
+        assigned, loss, _ = super().get_assigned_targets_and_loss(preds, batch, **assign_kwargs)
+        target_scores = self.assigner.last[2]
+        target_scores_sum = target_scores.sum().clamp_(min=1)
+        nc = self.nc
+        logits = [z.permute(0, 2, 1).reshape(-1, nc) for z in preds["scores_heads"]]
+        objective = self.head.objective
+        out = objective(logits, target_scores.reshape(-1, nc).to(logits[0].dtype), normalizer=target_scores_sum)
+        if objective.training:
+            with torch.no_grad():
+                self.head.fusion_weight.copy_(objective.fusion_weights())
+        self.last_terms = {k: v for k, v in out.items() if k != "loss"}
+        loss = torch.stack([loss[0], out["loss"].to(loss.dtype) * self.hyp.cls, loss[2]])
+        return assigned, loss, dict(zip(self.loss_names, loss.detach()))
+
+
+def stage2_freeze_names(model: DetectionModel) -> list[int | str]:
+    """Ultralytics ``freeze=`` entries that leave only the K heads and θ trainable.
+
+    Every module but the head, then the head's box branch, its DFL and each level's
+    classification stem and original classifier.
+    """
+    n = len(model.model)
+    head = model.model[-1]
+    names: list[int | str] = list(range(n - 1))
+    names.append(f"{n - 1}.cv2")
+    for i in range(len(head.cv3)):
+        names.append(f"{n - 1}.cv3.{i}")
+    return names
+
+
+SPEC_ENV = "WELDE_DET_YOLO_SPEC"
+
+
+def trainer_spec() -> dict[str, Any]:
+    """The WELDE settings of the trainer of this process (JSON in ``$WELDE_DET_YOLO_SPEC``).
+
+    Ultralytics checks its ``overrides`` against its own argument list and its DDP launcher
+    rebuilds the trainer in new processes from those arguments alone, so the model/loss
+    settings travel in the environment, which the DDP workers inherit.
+    """
+    raw = os.environ.get(SPEC_ENV)
+    if not raw:
+        raise RuntimeError(f"{SPEC_ENV} is not set: start YOLO training through welde_det.engine.train_yolo "
+                           "(python tools/train.py --config configs/yolo_welde.yaml)")
+    return json.loads(raw)
+
+
+class WELDEDetectionTrainer(DetectionTrainer):
+    """Ultralytics ``DetectionTrainer`` for :class:`WELDEDetectionModel`.
+
+    Settings (components, class counts, objective, stage, evaluation split) come from
+    :func:`trainer_spec`. Differences from the parent:
+
+    - ``get_model`` builds a :class:`WELDEDetectionModel`; in stage 2 (``spec["stage2"]``)
+      ``freeze`` is set to :func:`stage2_freeze_names`, so only adapters, heads and θ train
+      (Ultralytics also keeps the frozen layers' BatchNorm statistics fixed);
+    - θ gets its own optimiser group without weight decay;
+    - ``validate`` evaluates the EMA model with welde_det's pycocotools-exact evaluator on
+      the COCO validation split (fitness = mAP@[.5:.95]) instead of Ultralytics' validator,
+      and ``final_eval`` leaves the final report to the runner;
+    - checkpoints are written atomically and carry ``ckpt["welde_det"]`` (framework,
+      ClassStats, resolved config, spec), so ``YOLO(path)`` and
+      :func:`welde_det.engine.train_yolo.load_yolo_detector` both reload them;
+    - every step's WELDE terms are averaged per epoch into ``terms.csv`` and written to
+      TensorBoard (when installed) under the run folder.
+    """
+
+    def __init__(self, cfg=None, overrides=None, _callbacks=None):
+        from ultralytics.cfg import DEFAULT_CFG
+
+        self.welde_spec = trainer_spec()
+        overrides = dict(overrides or {})
+        if self.welde_spec.get("stage2") and not overrides.get("resume"):
+            overrides["freeze"] = self.welde_spec["freeze"]
+        super().__init__(cfg or DEFAULT_CFG, overrides, _callbacks)
+        self._term_sums: dict[str, float] = {}
+        self._term_steps = 0
+        self._tb = None
+        self.add_callback("on_train_epoch_start", _on_epoch_start)
+        self.add_callback("on_train_batch_end", _on_batch_end)
+        self.add_callback("on_train_epoch_end", _on_epoch_end)
+
+    def get_model(self, cfg=None, weights=None, verbose: bool = True):
+        spec = self.welde_spec
+        model = WELDEDetectionModel(cfg, ch=self.data["channels"], nc=self.data["nc"],
+                                    components=spec["components"], class_counts=spec["class_counts"],
+                                    mode=spec["mode"], loss_params=spec.get("loss_params"),
+                                    hidden=spec.get("hidden"), objective_kw=spec.get("objective_kw"),
+                                    verbose=False)
+        model = self.set_model_names_for_load(model)
+        if weights:
+            model.load(weights, verbose=verbose)
+        return model
+
+    def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
+        """Ultralytics' optimiser, with θ in a group of its own without weight decay."""
+        opt = super().build_optimizer(model, name, lr, momentum, decay, iterations)
+        theta = {id(p) for n, p in model.named_parameters() if n.endswith("objective.theta")}
+        moved = []
+        for group in opt.param_groups:
+            moved += [p for p in group["params"] if id(p) in theta]
+            group["params"] = [p for p in group["params"] if id(p) not in theta]
+        if moved:
+            base = opt.param_groups[0]
+            opt.add_param_group({**{k: v for k, v in base.items() if k != "params"},
+                                 "params": moved, "weight_decay": 0.0, "param_group": "welde"})
+        return opt
+
+    def optimizer_step(self):
+        """Ultralytics' step; then the integer WELDE buffers (step counter) follow into the model EMA."""
+        super().optimizer_step()
+        if self.ema:
+            src = dict(_core(self.model).named_buffers())
+            for name, buf in self.ema.ema.named_buffers():
+                if not buf.dtype.is_floating_point and name in src:
+                    buf.copy_(src[name])
+
+    def validate(self):
+        """COCO-exact mAP of the EMA model on the validation split (Ultralytics' contract)."""
+        spec = self.welde_spec
+        if RANK not in {-1, 0} or not spec.get("val_coco"):
+            return super().validate()
+        from welde_det.classes import ClassStats
+        from welde_det.evaluation import evaluate_coco
+
+        model = self.ema.ema if self.ema else _core(self.model)
+        stats = ClassStats.from_dict(spec["class_stats"])
+        dets = predict_coco_yolo(model, spec["val_coco"], spec["val_images"], stats, imgsz=self.args.imgsz,
+                                 channels=self.data["channels"], conf=spec.get("conf", 0.001))
+        res = evaluate_coco(spec["val_coco"], dets, class_stats=stats, device="cpu")
+        fitness = float(res["stats"][0])
+        map_tail = float(res["map_tail"]) if res["map_tail"] == res["map_tail"] else 0.0
+        metrics = {"metrics/mAP50-95(W)": fitness, "metrics/mAP50(W)": float(res["stats"][1]),
+                   "metrics/mAP_tail(W)": map_tail}
+        if self.best_fitness is None or self.best_fitness < fitness:
+            self.best_fitness = fitness
+        return metrics, fitness
+
+    def final_eval(self):
+        """The runner writes the final report with welde_det's evaluator."""
+
+    def save_model(self):
+        """Ultralytics' checkpoint with ``ckpt["welde_det"]`` added, written atomically."""
+        last, best = self.last, self.best
+        tmp_last, tmp_best = last.with_name(f".{last.name}.tmp"), best.with_name(f".{best.name}.tmp")
+        self.last, self.best = tmp_last, tmp_best
+        try:
+            ok = super().save_model()
+        finally:
+            self.last, self.best = last, best
+        meta = {k: self.welde_spec[k] for k in ("class_stats", "config", "components", "mode") if k in self.welde_spec}
+        meta["framework"] = "yolo"
+        for tmp, final in ((tmp_last, last), (tmp_best, best)):
+            if tmp.exists():
+                ckpt = torch.load(tmp, map_location="cpu", weights_only=False)
+                ckpt["welde_det"] = meta
+                torch.save(ckpt, tmp)
+                os.replace(tmp, final)
+        return ok
+
+
+def _on_epoch_start(trainer: WELDEDetectionTrainer) -> None:
+    _core(trainer.model).model[-1].objective.set_epoch(trainer.epoch)
+    trainer._term_sums, trainer._term_steps = {}, 0
+
+
+def _on_batch_end(trainer: WELDEDetectionTrainer) -> None:
+    crit = getattr(_core(trainer.model), "criterion", None)
+    terms = getattr(crit, "last_terms", None)
+    if not terms or RANK not in {-1, 0}:
+        return
+    values = {k: float(v) for k, v in terms.items()}
+    for k, v in values.items():
+        trainer._term_sums[k] = trainer._term_sums.get(k, 0.0) + v
+    trainer._term_steps += 1
+    if trainer._tb is None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            trainer._tb = SummaryWriter(str(trainer.save_dir / "tensorboard"))
+        except ImportError:  # tensorboard is optional
+            trainer._tb = False
+    if trainer._tb:
+        step = int(_core(trainer.model).model[-1].objective.num_steps)
+        for k, v in values.items():
+            trainer._tb.add_scalar(f"welde/{k}", v, step)
+
+
+def _on_epoch_end(trainer: WELDEDetectionTrainer) -> None:
+    if RANK not in {-1, 0} or not trainer._term_steps:
+        return
+    from welde_det.utils.fileio import append_csv_row
+
+    row = {"epoch": trainer.epoch, "stage": 2 if trainer.welde_spec.get("stage2") else 1,
+           **{k: v / trainer._term_steps for k, v in trainer._term_sums.items()}}
+    append_csv_row(trainer.save_dir / "terms.csv", row)
+    if trainer._tb:
+        trainer._tb.flush()
+
+
+def _core(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+@torch.no_grad()
+def predict_yolo(model: nn.Module, image: np.ndarray, *, imgsz: int, channels: int, conf: float = 0.25,
+                 iou: float = 0.7, max_det: int = 300) -> torch.Tensor:
+    """Detections (n, 6: x1, y1, x2, y2, score, class index) of one 2D slice in its own pixels.
+
+    The slice is letterboxed to ``imgsz`` as Ultralytics' validator does, scaled to [0, 1]
+    (uint16 by 65535, uint8 by 255: 16-bit input is not squashed to 8 bits on the way),
+    given 1 or 3 channels, run through the model (whose head fuses the K heads) and
+    Ultralytics' own NMS; boxes are mapped back with ``scale_boxes``.
+    """
+    from ultralytics.utils.nms import non_max_suppression
+    from ultralytics.utils.ops import scale_boxes
+
+    img = np.asarray(image)
+    if img.ndim == 3:
+        img = img[..., 0]
+    scale = 65535.0 if img.dtype == np.uint16 else 255.0 if img.dtype == np.uint8 else 1.0
+    x = img.astype(np.float32) / scale
+    h, w = x.shape
+    r = min(imgsz / h, imgsz / w)
+    nh, nw = round(h * r), round(w * r)
+    import cv2
+
+    resized = cv2.resize(x, (nw, nh), interpolation=cv2.INTER_LINEAR) if (nh, nw) != (h, w) else x
+    canvas = np.full((imgsz, imgsz), 114 / 255, dtype=np.float32)
+    top, left = (imgsz - nh) // 2, (imgsz - nw) // 2
+    canvas[top:top + nh, left:left + nw] = resized
+    p = next(model.parameters())
+    t = torch.from_numpy(canvas)[None, None].to(p.device, p.dtype)
+    if channels == 3:
+        t = t.expand(-1, 3, -1, -1)
+    was_training = model.training
+    model.eval()
+    out = model(t)
+    model.train(was_training)
+    det = non_max_suppression(out[0] if isinstance(out, (tuple, list)) else out, conf, iou, max_det=max_det)[0]
+    det[:, :4] = scale_boxes((imgsz, imgsz), det[:, :4], (h, w))
+    return det.float().cpu()
+
+
+def predict_coco_yolo(model: nn.Module, coco: Any, image_root: Any, stats: Any, *, imgsz: int, channels: int,
+                      conf: float = 0.001) -> list[dict[str, Any]]:
+    """COCO results of ``model`` on every image of a COCO split (category ids from ``stats``)."""
+    import cv2
+
+    from welde_det.datasets.coco import load_coco
+
+    gt = load_coco(coco)
+    root = Path(image_root)
+    results = []
+    for info in sorted(gt["images"], key=lambda im: im["id"]):
+        path = root / info["file_name"]
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise FileNotFoundError(f"{path}: image named in {coco} cannot be read")
+        for x1, y1, x2, y2, score, cls in predict_yolo(model, img, imgsz=imgsz, channels=channels,
+                                                        conf=conf).tolist():
+            results.append({"image_id": info["id"], "category_id": int(stats.category_ids[int(cls)]),
+                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+    return results
