@@ -57,7 +57,13 @@ def resolve_yolo_data(cfg: ExperimentConfig, run_dir: Path) -> tuple[Path, dict[
         ConfigError: a source that is neither the phantom, a COCO folder nor a YOLO dataset;
             a training split without boxes.
     """
-    from welde_det.datasets.coco import coco_to_yolo, find_data_yaml, resolve_yolo_split, yolo_splits, yolo_to_coco
+    from welde_det.datasets.coco import (
+        coco_to_yolo,
+        find_data_yaml,
+        resolve_yolo_split,
+        yolo_splits,
+        yolo_to_coco,
+    )
 
     work = run_dir / "data"
     if cfg.data.source == "phantom":
@@ -207,7 +213,11 @@ def _ultralytics_args(cfg: ExperimentConfig, data_yaml: Path, run_dir: Path, sta
 def _run_stage(cfg: ExperimentConfig, run_dir: Path, stage: dict[str, Any], data_yaml: Path, val_coco: Path,
                val_root: Path, stats: ClassStats, arch: str, pretrained: str | None) -> Path:
     """Train one stage (or resume it, or skip it if done); return its best checkpoint."""
-    from welde_det.integrations.yolo import WELDEDetectionModel, WELDEDetectionTrainer, stage2_freeze_names
+    from welde_det.integrations.yolo import (
+        WELDEDetectionModel,
+        WELDEDetectionTrainer,
+        stage2_freeze_names,
+    )
 
     sdir = run_dir / stage["name"]
     done = sdir / DONE

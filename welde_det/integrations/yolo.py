@@ -314,7 +314,7 @@ def stage2_freeze_names(model: DetectionModel) -> list[int | str]:
     n = len(model.model)
     head = model.model[-1]
     names: list[int | str] = list(range(n - 1))
-    names.append(f"{n - 1}.cv2")
+    names += [f"{n - 1}.cv2", f"{n - 1}.dfl"]
     for i in range(len(head.cv3)):
         names.append(f"{n - 1}.cv3.{i}")
     return names

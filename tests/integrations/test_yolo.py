@@ -1,0 +1,133 @@
+"""Ultralytics YOLO integration: criterion equals Ultralytics' own for K=1 ce, stage-2 trainable
+set, fused scores through Ultralytics' NMS, checkpoint round trip, short runs of every config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("ultralytics")
+from ultralytics.cfg import get_cfg  # noqa: E402
+from ultralytics.nn.tasks import DetectionModel  # noqa: E402
+from ultralytics.utils.nms import non_max_suppression  # noqa: E402
+
+from welde_det.integrations.yolo import WELDEDetectionModel, stage2_freeze_names  # noqa: E402
+from welde_det.welde import fuse  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+COUNTS = [10, 20, 30, 5, 3, 1]
+
+
+def _batch():
+    return {"img": torch.rand(2, 1, 128, 128), "batch_idx": torch.tensor([0.0, 0, 1]),
+            "cls": torch.tensor([[1.0], [2], [5]]),
+            "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1], [0.6, 0.4, 0.3, 0.2]])}
+
+
+def _pair(components=("ce",), mode="single"):
+    torch.manual_seed(0)
+    plain = DetectionModel("yolov8n.yaml", nc=6, ch=1, verbose=False)
+    ours = WELDEDetectionModel("yolov8n.yaml", ch=1, nc=6, components=components, class_counts=COUNTS, mode=mode,
+                               objective_kw={"warmup_steps": 0} if mode != "single" else None)
+    ours.load(plain, verbose=False)
+    plain.args = ours.args = get_cfg()
+    return plain, ours
+
+
+def test_k1_ce_criterion_equals_ultralytics():
+    plain, ours = _pair()
+    batch = _batch()
+    l1, i1 = plain.loss(batch)
+    l2, i2 = ours.loss(batch)
+    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-5)  # float32 summation order
+    assert set(i1) == set(i2)
+
+
+def test_welde_criterion_terms_and_gradients_reach_heads_only_in_stage2():
+    _, ours = _pair(("ce", "focal", "cb", "ldam"), "welde")
+    freeze = [f"model.{x}." for x in stage2_freeze_names(ours)]
+    for n, p in ours.named_parameters():
+        p.requires_grad_(not any(f in n for f in freeze))
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all(".welde_heads." in n or n.endswith("objective.theta") for n in trainable)
+    assert any(n.endswith("objective.theta") for n in trainable)
+    ours.train()
+    loss, _ = ours.loss(_batch())
+    terms = ours.criterion.last_terms
+    assert {"loss_ce", "loss_focal", "loss_cb", "loss_ldam", "diversity", "penalty"} <= set(terms)
+    assert all(torch.isfinite(v) for v in terms.values())
+    loss.sum().backward()
+    assert all(p.grad is not None for n, p in ours.named_parameters() if ".welde_heads." in n and "classifiers" in n)
+    # after a step the fusion buffer holds the normalised effective weights
+    torch.testing.assert_close(ours.head.fusion_weight, ours.head.objective.fusion_weights())
+
+
+def test_fused_scores_go_through_ultralytics_nms_unchanged():
+    _, ours = _pair(("ce", "focal"), "welde")
+    ours.head.fusion_weight.copy_(torch.tensor([0.7, 0.3]))
+    with torch.no_grad():
+        for p in ours.head.welde_heads.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ours.eval()
+    x = torch.rand(1, 1, 128, 128)
+    with torch.no_grad():
+        y, preds = ours(x)
+        fused = fuse(preds["scores_heads"], [0.7, 0.3], activation="sigmoid", dim=1)
+    torch.testing.assert_close(y[:, 4:], fused, atol=1e-5, rtol=1e-4)
+    out = non_max_suppression(y, 0.0, 0.7)[0]
+    assert out.shape[1] == 6 and (out[:, 4] <= 1).all()
+
+
+def test_short_runs_every_config_and_checkpoint_reload(tmp_path):
+    """tools/train.py on a tiny phantom for each yolo_* config; the checkpoint reloads (ours and
+    Ultralytics' YOLO) and gives the same detections as the saved detections.json."""
+    from welde_det.engine.train import run_training
+    from welde_det.engine.train_yolo import load_yolo_detector
+
+    common = ["epochs=1", "imgsz=64", "n_images=6", "batch=4", "workers=0", "warmup_steps=1",
+              f"output={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'gen'}", "conf=0.0"]
+    for name in ("ce", "focal", "cb", "ldam", "lmf", "ce_ensemble", "welde"):
+        extra = ["stage1_epochs=1"] if name in ("ce_ensemble", "welde") else []
+        run = run_training(ROOT / "configs" / f"yolo_{name}.yaml", [*common, *extra])
+        rep = json.loads((run / "report.json").read_text())
+        assert len(rep["stats"]) == 12 if "stats" in rep else True
+        assert (run / "weights" / "best.pt").is_file() and (run / "report.md").is_file()
+    det = load_yolo_detector(run / "weights" / "best.pt")
+    assert det.names == ["DDD", "LDB", "Normal_IVD", "SS", "TDB", "Spondylolisthesis"]
+    assert len(det.model.head.components) == 4
+    terms = (run / "stage2" / "terms.csv").read_text().splitlines()[0].split(",")
+    assert {"weight_ce", "weight_ldam", "diversity"} <= set(terms)
+    from ultralytics import YOLO
+
+    y = YOLO(str(run / "weights" / "best.pt"))
+    assert type(y.model).__name__ == "WELDEDetectionModel"
+
+
+def test_bad_input(tmp_path):
+    from welde_det.engine.config import ConfigError
+    from welde_det.engine.train import run_training
+
+    common = [f"output={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'gen'}", "n_images=6", "imgsz=64"]
+    with pytest.raises(ConfigError, match="not dense"):
+        run_training(ROOT / "configs" / "yolo_ce.yaml", [*common, "loss.name=nope_loss"])
+    with pytest.raises(ConfigError, match="download"):
+        run_training(ROOT / "configs" / "yolo_ce.yaml", [*common, "model.arch=yolov8n.pt"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="no labels"):
+        run_training(ROOT / "configs" / "yolo_ce.yaml", [*common, f"data.source={empty}"])
+
+
+def test_cli_prints_run_folder_last(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), "--config",
+                          str(ROOT / "configs" / "yolo_ce.yaml"), "epochs=1", "imgsz=64", "n_images=6", "batch=4",
+                          "workers=0", f"output={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'gen'}"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert Path(last).is_dir() and (Path(last) / "report.json").is_file()
