@@ -12,12 +12,12 @@ import pytest
 import torch
 
 pytest.importorskip("ultralytics")
-from ultralytics.cfg import get_cfg  # noqa: E402
-from ultralytics.nn.tasks import DetectionModel  # noqa: E402
-from ultralytics.utils.nms import non_max_suppression  # noqa: E402
+from ultralytics.cfg import get_cfg
+from ultralytics.nn.tasks import DetectionModel
+from ultralytics.utils.nms import non_max_suppression
 
-from welde_det.integrations.yolo import WELDEDetectionModel, stage2_freeze_names  # noqa: E402
-from welde_det.welde import fuse  # noqa: E402
+from welde_det.integrations.yolo import WELDEDetectionModel, stage2_freeze_names
+from welde_det.welde import fuse
 
 ROOT = Path(__file__).resolve().parents[2]
 COUNTS = [10, 20, 30, 5, 3, 1]
