@@ -63,3 +63,55 @@ def test_fusion_bad_input():
     with pytest.raises(ValueError, match="disagree"):
         fuse([torch.zeros(1, 2), torch.zeros(1, 3)])
 
+
+
+def _randomise(heads, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)  # W2 = 0 at init would hide errors
+    return heads
+
+
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("components", [("ce", "focal", "cb", "ldam"), ("ce",), ("ldam", "lmf"), ("lmf", "ce", "lmf")])
+def test_fused_forward_equals_per_head_loop_values_and_gradients(conv, components):
+    heads = _randomise(WELDEHeads(24, 5, components, conv=conv, hidden=8, bias_init=-1.0))
+    x = torch.randn(3, 24, 4, 5) if conv else torch.randn(37, 24)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fused, loop = heads(x1), heads.forward_loop(x2)
+    assert len(fused) == len(components)
+    for f, ref in zip(fused, loop):
+        assert f.shape == ref.shape and f.is_contiguous()
+        torch.testing.assert_close(f, ref)
+    g = [torch.randn_like(t) for t in loop]
+    params = list(heads.parameters())
+    grads_fused = torch.autograd.grad(sum((f * w).sum() for f, w in zip(fused, g)), [x1, *params])
+    grads_loop = torch.autograd.grad(sum((r * w).sum() for r, w in zip(loop, g)), [x2, *params])
+    for a, b in zip(grads_fused, grads_loop):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_forward_extra_leading_dims_empty_batch_and_fallbacks():
+    heads = _randomise(WELDEHeads(16, 3, ["ce", "ldam"], hidden=4))
+    x = torch.randn(2, 5, 16)
+    for f, ref in zip(heads(x), heads.forward_loop(x)):
+        torch.testing.assert_close(f, ref)
+    assert [t.shape for t in heads(torch.zeros(0, 16))] == [torch.Size([0, 3])] * 2
+    maps = _randomise(WELDEHeads(16, 3, ["ce", "ldam"], conv=True, hidden=4))
+    assert [t.shape for t in maps(torch.zeros(0, 16, 2, 2))] == [torch.Size([0, 3, 2, 2])] * 2
+    # a hook on a submodule must still fire: the per-head loop is used
+    seen = []
+    heads.adapters[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(4, 16)
+    out = heads(x)
+    assert seen == [torch.Size([4, 16])]
+    torch.testing.assert_close(out[1], heads.forward_loop(x)[1])
+
+
+def test_state_dict_layout_unchanged():
+    heads = WELDEHeads(16, 6, ["ce", "ldam"], conv=True)
+    assert sorted(heads.state_dict()) == [
+        "adapters.0.down.bias", "adapters.0.down.weight", "adapters.0.up.bias", "adapters.0.up.weight",
+        "adapters.1.down.bias", "adapters.1.down.weight", "adapters.1.up.bias", "adapters.1.up.weight",
+        "classifiers.0.bias", "classifiers.0.weight", "classifiers.1.weight"]

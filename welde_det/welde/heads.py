@@ -8,6 +8,19 @@ weights), as LDAM's reference uses with s = 30.
 
 Shape:
     features (N, D) → K tensors (N, C); with ``conv=True`` (N, D, H, W) → K × (N, C, H, W).
+
+Speed: ``WELDEHeads.forward`` evaluates the K heads together rather than one module after
+the other (same parameters, same ``state_dict``, same values to float32 rounding; the plain
+per-head loop is ``WELDEHeads.forward_loop``). The K down-projections are one matmul
+D → K·h. A linear classifier never needs its head's adapted feature, because
+
+    W_c·(f + W2·a + b2) + b_c = W_c·f + (W_c·W2)·a + (W_c·b2 + b_c),   a = act(W1·f + b1),
+
+so the linear heads' W_c·f are one matmul D → K·C and each adds a (C × h) product of its
+adapter's hidden units: the (N, D) adapted features — D/C times wider than the logits, and
+what dominated time and memory — are built only for cosine heads, which must normalise
+them. Feature maps go through the same matrices over channels (1×1 convolutions are
+matmuls over the channel dimension).
 """
 
 from __future__ import annotations
@@ -55,6 +68,30 @@ class Adapter(nn.Module):
         return x + self.up(self.act(self.down(x)))
 
 
+def _cosine_logits(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """cos(x_i, w_c) = (x_i · ŵ_c) / max(‖x_i‖, eps) for rows x (M, D) and class weights (C, D).
+
+    The same value as ``F.normalize(x) @ F.normalize(w).t()``, but the division happens on
+    the (M, C) logits instead of the (M, D) features (C ≪ D), in the forward and backward.
+    """
+    return (x @ F.normalize(weight, dim=1).t()) / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(eps)
+
+
+def _matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A Linear weight (out, in) or a 1×1 Conv2d weight (out, in, 1, 1) as an (out, in) matrix."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _is_plain_layer(layer: nn.Module, conv: bool) -> bool:
+    """A Linear (or 1×1, stride-1, unpadded, ungrouped Conv2d) with a bias and no hooks."""
+    if layer._forward_hooks or layer._forward_pre_hooks or getattr(layer, "bias", None) is None:
+        return False
+    if not conv:
+        return type(layer) is nn.Linear
+    return (type(layer) is nn.Conv2d and layer.kernel_size == (1, 1) and layer.stride == (1, 1)
+            and layer.padding == (0, 0) and layer.dilation == (1, 1) and layer.groups == 1)
+
+
 class CosineClassifier(nn.Module):
     """Logits = cos(feature, class weight) ∈ [−1, 1] (scale them in the loss, e.g. LDAM's s).
 
@@ -69,10 +106,11 @@ class CosineClassifier(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = F.normalize(self.weight, dim=1)
         if self.conv:
-            return torch.einsum("ndhw,cd->nchw", F.normalize(x, dim=1), w)
-        return F.normalize(x, dim=1) @ w.t()
+            return torch.einsum("ndhw,cd->nchw", F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
+        if x.ndim == 2:
+            return _cosine_logits(x, self.weight)
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
 
 
 class WELDEHeads(nn.Module):
@@ -132,4 +170,69 @@ class WELDEHeads(nn.Module):
         return len(self.components)
 
     def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
+        """K logit tensors, one per head, in component order.
+
+        Evaluates the heads together (see the module docstring); falls back to
+        :meth:`forward_loop` when a submodule was replaced by something else or carries
+        hooks, or for inputs of another rank (unbatched maps, vectors with extra leading dims).
+        """
+        if not self._fusable(features):
+            return self.forward_loop(features)
+        if not self.conv:
+            return self._fused(features)
+        n, d, h, w = features.shape
+        rows = features.permute(0, 2, 3, 1).reshape(-1, d)  # (N·H·W, D): 1×1 convs become matmuls
+        return [o.reshape(n, h, w, o.shape[-1]).permute(0, 3, 1, 2).contiguous() for o in self._fused(rows)]
+
+    def forward_loop(self, features: torch.Tensor) -> list[torch.Tensor]:
+        """Reference evaluation: each head's adapter and classifier module in turn."""
         return [clf(adapter(features)) for adapter, clf in zip(self.adapters, self.classifiers)]
+
+    def _fusable(self, features: torch.Tensor) -> bool:
+        if features.ndim != (4 if self.conv else 2):
+            return False
+        hidden = self.adapters[0].down.weight.shape[0]
+        for adapter, clf in zip(self.adapters, self.classifiers):
+            if (type(adapter) is not Adapter or adapter._forward_hooks or adapter._forward_pre_hooks
+                    or type(adapter.act) is not nn.SiLU or not _is_plain_layer(adapter.down, self.conv)
+                    or not _is_plain_layer(adapter.up, self.conv) or adapter.down.weight.shape[0] != hidden):
+                return False
+            if type(clf) is CosineClassifier:
+                if clf._forward_hooks or clf._forward_pre_hooks:
+                    return False
+            elif not _is_plain_layer(clf, self.conv):
+                return False
+        return True
+
+    def _fused(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """All K heads on rows x (M, D) → K × (M, C).
+
+        One matmul gives every head's hidden units a = act(W1·x + b1) (K·h columns); one
+        gives every linear head's W_c·x + (W_c·b2 + b_c) (C columns each), and a third adds
+        their (W_c·W2)·a through a block-diagonal (K_lin·C, K·h) matrix. (Two matmuls, not
+        one of K·h + K_lin·C columns: BLAS is much slower at such odd widths.) Cosine heads
+        build their adapted feature x + W2·a + b2 and divide its logits by its norm.
+        """
+        c = self.num_classes
+        hidden = self.adapters[0].down.weight.shape[0]
+        w1 = torch.cat([_matrix(a.down.weight) for a in self.adapters])  # (K·h, D)
+        b1 = torch.cat([a.down.bias for a in self.adapters])
+        acts = F.silu(F.linear(x, w1, b1))  # (M, K·h)
+        linear = [type(clf) is not CosineClassifier for clf in self.classifiers]
+        out: list[torch.Tensor | None] = [None] * len(self.adapters)
+        if any(linear):
+            wc = [_matrix(clf.weight) if lin else None for clf, lin in zip(self.classifiers, linear)]  # (C, D)
+            bias = [torch.addmv(clf.bias, w, a.up.bias)  # W_c·b2 + b_c
+                    for a, clf, w, lin in zip(self.adapters, self.classifiers, wc, linear) if lin]
+            direct = F.linear(x, torch.cat([w for w in wc if w is not None]), torch.cat(bias))  # (M, K_lin·C)
+            # (W_c·W2) (C, h) per linear head, in its own adapter's columns; cosine heads: no rows
+            blocks = [w @ _matrix(a.up.weight) if lin else acts.new_zeros(0, hidden)
+                      for a, w, lin in zip(self.adapters, wc, linear)]
+            logits = iter(torch.addmm(direct, acts, torch.block_diag(*blocks).t()).split(c, dim=1))
+            out = [next(logits).contiguous() if lin else None for lin in linear]
+        hid = acts.split(hidden, dim=1)
+        for k, (a, clf) in enumerate(zip(self.adapters, self.classifiers)):
+            if out[k] is None:  # cosine: it normalises the adapted feature, so build it
+                feat = torch.addmm(x, hid[k], _matrix(a.up.weight).t()).add_(a.up.bias)  # Adapter.forward
+                out[k] = _cosine_logits(feat, clf.weight)
+        return out

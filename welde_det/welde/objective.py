@@ -36,12 +36,24 @@ from torch import nn
 __all__ = ["WELDEObjective", "js_diversity", "single_loss_objective"]
 
 
-def _entropy_softmax(p: torch.Tensor) -> torch.Tensor:
-    return -torch.special.xlogy(p, p).sum(-1)
+def _xlogx(p: torch.Tensor) -> torch.Tensor:
+    """p·log p with 0·log 0 = 0, for p ∈ [0, 1].
+
+    Computed as p·log(max(p, 2^−126)): the value equals ``torch.special.xlogy(p, p)`` (it
+    differs only for 0 < p < 2^−126, by less than 1e−36), about 2.5x faster forward and
+    backward on CPU, and its gradient at p = 0 is finite (log 2^−126) where xlogy's is NaN
+    (0/0) — which made the diversity gradient NaN as soon as a softmax probability
+    underflowed or a sigmoid saturated (|z| ≳ 17) on some head.
+    """
+    return p * p.clamp_min(torch.finfo(p.dtype).tiny).log()
+
+
+def _entropy_softmax(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return -_xlogx(p).sum(dim)
 
 
 def _entropy_bernoulli(p: torch.Tensor) -> torch.Tensor:
-    return -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p))
+    return -(_xlogx(p) + _xlogx(1 - p))
 
 
 def js_diversity(probs: Sequence[torch.Tensor], activation: str = "softmax") -> torch.Tensor:
@@ -57,17 +69,33 @@ def js_diversity(probs: Sequence[torch.Tensor], activation: str = "softmax") -> 
     Returns:
         0-dim tensor; 0 when K < 2 or N = 0.
     """
-    k = len(probs)
-    if k < 2 or probs[0].shape[0] == 0:
+    if len(probs) < 2 or probs[0].shape[0] == 0:
         return probs[0].sum() * 0
-    ent = _entropy_softmax if activation == "softmax" else _entropy_bernoulli
-    h = [ent(p) for p in probs]
-    total = probs[0].new_zeros(())
-    for i in range(k):
-        for j in range(i + 1, k):
-            js = ent(0.5 * (probs[i] + probs[j])) - 0.5 * (h[i] + h[j])
-            total = total + js.mean()
-    return total / (k * (k - 1) / 2)
+    return _js_stacked(torch.stack(list(probs)), activation, class_dim=-1)
+
+
+def _js_stacked(p: torch.Tensor, activation: str, class_dim: int) -> torch.Tensor:
+    """:func:`js_diversity` of stacked probabilities p (K, ...) with the classes on ``class_dim``.
+
+    All K(K − 1)/2 pairs at once: with the (pairs × K) mixing matrix A (½ at the pair's two
+    heads), the pairwise means are one matmul A·p and the mean of their entropies A·H, so
+    there are two entropy evaluations (heads, pair means) whatever K. Per sample the
+    divergence is H(mean) − (H_k + H_l)/2, as in the pairwise definition; its mean over
+    samples (and classes for Bernoulli heads) is averaged over the pairs.
+    """
+    k = p.shape[0]
+    i, j = torch.triu_indices(k, k, 1, device=p.device)
+    pairs = torch.arange(i.numel(), device=p.device)
+    mix = p.new_zeros(i.numel(), k)
+    mix[pairs, i] = 0.5
+    mix[pairs, j] = 0.5
+    mean = (mix @ p.reshape(k, -1)).reshape(-1, *p.shape[1:])
+    if activation == "softmax":
+        h, h_mean = _entropy_softmax(p, class_dim), _entropy_softmax(mean, class_dim)
+    else:
+        h, h_mean = _entropy_bernoulli(p), _entropy_bernoulli(mean)
+    js = h_mean - (mix @ h.reshape(k, -1)).reshape(h_mean.shape)  # (pairs, N[, C])
+    return js.reshape(js.shape[0], -1).mean(1).sum() / (k * (k - 1) / 2)
 
 
 def _unique_names(names: Sequence[str]) -> tuple[str, ...]:
@@ -169,7 +197,11 @@ class WELDEObjective(nn.Module):
 
     def effective_weights(self) -> torch.Tensor:
         """max(w_k, floor) with a straight-through gradient; 1/K (constant) during warm-up."""
-        if self.in_warmup:
+        return self._effective_weights(int(self.num_steps))
+
+    def _effective_weights(self, steps: int) -> torch.Tensor:
+        """:meth:`effective_weights` at a step count the caller already holds on the host."""
+        if steps <= self.warmup_steps:
             return torch.full_like(self.theta, 1.0 / self.num_components)
         w = self.raw_weights()
         return w + (w.clamp_min(self.weight_floor) - w).detach()
@@ -203,44 +235,52 @@ class WELDEObjective(nn.Module):
         if len(logits_list) != k:
             raise ValueError(f"WELDEObjective has {k} components {list(self.names)} but got {len(logits_list)} logit tensors")
         raw = torch.stack([loss(z, target, **loss_kwargs).float() for loss, z in zip(self.losses, logits_list)])
-        if not torch.isfinite(raw.detach()).all():
-            bad = [n for n, v in zip(self.names, raw.detach().tolist()) if not math.isfinite(v)]
-            raise FloatingPointError(f"WELDE component loss(es) {bad} are not finite: {raw.detach().tolist()}")
+        detached = raw.detach()
+        # One host transfer per step for both the finiteness check and the step counter.
+        finite, steps = torch.stack([torch.isfinite(detached).all().to(self.num_steps.dtype), self.num_steps]).tolist()
+        if not finite:
+            bad = [n for n, v in zip(self.names, detached.tolist()) if not math.isfinite(v)]
+            raise FloatingPointError(f"WELDE component loss(es) {bad} are not finite: {detached.tolist()}")
         if self.training and torch.is_grad_enabled():
             with torch.no_grad():
-                self.ema.mul_(self.ema_momentum).add_((1 - self.ema_momentum) * raw.detach())
+                self.ema.mul_(self.ema_momentum).add_((1 - self.ema_momentum) * detached)
                 self.num_steps.add_(1)
+            steps += 1
         if self.normalize:
-            m_hat = self.ema_estimate()
-            if int(self.num_steps) == 0:
-                m_hat = raw.detach()
+            m_hat = detached if steps == 0 else self.ema / (1.0 - self.ema_momentum**steps)
             normed = raw / (m_hat + 1e-8)
         else:
             normed = raw
-        w = self.effective_weights()
+        w = self._effective_weights(steps)
         penalty = self.sum_penalty * (w.sum() - 1.0) ** 2
         div = self._diversity(logits_list, target) if self.diversity > 0 and k > 1 else raw.new_zeros(())
         total = (w * normed).sum() + penalty - self.diversity * div
         out: dict[str, torch.Tensor] = {"loss": total}
-        for i, name in enumerate(self.names):
-            out[f"loss_{name}"] = raw[i].detach()
-            out[f"norm_{name}"] = normed[i].detach()
-            out[f"weight_{name}"] = w[i].detach()
+        for name, r, n, wk in zip(self.names, detached.unbind(), normed.detach().unbind(), w.detach().unbind()):
+            out[f"loss_{name}"] = r
+            out[f"norm_{name}"] = n
+            out[f"weight_{name}"] = wk
         out["diversity"] = div.detach()
         out["penalty"] = penalty.detach()
         return out
 
     def _diversity(self, logits_list: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        z = torch.stack([t.float() for t in logits_list])  # (K, N, C)
         if self.activation == "softmax":
-            probs = [z.float().softmax(1) for z in logits_list]
+            if z.shape[1] == 0:
+                return z.sum() * 0
+            # Softmax over the classes with the classes on a middle axis, (K, C, N): CPU
+            # kernels are several times faster there than along a short last axis.
+            return _js_stacked(z.transpose(1, 2).contiguous().softmax(1), "softmax", class_dim=1)
+        c = z.shape[2]
+        if target.dtype.is_floating_point:
+            fg = target.max(1).values > 0
         else:
-            c = logits_list[0].shape[1]
-            if target.dtype.is_floating_point:
-                fg = target.max(1).values > 0
-            else:
-                fg = (target >= 0) & (target < c)
-            probs = [z.float()[fg].sigmoid() for z in logits_list]
-        return js_diversity(probs, self.activation)
+            fg = (target >= 0) & (target < c)
+        p = z[:, fg].sigmoid()
+        if p.shape[1] == 0:
+            return p.sum() * 0
+        return _js_stacked(p, "sigmoid", class_dim=-1)
 
     def extra_repr(self) -> str:
         return (
