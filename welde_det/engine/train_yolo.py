@@ -87,10 +87,10 @@ def resolve_yolo_data(cfg: ExperimentConfig, run_dir: Path) -> tuple[Path, dict[
             if "train" not in splits:
                 raise ConfigError(f"{ann}: no train.json (a COCO dataset folder needs annotations/train.json)")
             roots = base / "images"
-            stats = ClassStats.from_coco(splits["train"], floor=1)
             yolo_dir = work / "yolo"
             if not (yolo_dir / "data.yaml").is_file():
-                coco_to_yolo(dict(splits), roots, yolo_dir, class_names=list(stats.names), overwrite=True)
+                names = ClassStats.from_coco(splits["train"], floor=1).names
+                coco_to_yolo(dict(splits), roots, yolo_dir, class_names=list(names), overwrite=True)
             src_yaml = yolo_dir / "data.yaml"
         elif find_data_yaml(base) is not None:
             src_yaml = find_data_yaml(base)

@@ -22,9 +22,9 @@ by import) and ``YOLO(path)`` (which unpickles the model) find them.
   soft targets, normalised by the sum of target scores as Ultralytics does.
 - :class:`WELDEDetectionTrainer` — a ``DetectionTrainer`` whose model is a
   :class:`WELDEDetectionModel`; ``welde_stage2=True`` freezes backbone, neck, box branch
-  and classification stems, leaving adapters, heads and θ to train. It evaluates with
-  welde_det's pycocotools-exact evaluator instead of Ultralytics' validator when given a
-  COCO ground truth (``welde_eval``).
+  and classification stems, leaving adapters, heads and θ to train. It validates with
+  welde_det's pycocotools-exact evaluator instead of Ultralytics' validator when the
+  spec names a COCO validation split.
 
 The WELDE objective (θ, EMA statistics) is a sub-module of the head, so the optimiser,
 Ultralytics' model EMA and its checkpoints carry it. Fusion at inference reads the
