@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--frequencies", type=str, default=None,
                         help=f"JSON mapping of per-box class frequencies over {list(LUMBAR_CLASSES)}")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    parser.add_argument("--bit-depth", type=int, choices=[8, 16], default=8,
+                        help="PNG slices in 8 or 16 bits (same window; 16 avoids 8-bit quantisation)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing, different --out")
     parser.add_argument("--figure", type=Path, help="write the phantom-vs-real comparison figure here instead")
     parser.add_argument("--real", type=Path, help="folder of real PNG slices for --figure")
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ds = make_phantom_dataset(args.out, args.n_studies, seed=args.seed, difficulty=args.difficulty,
                               contrast=args.contrast, class_frequencies=freqs, workers=args.workers,
                               formats=tuple(args.formats), progress=progress_enabled(),
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, bit_depth=args.bit_depth)
     print(ds.root)
     return 0
 

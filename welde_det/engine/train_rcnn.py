@@ -100,9 +100,11 @@ def _data_paths(cfg: ExperimentConfig) -> tuple[dict[str, Path], Path, ClassStat
 
         formats = ("coco",)
         out = phantom_cache_dir(cfg.data.cache_dir, cfg.data.n_images, seed=cfg.data.seed,
-                                difficulty=cfg.data.difficulty, contrast=cfg.data.contrast, formats=formats)
+                                difficulty=cfg.data.difficulty, contrast=cfg.data.contrast, formats=formats,
+                                bit_depth=cfg.data.bit_depth)
         ds = make_phantom_dataset(out, cfg.data.n_images, seed=cfg.data.seed, difficulty=cfg.data.difficulty,
-                                  contrast=cfg.data.contrast, formats=formats, progress=progress_enabled())
+                                  contrast=cfg.data.contrast, formats=formats, progress=progress_enabled(),
+                                  bit_depth=cfg.data.bit_depth)
         splits = {s: ds.annotations(s) for s in ("train", "val", "test")}
         root = ds.images_dir
     else:

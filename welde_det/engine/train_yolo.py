@@ -4,7 +4,10 @@
   its COCO and YOLO exports; a COCO folder (``annotations/{train,val[,test]}.json`` +
   ``images/``) is exported to YOLO inside the run folder; a YOLO folder or ``data.yaml``
   is used as is, with its COCO ground truth written into the run folder. ``data.channels=1``
-  trains on grey slices (Ultralytics reads them with one channel).
+  trains on grey slices (Ultralytics reads them with one channel); ``data.bit_depth=16``
+  trains on 16-bit slices without squashing them to 8 bits
+  (:class:`~welde_det.integrations.yolo.HighBitYOLODataset`; the phantom then writes
+  16-bit PNGs).
 - Stages: single-loss baselines train ``stage1_epochs + epochs`` epochs with their loss;
   ``welde`` / ``ce_ensemble`` train ``stage1_epochs`` of ordinary (K = 1, ``ce``) training
   — or start from ``model.weights``, a local checkpoint — then ``epochs`` of stage 2 with
@@ -71,9 +74,11 @@ def resolve_yolo_data(cfg: ExperimentConfig, run_dir: Path) -> tuple[Path, dict[
 
         formats = ("coco", "yolo")
         out = phantom_cache_dir(cfg.data.cache_dir, cfg.data.n_images, seed=cfg.data.seed,
-                                difficulty=cfg.data.difficulty, contrast=cfg.data.contrast, formats=formats)
+                                difficulty=cfg.data.difficulty, contrast=cfg.data.contrast, formats=formats,
+                                bit_depth=cfg.data.bit_depth)
         ds = make_phantom_dataset(out, cfg.data.n_images, seed=cfg.data.seed, difficulty=cfg.data.difficulty,
-                                  contrast=cfg.data.contrast, formats=formats, progress=progress_enabled())
+                                  contrast=cfg.data.contrast, formats=formats, progress=progress_enabled(),
+                                  bit_depth=cfg.data.bit_depth)
         splits = {s: ds.annotations(s) for s in ("train", "val", "test")}
         roots: Path | dict[str, Path] = ds.images_dir
         src_yaml = ds.data_yaml
@@ -143,9 +148,6 @@ def _check_cfg(cfg: ExperimentConfig) -> str:
     unknown = [c for c in cfg.components if c not in valid]
     if unknown:
         raise ConfigError(f"loss component(s) {unknown} are not dense (sigmoid) registry losses; valid: {valid}")
-    if cfg.data.bit_depth == 16:
-        logger.info("bit_depth=16: inference and evaluation keep 16-bit slices; Ultralytics' training "
-                    "loader reads 8-bit")
     return arch
 
 
@@ -205,6 +207,9 @@ def _ultralytics_args(cfg: ExperimentConfig, data_yaml: Path, run_dir: Path, sta
         args.update({"mosaic": 0.0, "close_mosaic": 0, "warmup_epochs": 0.0})
     if cfg.data.channels == 1:
         args.update({"hsv_h": 0.0, "hsv_s": 0.0})
+    if cfg.data.bit_depth == 16:
+        # Ultralytics' HSV jitter is an 8-bit lookup table; 16-bit slices skip it
+        args.update({"hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0})
     if pretrained:
         args["pretrained"] = pretrained
     return args
@@ -231,7 +236,8 @@ def _run_stage(cfg: ExperimentConfig, run_dir: Path, stage: dict[str, Any], data
     spec = {"components": stage["components"], "mode": stage["mode"], "class_counts": counts,
             "loss_params": _loss_params(cfg), "hidden": cfg.model.hidden or None, "objective_kw": objective_kw,
             "stage2": stage["stage2"], "val_coco": str(val_coco), "val_images": str(val_root),
-            "class_stats": stats.to_dict(), "config": config_to_dict(cfg), "conf": cfg.train.conf}
+            "class_stats": stats.to_dict(), "config": config_to_dict(cfg), "conf": cfg.train.conf,
+            "bit_depth": cfg.data.bit_depth}
     if stage["stage2"]:
         probe = WELDEDetectionModel(arch if not arch.endswith(".pt") else "yolov8n.yaml", nc=len(stats.names),
                                     components=["ce"], class_counts=counts)

@@ -20,6 +20,9 @@ by import) and ``YOLO(path)`` (which unpickles the model) find them.
   the TaskAlignedAssigner; the classification BCE is replaced by the head's
   :class:`~welde_det.welde.WELDEObjective` over dense sigmoid losses on the assigner's
   soft targets, normalised by the sum of target scores as Ultralytics does.
+- :class:`HighBitYOLODataset` — a ``YOLODataset`` that, for ``bit_depth=16``, reads
+  16-bit slices without Ultralytics' squash to 8 bits and carries them through its
+  augmentations as float32 (see the class docstring).
 - :class:`WELDEDetectionTrainer` — a ``DetectionTrainer`` whose model is a
   :class:`WELDEDetectionModel`; ``welde_stage2=True`` freezes backbone, neck, box branch
   and classification stems, leaving adapters, heads and θ to train. It validates with
@@ -42,19 +45,25 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
+from ultralytics.data.augment import Compose, Mosaic
+from ultralytics.data.dataset import YOLODataset
+from ultralytics.data.utils import get_split_fraction
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.nn.modules.head import Detect
 from ultralytics.nn.tasks import DetectionModel
-from ultralytics.utils import RANK
+from ultralytics.utils import RANK, colorstr
 from ultralytics.utils.loss import v8DetectionLoss
 
 from welde_det.losses import build_loss
 from welde_det.welde import WELDEHeads, WELDEObjective, fuse, single_loss_objective
 
 __all__ = [
+    "HighBitMosaic",
+    "HighBitYOLODataset",
     "WELDEDetect",
     "WELDEDetectionLoss",
     "WELDEDetectionModel",
@@ -320,6 +329,91 @@ def stage2_freeze_names(model: DetectionModel) -> list[int | str]:
     return names
 
 
+#: Ultralytics' grey padding value, on its 0-255 scale.
+LETTERBOX_FILL = 114
+
+
+class HighBitMosaic(Mosaic):
+    """Ultralytics' 2x2 ``Mosaic`` on a canvas of the tiles' own dtype.
+
+    Ultralytics builds the mosaic canvas as ``uint8``, which would truncate the float32
+    tiles of :class:`HighBitYOLODataset`; 8-bit tiles go through the parent unchanged.
+    """
+
+    def apply_image(self, labels: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
+        img = labels["img"]
+        if img.dtype == np.uint8:
+            return super().apply_image(labels, params)
+        if self.n != 4:
+            raise ValueError(f"16-bit training supports the 2x2 mosaic only, got n={self.n}")
+        canvas = np.full((2 * self.imgsz, 2 * self.imgsz, img.shape[2]), LETTERBOX_FILL, dtype=img.dtype)
+        for tile in params["layout"]:
+            src = tile["labels_patch"]["img"]
+            canvas[tile["y1a"]:tile["y2a"], tile["x1a"]:tile["x2a"]] = src[tile["y1b"]:tile["y2b"],
+                                                                             tile["x1b"]:tile["x2b"]]
+        labels["img"] = canvas
+        return labels
+
+
+class HighBitYOLODataset(YOLODataset):
+    """``YOLODataset`` that keeps 16-bit slices 16-bit (``bit_depth=16``).
+
+    Ultralytics reads every image as 8 bits (a 16-bit PNG keeps only its high byte). With
+    ``bit_depth=16`` this dataset reads the file's own depth, stores it so in its cache,
+    and hands the augmentations a float32 image on Ultralytics' 0-255 scale
+    (``uint16 · 255 / 65535``, 8-bit files as they are): letterbox, random affine, flips
+    and :class:`HighBitMosaic` keep the fractional values, and the trainer's ``/ 255``
+    then gives ``uint16 / 65535`` — what :func:`predict_yolo` feeds the model at
+    inference. HSV jitter (an 8-bit lookup table in Ultralytics) only runs on 3-channel
+    8-bit images; the runner turns it off for 16-bit training.
+
+    Args:
+        *args, **kwargs: ``YOLODataset``'s.
+        bit_depth: 8 (Ultralytics' behaviour, unchanged) or 16.
+    """
+
+    def __init__(self, *args: Any, bit_depth: int = 8, **kwargs: Any) -> None:
+        if bit_depth not in (8, 16):
+            raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth!r}")
+        self.bit_depth = bit_depth
+        super().__init__(*args, **kwargs)
+
+    @property
+    def cv2_flag(self) -> int:
+        """Ultralytics' read flag, with ``IMREAD_ANYDEPTH`` for 16-bit data."""
+        return self._cv2_flag | (cv2.IMREAD_ANYDEPTH if self.bit_depth == 16 else 0)
+
+    @cv2_flag.setter
+    def cv2_flag(self, value: int) -> None:
+        self._cv2_flag = value
+
+    def load_image(self, i: int, rect_mode: bool = True, **kwargs: Any):
+        """Ultralytics' ``load_image`` (resize, cache buffer), then float32 on the 0-255 scale for 16-bit data."""
+        im, hw0, hw = super().load_image(i, rect_mode, **kwargs)
+        if self.bit_depth == 16:
+            im = im.astype(np.float32) * np.float32(255.0 / 65535.0) if im.dtype == np.uint16 else im.astype(np.float32)
+        return im, hw0, hw
+
+    def build_transforms(self, hyp=None) -> Compose:
+        """Ultralytics' transforms, with :class:`HighBitMosaic` in place of ``Mosaic`` for 16-bit data."""
+        transforms = super().build_transforms(hyp)
+        if self.bit_depth == 16:
+            _replace_mosaic(transforms)
+        return transforms
+
+
+def _replace_mosaic(compose: Compose) -> None:
+    """Swap every ``Mosaic`` in a (nested) ``Compose`` for a :class:`HighBitMosaic` with its settings.
+
+    ``MixUp``/``CutMix`` hold the same ``pre_transform`` object, so they see the swap too.
+    """
+    for i, t in enumerate(compose.transforms):
+        if isinstance(t, Compose):
+            _replace_mosaic(t)
+        elif type(t) is Mosaic:
+            compose.transforms[i] = HighBitMosaic(t.dataset, imgsz=t.imgsz, p=t.p, n=t.n)
+
+
 SPEC_ENV = "WELDE_DET_YOLO_SPEC"
 
 
@@ -383,6 +477,20 @@ class WELDEDetectionTrainer(DetectionTrainer):
         if weights:
             model.load(weights, verbose=verbose)
         return model
+
+    def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None):
+        """Ultralytics' dataset, or a :class:`HighBitYOLODataset` when the spec asks for 16-bit input."""
+        bit_depth = int(self.welde_spec.get("bit_depth", 8))
+        if bit_depth == 8:
+            return super().build_dataset(img_path, mode, batch)
+        gs = max(int(_core(self.model).stride.max()), 32)
+        return HighBitYOLODataset(
+            img_path=img_path, imgsz=self.args.imgsz, batch_size=batch, augment=mode == "train", hyp=self.args,
+            rect=self.args.rect or mode == "val", cache=self.args.cache or None, single_cls=bool(self.args.single_cls),
+            stride=gs, pad=0.0 if mode == "train" else 0.5, prefix=colorstr(f"{mode}: "), task=self.args.task,
+            classes=self.args.classes, data=self.data,
+            fraction=get_split_fraction(self.args.fraction, "train" if mode == "train" else self.args.split),
+            bit_depth=bit_depth)
 
     def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
         """Ultralytics' optimiser, with θ in a group of its own without weight decay."""

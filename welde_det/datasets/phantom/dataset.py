@@ -132,7 +132,9 @@ class PhantomDataset:
 
 
 def _params(n_studies: int, seed: int, difficulty: float, contrast: str, freqs: tuple[float, ...],
-            formats: tuple[str, ...], crop_size: int) -> dict[str, Any]:
+            formats: tuple[str, ...], crop_size: int, bit_depth: int = 8) -> dict[str, Any]:
+    # bit_depth enters the parameters only when it is not the default, so that 8-bit
+    # datasets cached before the option existed are still cache hits
     return {
         "version": PHANTOM_VERSION,
         "n_studies": int(n_studies),
@@ -142,15 +144,16 @@ def _params(n_studies: int, seed: int, difficulty: float, contrast: str, freqs: 
         "class_frequencies": dict(zip(LUMBAR_CLASSES, [round(f, 10) for f in freqs])),
         "formats": list(formats),
         "crop_size": int(crop_size),
+        **({"bit_depth": int(bit_depth)} if bit_depth != 8 else {}),
     }
 
 
 def phantom_cache_dir(cache_root: str | os.PathLike, n_studies: int, *, seed: int = 0, difficulty: float = 0.5,
                       contrast: str = "both", class_frequencies: Any = None,
-                      formats: Sequence[str] = FORMATS, crop_size: int = 64) -> Path:
+                      formats: Sequence[str] = FORMATS, crop_size: int = 64, bit_depth: int = 8) -> Path:
     """A folder under ``cache_root`` named by a hash of the generation parameters."""
     freqs = resolve_frequencies(class_frequencies)
-    params = _params(n_studies, seed, difficulty, contrast, freqs, tuple(formats), crop_size)
+    params = _params(n_studies, seed, difficulty, contrast, freqs, tuple(formats), crop_size, bit_depth)
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cache_root) / f"phantom-n{n_studies}-d{difficulty:g}-{contrast}-s{seed}-{key}"
 
@@ -172,7 +175,7 @@ def _make_one(job: dict[str, Any]) -> dict[str, Any]:
             write_nifti(root / "nifti" / f"{sid}_{contrast}.nii.gz", series, atomic=False)
         file_name = f"{sid}_{contrast}.png"
         img8 = to_uint8(series.mid_slice)
-        write_png(root / "images" / file_name, series.mid_slice, atomic=False)
+        write_png(root / "images" / file_name, series.mid_slice, bit_depth=job["bit_depth"], atomic=False)
         crops = None
         if "crops" in formats:
             crops = np.stack([crop_box(img8, b, job["crop_size"], spacing=study.pixel_spacing)
@@ -199,7 +202,8 @@ def _make_one(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _validate(n_studies: Any, difficulty: Any, contrast: Any, formats: Any, workers: Any, crop_size: Any) -> tuple[str, ...]:
+def _validate(n_studies: Any, difficulty: Any, contrast: Any, formats: Any, workers: Any, crop_size: Any,
+              bit_depth: Any = 8) -> tuple[str, ...]:
     if isinstance(n_studies, bool) or not isinstance(n_studies, (int, np.integer)) or n_studies < 1:
         raise ValueError(f"n_studies must be a positive integer, got {n_studies!r}")
     if not (isinstance(difficulty, (int, float)) and 0.0 <= float(difficulty) <= 1.0):
@@ -218,6 +222,8 @@ def _validate(n_studies: Any, difficulty: Any, contrast: Any, formats: Any, work
         raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
     if not isinstance(crop_size, int) or not 8 <= crop_size <= 512:
         raise ValueError(f"crop_size must be an integer in [8, 512], got {crop_size!r}")
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth!r}")
     return tuple(f for f in FORMATS if f in fmts)
 
 
@@ -234,6 +240,7 @@ def make_phantom_dataset(
     progress: bool = True,
     crop_size: int = 64,
     overwrite: bool = False,
+    bit_depth: int = 8,
 ) -> PhantomDataset:
     """Generate ``n_studies`` synthetic lumbar studies and write them as a dataset.
 
@@ -254,6 +261,8 @@ def make_phantom_dataset(
         progress: show a tqdm progress bar.
         crop_size: side of the classification crops.
         overwrite: replace an existing ``out`` that does not match.
+        bit_depth: PNG slices in 8 bits or 16 bits (the same percentile window; 16 bits
+            keep it without 8-bit quantisation). DICOM and NIfTI always hold the raw values.
 
     Returns:
         A :class:`PhantomDataset` (``os.fspath`` gives its root).
@@ -266,12 +275,12 @@ def make_phantom_dataset(
         >>> ds = make_phantom_dataset("data/generated/ph", 40, formats=("coco", "yolo"))  # doctest: +SKIP
         >>> ds.data_yaml  # doctest: +SKIP
     """
-    fmts = _validate(n_studies, difficulty, contrast, formats, workers, crop_size)
+    fmts = _validate(n_studies, difficulty, contrast, formats, workers, crop_size, bit_depth)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     freqs = resolve_frequencies(class_frequencies)
     solve_plan(freqs)  # unreachable frequencies fail here, before any work
-    params = _params(int(n_studies), int(seed), float(difficulty), contrast, freqs, fmts, crop_size)
+    params = _params(int(n_studies), int(seed), float(difficulty), contrast, freqs, fmts, crop_size, int(bit_depth))
     out = Path(out).absolute()
     cached = _cached(out, params, overwrite)
     if cached is not None:
@@ -284,6 +293,7 @@ def make_phantom_dataset(
         jobs = [{
             "root": str(tmp), "formats": fmts, "seed": study_seed(seed, i), "index": i,
             "difficulty": float(difficulty), "contrast": contrast, "freqs": freqs, "crop_size": crop_size,
+            "bit_depth": int(bit_depth),
             "study_id": f"ph{seed}-{i:05d}",
         } for i in range(int(n_studies))]
         records = _run_jobs(jobs, workers, progress)

@@ -1,0 +1,100 @@
+"""16-bit slices through Ultralytics' training loader (``data.bit_depth=16``).
+
+The slices here hold their whole content below 256 on the 16-bit scale: Ultralytics' own
+reader keeps only the high byte, so it sees a black image. ``HighBitYOLODataset`` must give
+the exact ``value · 255 / 65535`` on every pixel, through letterbox and through mosaic.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("ultralytics")
+from ultralytics.cfg import get_cfg
+from ultralytics.data.dataset import YOLODataset
+
+from welde_det.integrations.yolo import HighBitMosaic, HighBitYOLODataset
+
+ROOT = Path(__file__).resolve().parents[2]
+SIZE = 64
+
+
+def _dataset(tmp_path: Path, n: int = 4) -> tuple[Path, list[np.ndarray]]:
+    """n 16-bit grey slices with one box each, intensities 0..250 (all below the 8-bit high byte)."""
+    images, labels = tmp_path / "images" / "train", tmp_path / "labels" / "train"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = []
+    for i in range(n):
+        arr = rng.integers(0, 251, (SIZE, SIZE), dtype=np.uint16)
+        assert cv2.imwrite(str(images / f"s{i}.png"), arr)
+        (labels / f"s{i}.txt").write_text("0 0.5 0.5 0.25 0.25\n")
+        arrays.append(arr)
+    return images, arrays
+
+
+def _make(cls, images: Path, *, augment: bool, bit_depth: int = 16, **hyp_kw):
+    hyp = get_cfg(overrides={"mosaic": 0.0, "hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0, "fliplr": 0.0,
+                             "translate": 0.0, "scale": 0.0, **hyp_kw})
+    kw = {"bit_depth": bit_depth} if cls is HighBitYOLODataset else {}
+    return cls(img_path=str(images), imgsz=SIZE, augment=augment, hyp=hyp, rect=False, stride=32, pad=0.0,
+               data={"names": {0: "a"}, "nc": 1, "channels": 1}, **kw)
+
+
+def test_ultralytics_squashes_what_high_bit_dataset_keeps(tmp_path):
+    images, arrays = _dataset(tmp_path)
+    plain = _make(YOLODataset, images, augment=False)[0]["img"]
+    assert plain.dtype.is_floating_point is False and int(plain.max()) == 0  # the high byte of 0..250
+
+    ds = _make(HighBitYOLODataset, images, augment=False)
+    item = ds[0]
+    img = item["img"].numpy()
+    assert img.dtype == np.float32 and img.shape == (1, SIZE, SIZE)
+    src = arrays[[Path(f).name for f in ds.im_files].index(Path(item["im_file"]).name)]
+    np.testing.assert_allclose(img[0], src.astype(np.float32) * np.float32(255 / 65535), rtol=0, atol=1e-6)
+    # what the trainer's "/ 255" then feeds the model equals predict_yolo's uint16 / 65535
+    np.testing.assert_allclose(img[0] / 255, src / 65535, rtol=1e-6, atol=1e-9)
+
+
+def test_mosaic_and_affine_keep_fractional_values(tmp_path):
+    images, _ = _dataset(tmp_path)
+    ds = _make(HighBitYOLODataset, images, augment=True, mosaic=1.0, degrees=5.0)
+    mosaics = [t for t in ds.transforms.transforms[0].transforms if isinstance(t, HighBitMosaic)]
+    assert len(mosaics) == 1
+    img = ds[1]["img"].numpy()
+    assert img.dtype == np.float32 and img.shape == (1, SIZE, SIZE)
+    inside = img[(img > 0) & (img < 1)]  # content pixels (< 250·255/65535 ≈ 0.97), not the 114 fill
+    assert inside.size > SIZE * SIZE // 4
+    assert np.unique(np.round(inside, 4)).size > 50  # many sub-8-bit levels survive
+
+
+def test_bit_depth_8_is_ultralytics_unchanged(tmp_path):
+    images, _ = _dataset(tmp_path)
+    a = _make(YOLODataset, images, augment=False)[2]["img"]
+    b = _make(HighBitYOLODataset, images, augment=False, bit_depth=8)[2]["img"]
+    assert a.dtype == b.dtype and bool((a == b).all())
+    with pytest.raises(ValueError, match="bit_depth"):
+        _make(HighBitYOLODataset, images, augment=False, bit_depth=12)
+
+
+def test_phantom_16bit_trains_through_the_runner(tmp_path):
+    """data.bit_depth=16: the phantom writes 16-bit PNGs, the stage trains on HighBitYOLODataset, the
+    report is written."""
+    from welde_det.engine.train import run_training
+
+    run = run_training(ROOT / "configs" / "yolo_ce.yaml",
+                       ["epochs=1", "imgsz=64", "n_images=4", "batch=4", "workers=0", "data.bit_depth=16",
+                        f"output={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'gen'}", "conf=0.0"])
+    phantom = next((tmp_path / "gen").glob("phantom-n4-*"))
+    png = cv2.imread(str(next((phantom / "images").glob("*.png"))), cv2.IMREAD_UNCHANGED)
+    assert png.dtype == np.uint16 and png.max() > 255
+    rep = json.loads((run / "report.json").read_text())
+    assert len(rep["stats"]) == 12
+    args = (run / "train" / "args.yaml").read_text()
+    assert "hsv_v: 0.0" in args
