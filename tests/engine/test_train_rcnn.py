@@ -68,6 +68,21 @@ def test_bad_config(tmp_path, cache):
     (tmp_path / "nolabels").mkdir()
     with pytest.raises(ConfigError, match="expected a COCO dataset folder"):
         _tiny(tmp_path, cache, "rcnn_ce", [f"data.source={tmp_path / 'nolabels'}"])
+    reordered = tmp_path / "reordered.pt"
+    names = ["LDB", "DDD", "Normal_IVD", "SS", "TDB", "Spondylolisthesis"]
+    torch.save({"framework": "rcnn", "model": {}, "class_stats": {"names": names}}, reordered)
+    with pytest.raises(ConfigError, match="another class list"):
+        _tiny(tmp_path, cache, "rcnn_ce", [f"model.weights={reordered}"])
+
+
+def test_plain_weights_carry_no_class_list(tmp_path):
+    from welde_det.engine.infer import checkpoint_class_names
+    from welde_det.engine.train import check_weights_classes
+
+    plain = tmp_path / "plain.pt"
+    torch.save({"backbone.body.conv1.weight": torch.zeros(1)}, plain)
+    assert checkpoint_class_names(plain) is None
+    check_weights_classes(plain, ["a", "b"])  # transferable: no error
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),

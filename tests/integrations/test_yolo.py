@@ -122,6 +122,11 @@ def test_bad_input(tmp_path):
     empty.mkdir()
     with pytest.raises(ConfigError, match="no labels"):
         run_training(ROOT / "configs" / "yolo_ce.yaml", [*common, f"data.source={empty}"])
+    # a welde_det checkpoint trained on other classes cannot initialise this dataset's model
+    other = tmp_path / "other.pt"
+    torch.save({"welde_det": {"framework": "yolo", "class_stats": {"names": ["disc", "vertebra"]}}}, other)
+    with pytest.raises(ConfigError, match=r"another class list.*\['disc', 'vertebra'\].*Normal_IVD"):
+        run_training(ROOT / "configs" / "yolo_ce.yaml", [*common, f"model.weights={other}"])
 
 
 def test_cli_prints_run_folder_last(tmp_path):

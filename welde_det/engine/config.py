@@ -153,6 +153,10 @@ class TrainConfig:
         amp: mixed precision where the device supports it.
         conf: score threshold used for the saved detections and the report.
         patience: early-stop patience in epochs (0 = off).
+        nbs: YOLO's nominal batch size: Ultralytics accumulates gradients over
+            ``nbs / batch`` batches and scales weight decay to it (64, Ultralytics'
+            default). Set it to ``batch`` for one optimiser step per batch, which short
+            runs on small datasets need (``make demo`` does).
     """
 
     epochs: int = 30
@@ -169,6 +173,7 @@ class TrainConfig:
     amp: bool = False
     conf: float = 0.001
     patience: int = 0
+    nbs: int = 64
 
 
 @dataclass(frozen=True)
@@ -207,7 +212,7 @@ class ExperimentConfig:
             raise ConfigError(f"data.bit_depth must be 8 or 16, got {self.data.bit_depth}")
         if self.loss.mode != "single" and len(self.loss.components) < 1:
             raise ConfigError("loss.components must name at least one registry loss")
-        for key in ("epochs", "batch", "imgsz"):
+        for key in ("epochs", "batch", "imgsz", "nbs"):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self.train, key)}")
 

@@ -200,6 +200,20 @@ def _peek_checkpoint(path: Path) -> Any:
                          f"{HOW_TO_TRAIN}") from exc
 
 
+def checkpoint_class_names(weights: str | os.PathLike) -> list[str] | None:
+    """The class names a welde_det checkpoint was trained on; ``None`` for any other file.
+
+    Faster R-CNN checkpoints keep ClassStats at the top level, YOLO checkpoints in their
+    ``"welde_det"`` entry; plain Ultralytics / torchvision weights carry none.
+    """
+    ckpt = _peek_checkpoint(Path(weights))
+    if not isinstance(ckpt, dict):
+        return None
+    meta = ckpt.get("welde_det") if isinstance(ckpt.get("welde_det"), dict) else ckpt
+    stats = meta.get("class_stats") if isinstance(meta, dict) else None
+    return [str(n) for n in stats["names"]] if isinstance(stats, dict) and "names" in stats else None
+
+
 def load_detector(weights: str | os.PathLike, device: str | None = None, *,
                   expected_names: Sequence[str] | None = None) -> Detector:
     """Load a trained detector, whatever framework made it.

@@ -25,7 +25,7 @@ import numpy as np
 
 from welde_det.engine.config import ConfigError, ExperimentConfig, load_config, save_config
 
-__all__ = ["RUNNERS", "make_run_dir", "resolve_runner", "run_training", "seed_everything"]
+__all__ = ["RUNNERS", "check_weights_classes", "make_run_dir", "resolve_runner", "run_training", "seed_everything"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,27 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def check_weights_classes(weights: str | os.PathLike | None, names: list[str] | tuple[str, ...]) -> None:
+    """Refuse ``model.weights`` that is a welde_det checkpoint trained on another class list.
+
+    Plain Ultralytics / torchvision weights (no class list of ours) pass: their matching
+    layers are transferred and the classifiers start fresh.
+
+    Raises:
+        ConfigError: the checkpoint's classes differ from ``names`` (in content or order).
+    """
+    if weights is None:
+        return
+    from welde_det.engine.infer import checkpoint_class_names
+
+    theirs = checkpoint_class_names(weights)
+    if theirs is not None and theirs != list(names):
+        raise ConfigError(
+            f"model.weights {weights}: a checkpoint from another class list — it was trained on {theirs}, "
+            f"this dataset has {list(names)}. Train on data with the same classes in the same order, or start "
+            "from plain (non-welde_det) weights or random initialisation (leave model.weights unset)")
 
 
 def make_run_dir(cfg: ExperimentConfig) -> Path:

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from welde_det.classes import ClassStats
 from welde_det.datasets.coco import load_coco
 from welde_det.engine.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict
+from welde_det.engine.train import check_weights_classes
 from welde_det.integrations.rcnn import RCNN_ARCHS, build_faster_rcnn, freeze_for_stage2
 from welde_det.losses import available_losses
 from welde_det.utils.fileio import append_csv_row, atomic_write_json, atomic_writer
@@ -209,6 +210,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, *, resume: str | os.PathLike | N
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     splits, root, stats = _data_paths(cfg)
+    check_weights_classes(cfg.model.weights, stats.names)
     train_ds = CocoDetectionDataset(splits["train"], root, stats, cfg.data.channels)
     torch.manual_seed(cfg.train.seed)
     model = _build(cfg, stats, arch).to(device)

@@ -41,6 +41,7 @@ import torch
 from welde_det.classes import ClassStats
 from welde_det.engine.config import ConfigError, ExperimentConfig, config_to_dict
 from welde_det.engine.infer import Detector
+from welde_det.engine.train import check_weights_classes
 from welde_det.losses import available_losses
 from welde_det.utils.fileio import atomic_write_json, atomic_write_text
 from welde_det.utils.logging import progress_enabled
@@ -196,7 +197,7 @@ def _ultralytics_args(cfg: ExperimentConfig, data_yaml: Path, run_dir: Path, sta
             "workers": t.workers, "seed": t.seed, "deterministic": True, "project": str(run_dir.resolve()),
             "name": stage["name"], "exist_ok": True, "plots": False, "val": True, "amp": t.amp,
             "optimizer": "SGD" if t.optimizer == "auto" else t.optimizer, "lr0": t.lr,
-            "weight_decay": t.weight_decay, "patience": t.patience or 100, "verbose": False,
+            "weight_decay": t.weight_decay, "patience": t.patience or 100, "nbs": t.nbs, "verbose": False,
             "close_mosaic": min(10, max(0, stage["epochs"] // 2)), "warmup_epochs": min(3.0, stage["epochs"] / 3)}
     if t.device:
         args["device"] = t.device
@@ -261,6 +262,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, *, resume: str | os.PathLike | N
     """The YOLO runner (see the module docstring). Returns ``run_dir``."""
     arch = _check_cfg(cfg)
     data_yaml, splits, roots, stats = resolve_yolo_data(cfg, run_dir)
+    check_weights_classes(cfg.model.weights, stats.names)
     split = "val" if "val" in splits else "train"
     pretrained = cfg.model.weights
     best: Path | None = None
