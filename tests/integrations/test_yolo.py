@@ -137,3 +137,48 @@ def test_cli_prints_run_folder_last(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     last = out.stdout.strip().splitlines()[-1]
     assert Path(last).is_dir() and (Path(last) / "report.json").is_file()
+
+
+def test_ddp_worker_rebuilds_the_trainer_by_import(tmp_path):
+    """Ultralytics' DDP launcher pickles the trainer class, args, model and callbacks into a script
+    that each worker runs in a fresh process (``generate_ddp_file``). On CPU the script runs as one
+    process: it must rebuild a WELDEDetectionTrainer by import, read the spec from the environment it
+    inherits, train, and log each WELDE term once per epoch (callbacks not registered twice)."""
+    import csv
+    import os
+
+    from ultralytics.utils.dist import generate_ddp_file
+
+    from welde_det.engine.config import load_config
+    from welde_det.engine.train_yolo import (
+        _stages,
+        _ultralytics_args,
+        resolve_yolo_data,
+        spec_env,
+        stage_spec,
+    )
+    from welde_det.integrations.yolo import WELDEDetectionTrainer
+
+    cfg = load_config(ROOT / "configs" / "yolo_welde.yaml",
+                      ["stage1_epochs=0", "epochs=2", "imgsz=64", "n_images=6", "batch=4", "workers=0",
+                       "warmup_steps=1", f"cache_dir={tmp_path / 'gen'}"])
+    run = tmp_path / "run"
+    data_yaml, splits, roots, stats = resolve_yolo_data(cfg, run)
+    (stage,) = _stages(cfg)
+    spec = stage_spec(cfg, stage, stats, cfg.model.arch, splits["val"], roots)
+    with spec_env(spec):
+        parent = WELDEDetectionTrainer(overrides=_ultralytics_args(cfg, data_yaml, run, stage, cfg.model.arch, None))
+        script = Path(generate_ddp_file(parent))
+        env = {**os.environ, "WELDE_DET_YOLO_SPEC": os.environ["WELDE_DET_YOLO_SPEC"], "OMP_NUM_THREADS": "1"}
+    try:
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        script.unlink(missing_ok=True)
+        script.with_suffix(".pt").unlink(missing_ok=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = torch.load(run / "stage2" / "weights" / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["welde_det"]["components"] == ["ce", "focal", "cb", "ldam"]
+    assert type(ckpt["ema"]).__name__ == "WELDEDetectionModel" and ckpt["ema"].head.num_heads == 4
+    assert ckpt["train_args"]["freeze"] == spec["freeze"]  # the stage-2 freeze list reached the worker
+    rows = list(csv.DictReader((run / "stage2" / "terms.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1]

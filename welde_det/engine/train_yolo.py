@@ -46,7 +46,7 @@ from welde_det.losses import available_losses
 from welde_det.utils.fileio import atomic_write_json, atomic_write_text
 from welde_det.utils.logging import progress_enabled
 
-__all__ = ["YOLODetector", "load_yolo_detector", "resolve_yolo_data", "train"]
+__all__ = ["YOLODetector", "load_yolo_detector", "resolve_yolo_data", "spec_env", "stage_spec", "train"]
 
 logger = logging.getLogger(__name__)
 DONE = "done.json"
@@ -176,7 +176,8 @@ def _loss_params(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def _spec_env(spec: dict[str, Any]) -> Iterator[None]:
+def spec_env(spec: dict[str, Any]) -> Iterator[None]:
+    """Set ``$WELDE_DET_YOLO_SPEC`` to ``spec`` for the duration of the block."""
     from welde_det.integrations.yolo import SPEC_ENV
 
     old = os.environ.get(SPEC_ENV)
@@ -216,20 +217,14 @@ def _ultralytics_args(cfg: ExperimentConfig, data_yaml: Path, run_dir: Path, sta
     return args
 
 
-def _run_stage(cfg: ExperimentConfig, run_dir: Path, stage: dict[str, Any], data_yaml: Path, val_coco: Path,
-               val_root: Path, stats: ClassStats, arch: str, pretrained: str | None) -> Path:
-    """Train one stage (or resume it, or skip it if done); return its best checkpoint."""
-    from welde_det.integrations.yolo import (
-        WELDEDetectionModel,
-        WELDEDetectionTrainer,
-        stage2_freeze_names,
-    )
+def stage_spec(cfg: ExperimentConfig, stage: dict[str, Any], stats: ClassStats, arch: str, val_coco: Path,
+               val_root: Path) -> dict[str, Any]:
+    """The WELDE settings of one stage, as :func:`~welde_det.integrations.yolo.trainer_spec` reads them.
 
-    sdir = run_dir / stage["name"]
-    done = sdir / DONE
-    if done.is_file():
-        logger.info("stage %s already finished", stage["name"])
-        return Path(json.loads(done.read_text())["best"])
+    It travels as JSON in ``$WELDE_DET_YOLO_SPEC``, which Ultralytics' DDP workers inherit.
+    """
+    from welde_det.integrations.yolo import WELDEDetectionModel, stage2_freeze_names
+
     counts = [float(c) for c in stats.effective_counts]
     objective_kw = {"ema_momentum": cfg.loss.ema_momentum, "sum_penalty": cfg.loss.sum_penalty,
                     "diversity": cfg.loss.diversity, "weight_floor": cfg.loss.weight_floor,
@@ -243,8 +238,22 @@ def _run_stage(cfg: ExperimentConfig, run_dir: Path, stage: dict[str, Any], data
         probe = WELDEDetectionModel(arch if not arch.endswith(".pt") else "yolov8n.yaml", nc=len(stats.names),
                                     components=["ce"], class_counts=counts)
         spec["freeze"] = stage2_freeze_names(probe)
+    return spec
+
+
+def _run_stage(cfg: ExperimentConfig, run_dir: Path, stage: dict[str, Any], data_yaml: Path, val_coco: Path,
+               val_root: Path, stats: ClassStats, arch: str, pretrained: str | None) -> Path:
+    """Train one stage (or resume it, or skip it if done); return its best checkpoint."""
+    from welde_det.integrations.yolo import WELDEDetectionTrainer
+
+    sdir = run_dir / stage["name"]
+    done = sdir / DONE
+    if done.is_file():
+        logger.info("stage %s already finished", stage["name"])
+        return Path(json.loads(done.read_text())["best"])
+    spec = stage_spec(cfg, stage, stats, arch, val_coco, val_root)
     last = sdir / "weights" / "last.pt"
-    with _spec_env(spec):
+    with spec_env(spec):
         if last.is_file():
             logger.info("resuming stage %s from %s", stage["name"], last)
             trainer = WELDEDetectionTrainer(overrides={"resume": str(last)})

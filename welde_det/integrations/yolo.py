@@ -462,9 +462,11 @@ class WELDEDetectionTrainer(DetectionTrainer):
         self._term_sums: dict[str, float] = {}
         self._term_steps = 0
         self._tb = None
-        self.add_callback("on_train_epoch_start", _on_epoch_start)
-        self.add_callback("on_train_batch_end", _on_batch_end)
-        self.add_callback("on_train_epoch_end", _on_epoch_end)
+        # Ultralytics' DDP workers rebuild the trainer with the parent's callbacks, ours among them
+        for event, fn in (("on_train_epoch_start", _on_epoch_start), ("on_train_batch_end", _on_batch_end),
+                          ("on_train_epoch_end", _on_epoch_end)):
+            if fn not in self.callbacks[event]:
+                self.add_callback(event, fn)
 
     def get_model(self, cfg=None, weights=None, verbose: bool = True):
         spec = self.welde_spec
