@@ -182,3 +182,25 @@ def test_ddp_worker_rebuilds_the_trainer_by_import(tmp_path):
     assert ckpt["train_args"]["freeze"] == spec["freeze"]  # the stage-2 freeze list reached the worker
     rows = list(csv.DictReader((run / "stage2" / "terms.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
+
+
+def test_stage1_head_starts_every_stage2_head():
+    """Loading a trained K=1 model into K=4: every head computes the stage-1 head's logits (to the
+    jitter that tells same-loss heads apart), and no two heads share their down-projection."""
+    _, k1 = _pair()
+    with torch.no_grad():
+        for p in k1.head.welde_heads.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # a "trained" stage-1 head: non-identity adapter
+    k4 = WELDEDetectionModel("yolov8n.yaml", ch=1, nc=6, components=("ce", "focal", "cb", "ldam"),
+                             class_counts=COUNTS, mode="welde")
+    k4.load(k1, verbose=False)
+    k1.eval(), k4.eval()
+    x = torch.rand(1, 1, 128, 128)
+    with torch.no_grad():
+        ref = k1(x)[1]["scores_heads"][0]
+        heads = k4(x)[1]["scores_heads"]
+    for z in heads:
+        torch.testing.assert_close(z, ref, atol=0.05, rtol=0)
+    assert (heads[1] - heads[0]).abs().max() > 0
+    downs = [a.down.weight for a in k4.head.welde_heads[0].adapters]
+    assert all(not torch.equal(downs[0], d) for d in downs[1:])

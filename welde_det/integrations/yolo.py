@@ -165,6 +165,25 @@ class WELDEDetect(Detect):
                     if isinstance(clf, nn.Conv2d):
                         clf.load_state_dict(level[-1].state_dict())
 
+    def spread_first_head(self, jitter: float = 1e-2) -> None:
+        """Start every head as head 0 (after loading a K = 1 stage-1 checkpoint).
+
+        Each head k ≥ 1 gets head 0's adapter and classifier, and its adapter's
+        down-projection a seeded jitter of ``jitter`` × that weight's standard deviation:
+        heads with the same loss (``ce_ensemble``) would otherwise receive identical
+        gradients and never leave each other — the jitter plays the "different seeds" of
+        the architecture-matched control, at no cost to the stage-1 function.
+        """
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for heads in self.welde_heads:
+                for k in range(1, len(heads.adapters)):
+                    heads.adapters[k].load_state_dict(heads.adapters[0].state_dict())
+                    heads.classifiers[k].load_state_dict(heads.classifiers[0].state_dict())
+                    w = heads.adapters[k].down.weight
+                    noise = torch.randn(w.shape, generator=g).to(w) * (jitter * float(w.std()))
+                    w.add_(noise)
+
     def bias_init(self) -> None:
         """Ultralytics' prior bias for the box and class convs, applied to every head too."""
         super().bias_init()
@@ -255,7 +274,9 @@ class WELDEDetectionModel(DetectionModel):
 
         The component losses' per-class buffers (counts, weights, margins) come from this
         model's own class counts: checkpoints store them in float16. When ``weights`` is a
-        plain Ultralytics model (no K heads), its classifiers are copied into the heads.
+        plain Ultralytics model (no K heads), its classifiers are copied into the heads;
+        when it is a K = 1 welde_det model (stage 1), its head starts every head
+        (:meth:`WELDEDetect.spread_first_head`).
         """
         model = weights["model"] if isinstance(weights, dict) else weights
         csd = model.float().state_dict()
@@ -263,8 +284,12 @@ class WELDEDetectionModel(DetectionModel):
         keep = {k: v for k, v in csd.items()
                 if k in own and v.shape == own[k].shape and ".objective.losses." not in k}
         self.load_state_dict(keep, strict=False)
-        if not any(".welde_heads." in k for k in keep):
+        src_heads = {int(k.split(".classifiers.")[1].split(".")[0]) for k in keep if ".welde_heads." in k
+                     and ".classifiers." in k}
+        if not src_heads:
             self.head.copy_classifiers_from_stems()
+        elif src_heads == {0} and self.head.num_heads > 1:
+            self.head.spread_first_head()
         if verbose:
             logger.info("transferred %d/%d items from pretrained weights", len(keep), len(own))
 
