@@ -148,3 +148,28 @@ def test_bad_input():
     targets[0]["labels"] = targets[0]["labels"].int()
     with pytest.raises(TypeError, match="int64"):
         model(images, targets)
+
+
+def test_stage1_checkpoint_starts_every_stage2_head(tmp_path):
+    """A 1-channel K=1 CE checkpoint as ``weights`` of a K=4 WELDE model: every weight the two share
+    is loaded (the 1-channel stem included), and each head starts as the CE head."""
+    ce = _tiny(components=["ce"], mode="single", in_channels=1)
+    with torch.no_grad():
+        for p in ce.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # "trained"
+    torch.save({"framework": "rcnn", "model": ce.state_dict()}, tmp_path / "ce.pt")
+    welde = _tiny(components=["ce", "focal", "cb", "ldam"], mode="welde", in_channels=1,
+                  weights=tmp_path / "ce.pt")
+    ws, cs = welde.state_dict(), ce.state_dict()
+    for name in ("backbone.body.0.0.weight", "rpn.head.conv.0.0.weight", "roi_heads.box_head.fc6.weight",
+                 "roi_heads.box_predictor.bbox_pred.weight"):
+        torch.testing.assert_close(ws[name], cs[name])
+    welde.eval(), ce.eval()
+    feats = torch.randn(5, ce.roi_heads.box_head.fc7.out_features)
+    with torch.no_grad():
+        ref = ce.roi_heads.box_predictor.heads(feats)[0]
+        heads = welde.roi_heads.box_predictor.heads(feats)
+    for z in heads[:3]:  # linear heads: the CE head's logits, to the down-projection jitter
+        torch.testing.assert_close(z, ref, atol=1e-2, rtol=0)
+    w_cos = welde.roi_heads.box_predictor.heads.classifiers[3].weight  # ldam: cosine, CE's class directions
+    torch.testing.assert_close(w_cos, ce.roi_heads.box_predictor.heads.classifiers[0].weight)

@@ -285,6 +285,8 @@ def train(cfg: ExperimentConfig, run_dir: Path, *, resume: str | os.PathLike | N
         eval_ds = CocoDetectionDataset(splits[split], root, stats, cfg.data.channels)
         dets = predict_coco(model, eval_ds, stats, device=device)
         atomic_write_json(run_dir / "detections.json", dets)
+        atomic_write_json(run_dir / "eval_split.json", {"split": split, "coco": str(Path(splits[split]).resolve()),
+                                                        "images": str(Path(root).resolve())})
         from welde_det.engine.evaluate import write_detection_report
 
         res = write_detection_report(splits[split], dets, run_dir, class_stats=stats,

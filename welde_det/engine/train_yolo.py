@@ -21,7 +21,8 @@
 - Multi-GPU: ``train.device=0,1`` uses Ultralytics' own DDP; the WELDE settings reach its
   workers through ``$WELDE_DET_YOLO_SPEC``.
 - At the end the final model (best validation mAP, from welde_det's evaluator) is copied to
-  ``<run>/weights/best.pt``, its validation detections to ``detections.json``, and
+  ``<run>/weights/best.pt``, its validation detections to ``detections.json`` (the split
+  and image folder they belong to in ``eval_split.json``), and
   ``report.json`` / ``report.md`` / plots are written by the pycocotools-exact evaluator.
 """
 
@@ -292,6 +293,8 @@ def train(cfg: ExperimentConfig, run_dir: Path, *, resume: str | os.PathLike | N
     dets = predict_coco_yolo(detector.model, splits[split], _root_for(roots, split), stats, imgsz=cfg.train.imgsz,
                              channels=cfg.data.channels, conf=cfg.train.conf)
     atomic_write_json(run_dir / "detections.json", dets)
+    atomic_write_json(run_dir / "eval_split.json", {"split": split, "coco": str(Path(splits[split]).resolve()),
+                                                    "images": str(Path(_root_for(roots, split)).resolve())})
     from welde_det.engine.evaluate import write_detection_report
 
     res = write_detection_report(splits[split], dets, run_dir, class_stats=stats,

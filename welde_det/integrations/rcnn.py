@@ -233,8 +233,10 @@ def build_faster_rcnn(
         foreground_counts: training instances per class (C classes; background is added).
         components, mode, loss_params, hidden, **objective_kw: see :meth:`WELDERoIHeads.from_roi_heads`.
         in_channels: 1 (grayscale) or 3.
-        weights: a local state dict of a torchvision Faster R-CNN with the same class count
-            (e.g. a stage-1 checkpoint) — never a download.
+        weights: a local torchvision Faster R-CNN state dict or welde_det checkpoint (e.g.
+            the CE baseline as the start of the frozen stage) — never a download. Entries
+            are loaded where name and shape match; a K = 1 welde_det head starts all K
+            heads (:meth:`~welde_det.welde.WELDEHeads.spread_first_head`).
         min_size, max_size: GeneralizedRCNNTransform resizing.
 
     Raises:
@@ -247,18 +249,39 @@ def build_faster_rcnn(
     builder = getattr(torchvision.models.detection, arch)
     model = builder(weights=None, weights_backbone=None, num_classes=len(foreground_counts) + 1,
                     min_size=min_size, max_size=max_size)
+    state = None
     if weights is not None:
         if not os.path.isfile(weights):
             raise ValueError(f"weights {weights!r} is not a local file; welde_det never downloads weights — pass "
                              "the path of a saved state dict, or leave it unset for random initialisation")
         state = torch.load(weights, map_location="cpu", weights_only=False)
         state = state.get("model", state) if isinstance(state, dict) else state
-        model.load_state_dict(state, strict=False)
+        # a plain torchvision state dict: its box predictor seeds every WELDE head below
+        _load_matching(model, state)
     _adapt_channels(model, in_channels)
     model.roi_heads = WELDERoIHeads.from_roi_heads(model.roi_heads, components=components,
                                                    foreground_counts=foreground_counts, mode=mode,
                                                    loss_params=loss_params, hidden=hidden, **objective_kw)
+    if state is not None:
+        # a welde_det checkpoint (1-channel stem, K heads): what matches the final model
+        loaded = _load_matching(model, state)
+        heads = model.roi_heads.box_predictor.heads
+        src = {k.split(".classifiers.")[1].split(".")[0] for k in loaded if ".box_predictor.heads.classifiers." in k}
+        if src == {"0"} and len(heads) > 1:
+            heads.spread_first_head()
     return model
+
+
+def _load_matching(model: nn.Module, state: Mapping[str, torch.Tensor]) -> set[str]:
+    """Load the entries of ``state`` whose name and shape exist in ``model``; return their names.
+
+    The per-class loss buffers are the model's own (from this run's class counts).
+    """
+    own = model.state_dict()
+    keep = {k: v for k, v in state.items() if k in own and getattr(v, "shape", None) == own[k].shape
+            and ".objective.losses." not in k}
+    model.load_state_dict(keep, strict=False)
+    return set(keep)
 
 
 def freeze_for_stage2(model: nn.Module) -> list[nn.Parameter]:

@@ -166,23 +166,9 @@ class WELDEDetect(Detect):
                         clf.load_state_dict(level[-1].state_dict())
 
     def spread_first_head(self, jitter: float = 1e-2) -> None:
-        """Start every head as head 0 (after loading a K = 1 stage-1 checkpoint).
-
-        Each head k ≥ 1 gets head 0's adapter and classifier, and its adapter's
-        down-projection a seeded jitter of ``jitter`` × that weight's standard deviation:
-        heads with the same loss (``ce_ensemble``) would otherwise receive identical
-        gradients and never leave each other — the jitter plays the "different seeds" of
-        the architecture-matched control, at no cost to the stage-1 function.
-        """
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for heads in self.welde_heads:
-                for k in range(1, len(heads.adapters)):
-                    heads.adapters[k].load_state_dict(heads.adapters[0].state_dict())
-                    heads.classifiers[k].load_state_dict(heads.classifiers[0].state_dict())
-                    w = heads.adapters[k].down.weight
-                    noise = torch.randn(w.shape, generator=g).to(w) * (jitter * float(w.std()))
-                    w.add_(noise)
+        """Start every head of every level as head 0 (:meth:`WELDEHeads.spread_first_head`)."""
+        for level, heads in enumerate(self.welde_heads):
+            heads.spread_first_head(jitter, seed=level)
 
     def bias_init(self) -> None:
         """Ultralytics' prior bias for the box and class convs, applied to every head too."""

@@ -169,6 +169,31 @@ class WELDEHeads(nn.Module):
     def __len__(self) -> int:
         return len(self.components)
 
+    @torch.no_grad()
+    def spread_first_head(self, jitter: float = 1e-2, seed: int = 0) -> None:
+        """Start every head as head 0 — e.g. after loading a trained K = 1 (stage-1) head.
+
+        Head k ≥ 1 gets head 0's adapter and classifier (a cosine classifier takes a linear
+        one's weight rows as its class directions), and its adapter's down-projection a
+        seeded jitter of ``jitter`` × that weight's standard deviation: heads trained with
+        the same loss (``ce_ensemble``) would otherwise get identical gradients and never
+        leave each other — the jitter plays the control's "different seeds" without
+        changing what the heads compute at the start beyond that jitter.
+        """
+        g = torch.Generator().manual_seed(seed)
+        src_adapter, src_clf = self.adapters[0], self.classifiers[0]
+        for k in range(1, len(self.adapters)):
+            self.adapters[k].load_state_dict(src_adapter.state_dict())
+            clf = self.classifiers[k]
+            if type(clf) is type(src_clf):
+                clf.load_state_dict(src_clf.state_dict())
+            else:
+                clf.weight.copy_(src_clf.weight.reshape(clf.weight.shape))
+                if getattr(clf, "bias", None) is not None and getattr(src_clf, "bias", None) is not None:
+                    clf.bias.copy_(src_clf.bias)
+            w = self.adapters[k].down.weight
+            w.add_(torch.randn(w.shape, generator=g).to(w) * (jitter * float(w.std())))
+
     def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
         """K logit tensors, one per head, in component order.
 
