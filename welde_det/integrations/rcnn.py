@@ -275,11 +275,13 @@ def build_faster_rcnn(
 def _load_matching(model: nn.Module, state: Mapping[str, torch.Tensor]) -> set[str]:
     """Load the entries of ``state`` whose name and shape exist in ``model``; return their names.
 
-    The per-class loss buffers are the model's own (from this run's class counts).
+    The objective (loss buffers, θ, EMA statistics, step counter) stays this model's own:
+    its warm-up and bias correction start afresh, from this run's class counts (resuming a
+    run restores the whole state dict instead).
     """
     own = model.state_dict()
     keep = {k: v for k, v in state.items() if k in own and getattr(v, "shape", None) == own[k].shape
-            and ".objective.losses." not in k}
+            and ".objective." not in k}
     model.load_state_dict(keep, strict=False)
     return set(keep)
 

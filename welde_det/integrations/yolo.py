@@ -259,7 +259,9 @@ class WELDEDetectionModel(DetectionModel):
         """Load matching weights (Ultralytics ``DetectionModel.load``) but keep this model's loss buffers.
 
         The component losses' per-class buffers (counts, weights, margins) come from this
-        model's own class counts: checkpoints store them in float16. When ``weights`` is a
+        model's own class counts: checkpoints store them in float16. The objective's state
+        (θ, EMA, step counter) is taken only from a model with the same components and
+        mode (Ultralytics' resume), never from a stage-1 model. When ``weights`` is a
         plain Ultralytics model (no K heads), its classifiers are copied into the heads;
         when it is a K = 1 welde_det model (stage 1), its head starts every head
         (:meth:`WELDEDetect.spread_first_head`).
@@ -267,8 +269,12 @@ class WELDEDetectionModel(DetectionModel):
         model = weights["model"] if isinstance(weights, dict) else weights
         csd = model.float().state_dict()
         own = self.state_dict()
-        keep = {k: v for k, v in csd.items()
-                if k in own and v.shape == own[k].shape and ".objective.losses." not in k}
+        # θ, EMA statistics and the step counter continue only in the same objective (a resume);
+        # a stage-1 model's counter would otherwise skip the warm-up and break bias correction
+        spec = getattr(model, "welde_spec", {})
+        same = (spec.get("components"), spec.get("mode")) == (self.welde_spec["components"], self.welde_spec["mode"])
+        keep = {k: v for k, v in csd.items() if k in own and v.shape == own[k].shape
+                and ".objective.losses." not in k and (same or ".objective." not in k)}
         self.load_state_dict(keep, strict=False)
         src_heads = {int(k.split(".classifiers.")[1].split(".")[0]) for k in keep if ".welde_heads." in k
                      and ".classifiers." in k}
