@@ -13,7 +13,7 @@ On a fresh machine, with the quick CPU profile (Ultralytics YOLOv8n, random init
 5. draws WELDE's detections on validation slices (``overlays/``);
 
 and prints where everything is, with a one-line summary. ``--framework rcnn`` runs the
-same comparison with torchvision Faster R-CNN (its stage 1 runs inside each run).
+same comparison with torchvision Faster R-CNN (MobileNetV3-FPN).
 
 Usage:
     python -m welde_det.engine.demo [--framework yolo|rcnn] [--n-images 120] [--imgsz 256]
@@ -68,14 +68,18 @@ def _train_all(args: argparse.Namespace) -> dict[str, Path]:
     if fw == "yolo":
         common.append(f"nbs={args.batch}")  # one optimiser step per batch: a short run needs the steps
     runs = {"ce": run_training(ROOT / "configs" / f"{fw}_ce.yaml", [*common, f"epochs={args.epochs}"])}
-    if fw == "yolo":  # stage 2 starts from the CE baseline itself
-        stage2 = ["stage1_epochs=0", f"model.weights={runs['ce'] / 'weights' / 'best.pt'}"]
-    else:  # the Faster R-CNN runner trains its own stage 1 with the configured heads
-        stage2 = [f"stage1_epochs={args.epochs}"]
+    # the frozen stage starts from the CE baseline itself: its stage 1 is the baseline
+    stage2 = ["stage1_epochs=0", f"model.weights={_checkpoint(runs['ce'])}"]
     for name in ("ce_ensemble", "welde"):
         runs[name] = run_training(ROOT / "configs" / f"{fw}_{name}.yaml",
                                   [*common, *stage2, f"epochs={args.stage2_epochs}", "warmup_steps=20"])
     return runs
+
+
+def _checkpoint(run: Path) -> Path:
+    """The checkpoint a run ends with (YOLO: best validation mAP; Faster R-CNN: the last epoch)."""
+    best = run / "weights" / "best.pt"
+    return best if best.is_file() else run / "weights" / "last.pt"
 
 
 def _val_split(run: Path) -> tuple[Path, Path]:
@@ -132,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "title": title, "seconds": round(seconds, 1), "args": vars(args),
         "runs": {name: {"folder": str(runs[name]), "map": r["map"], "map50": r["map50"], "map_tail": r["map_tail"],
                         "map50_tail": r["map50_tail"]} for name, r in reports.items()}})
-    detector = load_detector(runs["welde"] / "weights" / ("best.pt" if args.framework == "yolo" else "last.pt"),
-                             "cpu")
+    detector = load_detector(_checkpoint(runs["welde"]), "cpu")
     gt = json.loads(val.read_text())
     for info in sorted(gt["images"], key=lambda im: im["id"])[:args.overlays]:
         run_inference(detector, images / info["file_name"], out / "overlays", conf=0.25, progress=False)
