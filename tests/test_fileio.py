@@ -30,3 +30,18 @@ def test_load_json_errors_name_the_file(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match=r"bad\.json"):
         load_json(tmp_path / "bad.json")
+
+
+def test_atomic_files_get_ordinary_permissions(tmp_path):
+    """Reports and overlays must be readable by the group/others as any file the user writes is,
+    not owner-only like the temporary file they start as."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_json(tmp_path / "r.json", {"a": 1})
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777) == 0o644

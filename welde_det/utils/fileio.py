@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -34,6 +43,9 @@ def atomic_writer(path: str | os.PathLike, mode: str = "w", **open_kw: Any) -> I
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp makes the file owner-only; give it the permissions open() would have given
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o666 & ~_umask())
     if mode == "w":
         open_kw.setdefault("encoding", "utf-8")
     try:
