@@ -73,6 +73,7 @@ def test_bad_config(tmp_path, cache):
     torch.save({"framework": "rcnn", "model": {}, "class_stats": {"names": names}}, reordered)
     with pytest.raises(ConfigError, match="another class list"):
         _tiny(tmp_path, cache, "rcnn_ce", [f"model.weights={reordered}"])
+    assert not any((tmp_path / "runs").iterdir())  # every failed run removed its (checkpoint-less) folder
 
 
 def test_plain_weights_carry_no_class_list(tmp_path):

@@ -127,6 +127,8 @@ def test_bad_input(tmp_path):
     torch.save({"welde_det": {"framework": "yolo", "class_stats": {"names": ["disc", "vertebra"]}}}, other)
     with pytest.raises(ConfigError, match=r"another class list.*\['disc', 'vertebra'\].*Normal_IVD"):
         run_training(ROOT / "configs" / "yolo_ce.yaml", [*common, f"model.weights={other}"])
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(runs.iterdir())  # nothing half-written: no run folders left behind
 
 
 def test_cli_prints_run_folder_last(tmp_path):

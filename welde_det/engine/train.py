@@ -142,9 +142,27 @@ def run_training(
 
             cfg = apply_overrides(cfg, list(overrides))
         run_dir = _shared_run_dir(cfg)
-    runner = resolve_runner(cfg)
-    if _rank() == 0:
-        save_config(cfg, run_dir / CONFIG_NAME)
-    seed_everything(cfg.train.seed)
-    logger.info("run folder: %s", run_dir)
-    return Path(runner.train(cfg, run_dir, resume=resume))
+    try:
+        runner = resolve_runner(cfg)
+        if _rank() == 0:
+            save_config(cfg, run_dir / CONFIG_NAME)
+        seed_everything(cfg.train.seed)
+        logger.info("run folder: %s", run_dir)
+        return Path(runner.train(cfg, run_dir, resume=resume))
+    except BaseException:
+        if resume is None:
+            _discard_if_unstarted(run_dir)
+        raise
+
+
+def _discard_if_unstarted(run_dir: Path) -> None:
+    """Remove a new run folder that holds no checkpoint yet (bad config or data: nothing to resume).
+
+    A run that wrote a checkpoint keeps its folder, so ``--resume`` can continue it.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not run_dir.is_dir() or any(run_dir.rglob("*.pt")):
+        return
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    logger.info("removed %s: the run stopped before its first checkpoint", run_dir)
