@@ -31,7 +31,7 @@ PHI = {
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def test_volume(shape=(12, 10, 7), seed=0) -> np.ndarray:
+def phantom_volume(shape=(12, 10, 7), seed=0) -> np.ndarray:
     """Asymmetric integer pattern: a ramp along every axis plus a marker in one corner."""
     i, j, k = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
     vol = (100 + 7 * i + 13 * j + 29 * k).astype(np.int16)

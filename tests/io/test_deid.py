@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.io.dicom_factory import ORIENTATIONS, PHI, affine_from_dirs, test_volume, write_series
+from tests.io.dicom_factory import ORIENTATIONS, PHI, affine_from_dirs, phantom_volume, write_series
 from welde_det.io import read_volume
 from welde_det.io.deid import (
     burned_in_annotation,
@@ -29,7 +29,7 @@ def _leaks(text: str) -> list[str]:
 
 def test_safe_metadata_and_provenance_carry_no_phi(tmp_path):
     aff = affine_from_dirs(ORIENTATIONS["sagittal"], (0.7, 0.7, 3.5), (0, 0, 0))
-    paths = write_series(tmp_path / "Doe_Jane" / "PID-99871", test_volume((6, 6, 4)), aff)
+    paths = write_series(tmp_path / "Doe_Jane" / "PID-99871", phantom_volume((6, 6, 4)), aff)
     ds = pydicom.dcmread(paths[0])
     meta = safe_metadata(ds, key=b"secret")
     assert _leaks(json.dumps(meta)) == []

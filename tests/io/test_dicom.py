@@ -13,7 +13,7 @@ import pytest
 from tests.io.dicom_factory import (
     ORIENTATIONS,
     affine_from_dirs,
-    test_volume,
+    phantom_volume,
     write_enhanced,
     write_series,
 )
@@ -70,7 +70,7 @@ def _assert_same_geometry(ours, ref_img):
 @needs_dcm2niix
 @pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
 def test_geometry_matches_dcm2niix(tmp_path, orientation):
-    vol = test_volume()
+    vol = phantom_volume()
     aff = _affine(orientation)
     write_series(tmp_path / "dcm", vol, aff, reverse_instance=orientation == "coronal")
     ours = read_volume(tmp_path / "dcm", series=0)
@@ -81,9 +81,9 @@ def test_geometry_matches_dcm2niix(tmp_path, orientation):
 
 @needs_dcm2niix
 def test_shuffled_reversed_and_mixed_series(tmp_path):
-    vol = test_volume((9, 11, 6))
+    vol = phantom_volume((9, 11, 6))
     write_series(tmp_path / "study" / "a", vol, _affine("sagittal"), reverse_instance=True, seed=3)
-    write_series(tmp_path / "study" / "b", test_volume((8, 8, 5)), _affine("axial"), description="T2 AX")
+    write_series(tmp_path / "study" / "b", phantom_volume((8, 8, 5)), _affine("axial"), description="T2 AX")
     series = list_series(tmp_path / "study")
     assert [s.orientation for s in series] == ["sagittal", "axial"]
     assert series[1].skip_reason.startswith("not sagittal")
@@ -96,20 +96,20 @@ def test_shuffled_reversed_and_mixed_series(tmp_path):
 
 def test_same_uid_split_by_geometry(tmp_path):
     uid = "1.2.826.0.1.3680043.8.498.1"
-    write_series(tmp_path / "x", test_volume((6, 6, 4)), _affine("sagittal"), series_uid=uid)
-    write_series(tmp_path / "y", test_volume((6, 6, 4)), _affine("axial"), series_uid=uid)
+    write_series(tmp_path / "x", phantom_volume((6, 6, 4)), _affine("sagittal"), series_uid=uid)
+    write_series(tmp_path / "y", phantom_volume((6, 6, 4)), _affine("axial"), series_uid=uid)
     series = list_series(tmp_path)
     assert len(series) == 2 and {s.orientation for s in series} == {"sagittal", "axial"}
 
 
 def test_rescale_slope_intercept(tmp_path):
-    vol = test_volume((5, 6, 4)).astype(np.float32) * 2.0 - 50.0
+    vol = phantom_volume((5, 6, 4)).astype(np.float32) * 2.0 - 50.0
     write_series(tmp_path / "d", vol, _affine("sagittal"), slope=2.0, intercept=-50.0)
     np.testing.assert_allclose(read_volume(tmp_path / "d").array, vol)
 
 
 def test_enhanced_multiframe_equals_classic(tmp_path):
-    vol = test_volume((7, 9, 5))
+    vol = phantom_volume((7, 9, 5))
     aff = _affine("oblique")
     write_enhanced(tmp_path / "enh" / "multi.dcm", vol, aff)
     ours = read_volume(tmp_path / "enh", series=0)
@@ -117,7 +117,7 @@ def test_enhanced_multiframe_equals_classic(tmp_path):
 
 
 def test_missing_slice_and_uneven_spacing(tmp_path):
-    vol = test_volume((6, 6, 8))
+    vol = phantom_volume((6, 6, 8))
     paths = write_series(tmp_path / "d", vol, _affine("sagittal"), shuffle_names=False)
     paths[4].unlink()
     with pytest.raises(MissingSliceError, match=r"gap\(s\) of \[7\.0\] mm") as err:
@@ -129,7 +129,7 @@ def test_missing_slice_and_uneven_spacing(tmp_path):
 def test_uneven_spacing_error(tmp_path):
     import pydicom
 
-    paths = write_series(tmp_path / "d", test_volume((6, 6, 6)), _affine("sagittal"), shuffle_names=False)
+    paths = write_series(tmp_path / "d", phantom_volume((6, 6, 6)), _affine("sagittal"), shuffle_names=False)
     ds = pydicom.dcmread(paths[2])
     ds.ImagePositionPatient = [ds.ImagePositionPatient[0] + 0.6, *ds.ImagePositionPatient[1:]]
     ds.save_as(paths[2])
@@ -151,7 +151,7 @@ def test_bad_input(tmp_path):
         read_volume(tmp_path / "junk")
     with pytest.raises(NotDicomError):
         read_volume(tmp_path / "junk" / "notes.txt")
-    write_series(tmp_path / "ax", test_volume((6, 6, 4)), _affine("axial"))
+    write_series(tmp_path / "ax", phantom_volume((6, 6, 4)), _affine("axial"))
     with pytest.raises(NoSagittalSeriesError, match="found: axial"):
         read_volume(tmp_path / "ax")
     with pytest.raises(FileNotFoundError):
@@ -159,7 +159,7 @@ def test_bad_input(tmp_path):
 
 
 def test_truncated_pixel_data_is_typed(tmp_path):
-    paths = write_series(tmp_path / "d", test_volume((6, 6, 4)), _affine("sagittal"), shuffle_names=False)
+    paths = write_series(tmp_path / "d", phantom_volume((6, 6, 4)), _affine("sagittal"), shuffle_names=False)
     data = paths[1].read_bytes()
     paths[1].write_bytes(data[: len(data) - 40])
     with pytest.raises(WeldeIOError):
@@ -199,7 +199,7 @@ def test_real_truncated_file_is_typed():
 
 
 def test_mid_sagittal_of_dicom_series(tmp_path):
-    vol = test_volume((12, 10, 7))
+    vol = phantom_volume((12, 10, 7))
     write_series(tmp_path / "d", vol, _affine("sagittal"))
     s = mid_sagittal(read_volume(tmp_path / "d"))
     assert s.axis == 2 and s.index == 3
