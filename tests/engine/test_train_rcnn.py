@@ -38,8 +38,10 @@ def test_welde_run_reload_and_resume(tmp_path, cache):
         assert (run / name).is_file(), name
     rows = list(csv.DictReader((run / "terms.csv").open()))
     assert [r["stage"] for r in rows] == ["1", "2"]
-    assert "weight_ldam" in rows[0] and "diversity" in rows[0]
+    # stage 1 is ordinary training with one ce head; the four WELDE heads arrive in stage 2
+    assert rows[0]["loss_ce"] and not rows[0]["weight_ldam"] and rows[1]["weight_ldam"] and rows[1]["diversity"]
     model, ckpt = load_rcnn(run / "weights" / "last.pt")
+    assert len(model.roi_heads.box_predictor.heads) == 4 and not ckpt["stage1_model"]
     from welde_det.classes import ClassStats
 
     stats = ClassStats.from_dict(ckpt["class_stats"])

@@ -6,9 +6,13 @@
   3 channels (``data.channels``).
 - Model: :func:`welde_det.integrations.rcnn.build_faster_rcnn` (``model.arch`` one of
   ``fasterrcnn_mobilenet_v3_large_fpn`` (default, CPU-friendly) or ``fasterrcnn_resnet50_fpn``).
-- Schedule: ``train.stage1_epochs`` of full-network training with the configured heads,
-  then ``train.epochs`` of stage 2 — for ``welde``/``ce_ensemble`` (or
-  ``train.freeze_backbone``) with backbone, FPN, RPN, box head and box regressor frozen.
+- Schedule: for ``welde``/``ce_ensemble``, ``train.stage1_epochs`` of ordinary full-network
+  training with one ``ce`` head (as the YOLO and classification runners do), then
+  ``train.epochs`` of stage 2 with the configured K heads — each starting as the stage-1
+  head — and backbone, FPN, RPN, box head and box regressor frozen. Single-loss runs train
+  ``stage1_epochs + epochs`` with their loss (frozen in the second part with
+  ``train.freeze_backbone``). ``model.weights`` may be a local torchvision state dict or a
+  welde_det checkpoint of the same classes (``make demo`` starts stage 2 from the CE run).
 - DDP: launched with ``torchrun --nproc_per_node N tools/train.py ...``; the process group
   uses gloo on CPU and NCCL on CUDA; only rank 0 logs, saves and evaluates.
 - Resumable: ``weights/last.pt`` is written atomically after every epoch (model, optimiser,
@@ -33,7 +37,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from welde_det.classes import ClassStats
 from welde_det.datasets.coco import load_coco
-from welde_det.engine.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict
+from welde_det.engine.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_from_dict,
+    config_to_dict,
+    replace_section,
+)
 from welde_det.engine.train import check_weights_classes
 from welde_det.integrations.rcnn import RCNN_ARCHS, build_faster_rcnn, freeze_for_stage2
 from welde_det.losses import available_losses
@@ -138,7 +148,20 @@ def _check_cfg(cfg: ExperimentConfig) -> str:
     return arch
 
 
-def _build(cfg: ExperimentConfig, stats: ClassStats, arch: str) -> torch.nn.Module:
+def _two_stage(cfg: ExperimentConfig) -> bool:
+    """WELDE / ce_ensemble with a stage 1: ordinary K = 1 ``ce`` training comes first."""
+    return cfg.loss.mode != "single" and cfg.train.stage1_epochs > 0
+
+
+def _build(cfg: ExperimentConfig, stats: ClassStats, arch: str, *, stage1: bool = False,
+           weights: Any = None) -> torch.nn.Module:
+    """The model of a stage: the configured heads, or (``stage1``) one ``ce`` head.
+
+    ``weights`` (a state dict) overrides ``model.weights``; the stage-2 model is built from
+    the stage-1 model's this way, every head starting as its head.
+    """
+    if stage1:
+        cfg = replace_section(cfg, "loss", mode="single", name="ce")
     mode = "single" if cfg.loss.mode == "single" else "welde"
     kw: dict[str, Any] = {}
     if mode == "welde":
@@ -152,7 +175,8 @@ def _build(cfg: ExperimentConfig, stats: ClassStats, arch: str) -> torch.nn.Modu
             if cfg.loss.drw_epoch >= 0:
                 params[name].setdefault("drw_epoch", cfg.loss.drw_epoch)
     return build_faster_rcnn(arch, foreground_counts=stats.effective_counts, components=cfg.components, mode=mode,
-                             in_channels=cfg.data.channels, weights=cfg.model.weights, min_size=cfg.train.imgsz,
+                             in_channels=cfg.data.channels, weights=cfg.model.weights if weights is None else weights,
+                             min_size=cfg.train.imgsz,
                              max_size=cfg.train.imgsz, loss_params=params, hidden=cfg.model.hidden or None, **kw)
 
 
@@ -164,10 +188,12 @@ def _dist_env() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def _save(path: Path, model, opt, epoch: int, stats: ClassStats, cfg: ExperimentConfig, arch: str) -> None:
+def _save(path: Path, model, opt, epoch: int, stats: ClassStats, cfg: ExperimentConfig, arch: str,
+          stage1_model: bool = False) -> None:
     core = model.module if hasattr(model, "module") else model
     ckpt = {"framework": "rcnn", "arch": arch, "model": core.state_dict(), "optimizer": opt.state_dict(),
-            "epoch": epoch, "class_stats": stats.to_dict(), "config": config_to_dict(cfg)}
+            "epoch": epoch, "class_stats": stats.to_dict(), "config": config_to_dict(cfg),
+            "stage1_model": stage1_model}
     with atomic_writer(path, "wb") as f:
         torch.save(ckpt, f)
 
@@ -179,7 +205,7 @@ def load_rcnn(path: str | os.PathLike, device: str | torch.device = "cpu") -> tu
         raise ValueError(f"{path}: not a welde_det Faster R-CNN checkpoint")
     cfg = config_from_dict(ckpt["config"], source=str(path))
     stats = ClassStats.from_dict(ckpt["class_stats"])
-    model = _build(cfg, stats, ckpt["arch"])
+    model = _build(cfg, stats, ckpt["arch"], stage1=bool(ckpt.get("stage1_model", False)))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 
@@ -213,19 +239,23 @@ def train(cfg: ExperimentConfig, run_dir: Path, *, resume: str | os.PathLike | N
     check_weights_classes(cfg.model.weights, stats.names)
     train_ds = CocoDetectionDataset(splits["train"], root, stats, cfg.data.channels)
     torch.manual_seed(cfg.train.seed)
-    model = _build(cfg, stats, arch).to(device)
     total = cfg.train.stage1_epochs + cfg.train.epochs
     start = 0
     ckpt_path = run_dir / "weights" / "last.pt"
     opt_state = None
+    stage1_model = _two_stage(cfg)
     if resume is not None:
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"cannot resume: {ckpt_path} not found")
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        stage1_model = bool(ckpt.get("stage1_model", False))
+        model = _build(cfg, stats, arch, stage1=stage1_model).to(device)
         model.load_state_dict(ckpt["model"])
         opt_state, start = ckpt["optimizer"], ckpt["epoch"] + 1
         if start >= total:
             logger.info("run already finished %d epochs", total)
+    else:
+        model = _build(cfg, stats, arch, stage1=stage1_model).to(device)
     stage2 = cfg.loss.mode != "single" or cfg.train.freeze_backbone
     sampler = torch.utils.data.distributed.DistributedSampler(train_ds, seed=cfg.train.seed) if world > 1 else None
     g = torch.Generator().manual_seed(cfg.train.seed)
@@ -237,6 +267,10 @@ def train(cfg: ExperimentConfig, run_dir: Path, *, resume: str | os.PathLike | N
     opt = None
     for epoch in range(start, total):
         in_stage2 = stage2 and epoch >= cfg.train.stage1_epochs
+        if in_stage2 and stage1_model:  # the K heads start as the trained stage-1 head
+            model = _build(cfg, stats, arch, weights=model.state_dict()).to(device)
+            stage1_model, opt_state = False, None  # a new model: the stage-1 optimiser state does not apply
+            net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
         if opt is None or (in_stage2 and epoch == cfg.train.stage1_epochs):
             params = freeze_for_stage2(model) if in_stage2 else [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
@@ -275,7 +309,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, *, resume: str | os.PathLike | N
             row = {"epoch": epoch, "stage": 2 if in_stage2 else 1, **{k: v / max(steps, 1) for k, v in sums.items()}}
             log_rows.append(row)
             append_csv_row(run_dir / "terms.csv", row)
-            _save(ckpt_path, model, opt, epoch, stats, cfg, arch)
+            _save(ckpt_path, model, opt, epoch, stats, cfg, arch, stage1_model)
             logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("loss")))
     if world > 1:
         dist.barrier()

@@ -219,7 +219,7 @@ def build_faster_rcnn(
     components: Sequence[str] = ("ce",),
     mode: str = "single",
     in_channels: int = 3,
-    weights: str | os.PathLike | None = None,
+    weights: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
     min_size: int = 384,
     max_size: int = 640,
     loss_params: Mapping[str, Mapping[str, Any]] | None = None,
@@ -234,7 +234,8 @@ def build_faster_rcnn(
         components, mode, loss_params, hidden, **objective_kw: see :meth:`WELDERoIHeads.from_roi_heads`.
         in_channels: 1 (grayscale) or 3.
         weights: a local torchvision Faster R-CNN state dict or welde_det checkpoint (e.g.
-            the CE baseline as the start of the frozen stage) — never a download. Entries
+            the CE baseline as the start of the frozen stage), or a state dict in memory
+            — never a download. Entries
             are loaded where name and shape match; a K = 1 welde_det head starts all K
             heads (:meth:`~welde_det.welde.WELDEHeads.spread_first_head`).
         min_size, max_size: GeneralizedRCNNTransform resizing.
@@ -250,7 +251,9 @@ def build_faster_rcnn(
     model = builder(weights=None, weights_backbone=None, num_classes=len(foreground_counts) + 1,
                     min_size=min_size, max_size=max_size)
     state = None
-    if weights is not None:
+    if isinstance(weights, Mapping):
+        state = weights
+    elif weights is not None:
         if not os.path.isfile(weights):
             raise ValueError(f"weights {weights!r} is not a local file; welde_det never downloads weights — pass "
                              "the path of a saved state dict, or leave it unset for random initialisation")
