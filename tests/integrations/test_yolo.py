@@ -101,6 +101,16 @@ def test_short_runs_every_config_and_checkpoint_reload(tmp_path):
     det = load_yolo_detector(run / "weights" / "best.pt")
     assert det.names == ["DDD", "LDB", "Normal_IVD", "SS", "TDB", "Spondylolisthesis"]
     assert len(det.model.head.components) == 4
+    from welde_det.integrations.yolo import predict_coco_yolo
+
+    split = json.loads((run / "eval_split.json").read_text())
+    again = predict_coco_yolo(det.model, split["coco"], split["images"], det.class_stats, imgsz=det.imgsz,
+                              channels=det.channels, conf=0.0)
+    saved = json.loads((run / "detections.json").read_text())
+    assert len(again) == len(saved) > 0
+    for a, b in zip(again, saved):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3) and a["score"] == pytest.approx(b["score"], abs=1e-5)
     terms = (run / "stage2" / "terms.csv").read_text().splitlines()[0].split(",")
     assert {"weight_ce", "weight_ldam", "diversity"} <= set(terms)
     from ultralytics import YOLO
