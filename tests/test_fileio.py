@@ -39,9 +39,11 @@ def test_atomic_files_get_ordinary_permissions(tmp_path):
 
     old = os.umask(0o022)
     try:
-        path = atomic_write_json(tmp_path / "r.json", {"a": 1})
-        plain = tmp_path / "plain.txt"
-        plain.write_text("x")
+        for mask, mode in ((0o022, 0o644), (0o002, 0o664), (0o077, 0o600)):
+            os.umask(mask)
+            path = atomic_write_json(tmp_path / f"r{mask}.json", {"a": 1})
+            plain = tmp_path / f"plain{mask}.txt"
+            plain.write_text("x")
+            assert (path.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777) == mode
     finally:
         os.umask(old)
-    assert (path.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777) == 0o644

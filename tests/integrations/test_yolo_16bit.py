@@ -83,18 +83,45 @@ def test_bit_depth_8_is_ultralytics_unchanged(tmp_path):
         _make(HighBitYOLODataset, images, augment=False, bit_depth=12)
 
 
-def test_phantom_16bit_trains_through_the_runner(tmp_path):
-    """data.bit_depth=16: the phantom writes 16-bit PNGs, the stage trains on HighBitYOLODataset, the
-    report is written."""
-    from welde_det.engine.train import run_training
+def test_three_channels_without_hsv_and_no_8bit_blends(tmp_path):
+    from ultralytics.data.augment import RandomHSV
 
-    run = run_training(ROOT / "configs" / "yolo_ce.yaml",
-                       ["epochs=1", "imgsz=64", "n_images=4", "batch=4", "workers=0", "data.bit_depth=16",
-                        f"output={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'gen'}", "conf=0.0"])
+    images, _ = _dataset(tmp_path)
+    ds = _make(HighBitYOLODataset, images, augment=True, mosaic=1.0, hsv_v=0.4, hsv_s=0.7)
+    assert not any(isinstance(t, RandomHSV) for t in ds.transforms.transforms)  # an 8-bit lookup table
+    rgb = HighBitYOLODataset(img_path=str(images), imgsz=SIZE, augment=True,
+                             hyp=get_cfg(overrides={"mosaic": 1.0, "hsv_v": 0.4}), rect=False, stride=32, pad=0.0,
+                             data={"names": {0: "a"}, "nc": 1, "channels": 3}, bit_depth=16)
+    img = rgb[0]["img"].numpy()
+    assert img.dtype == np.float32 and img.shape == (3, SIZE, SIZE)
+    with pytest.raises(ValueError, match="mixup"):
+        _make(HighBitYOLODataset, images, augment=True, mixup=0.5)
+
+
+def test_phantom_16bit_trains_through_the_runner(tmp_path):
+    """data.bit_depth=16: the phantom writes 16-bit PNGs, the trainer's dataset is a HighBitYOLODataset
+    giving float32 slices, and a run trains and writes its report."""
+    from welde_det.engine.config import load_config
+    from welde_det.engine.train import run_training
+    from welde_det.engine.train_yolo import _stages, resolve_yolo_data, spec_env, stage_spec
+    from welde_det.integrations.yolo import WELDEDetectionTrainer
+
+    overrides = ["epochs=1", "imgsz=64", "n_images=4", "batch=4", "workers=0", "data.bit_depth=16",
+                 f"output={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'gen'}", "conf=0.0"]
+    run = run_training(ROOT / "configs" / "yolo_ce.yaml", overrides)
     phantom = next((tmp_path / "gen").glob("phantom-n4-*"))
     png = cv2.imread(str(next((phantom / "images").glob("*.png"))), cv2.IMREAD_UNCHANGED)
     assert png.dtype == np.uint16 and png.max() > 255
-    rep = json.loads((run / "report.json").read_text())
-    assert len(rep["stats"]) == 12
-    args = (run / "train" / "args.yaml").read_text()
-    assert "hsv_v: 0.0" in args
+    assert len(json.loads((run / "report.json").read_text())["stats"]) == 12
+
+    cfg = load_config(ROOT / "configs" / "yolo_ce.yaml", overrides)
+    data_yaml, splits, roots, stats = resolve_yolo_data(cfg, tmp_path / "probe")
+    (stage,) = _stages(cfg)
+    with spec_env(stage_spec(cfg, stage, stats, cfg.model.arch, splits["val"], roots)):
+        trainer = WELDEDetectionTrainer(overrides={"model": "yolov8n.yaml", "data": str(data_yaml), "imgsz": 64,
+                                                   "device": "cpu", "project": str(tmp_path / "probe")})
+    trainer.model = trainer.get_model(cfg="yolov8n.yaml", verbose=False)
+    ds = trainer.build_dataset(trainer.data["train"], mode="train", batch=4)
+    assert isinstance(ds, HighBitYOLODataset) and ds.bit_depth == 16
+    img = ds[0]["img"].numpy()
+    assert img.dtype == np.float32 and not np.allclose(img, np.round(img))  # finer than 8-bit steps

@@ -69,7 +69,7 @@ def _train_all(args: argparse.Namespace) -> dict[str, Path]:
         common.append(f"nbs={args.batch}")  # one optimiser step per batch: a short run needs the steps
     runs = {"ce": run_training(ROOT / "configs" / f"{fw}_ce.yaml", [*common, f"epochs={args.epochs}"])}
     # the frozen stage starts from the CE baseline itself: its stage 1 is the baseline
-    stage2 = ["stage1_epochs=0", f"model.weights={_checkpoint(runs['ce'])}"]
+    stage2 = ["stage1_epochs=0", f"model.weights={_checkpoint(runs['ce']).resolve()}"]
     for name in ("ce_ensemble", "welde"):
         runs[name] = run_training(ROOT / "configs" / f"{fw}_{name}.yaml",
                                   [*common, *stage2, f"epochs={args.stage2_epochs}", "warmup_steps=20"])

@@ -205,7 +205,8 @@ def load_rcnn(path: str | os.PathLike, device: str | torch.device = "cpu") -> tu
         raise ValueError(f"{path}: not a welde_det Faster R-CNN checkpoint")
     cfg = config_from_dict(ckpt["config"], source=str(path))
     stats = ClassStats.from_dict(ckpt["class_stats"])
-    model = _build(cfg, stats, ckpt["arch"], stage1=bool(ckpt.get("stage1_model", False)))
+    # weights={}: the checkpoint holds every weight; model.weights may have moved since
+    model = _build(cfg, stats, ckpt["arch"], stage1=bool(ckpt.get("stage1_model", False)), weights={})
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 
@@ -236,7 +237,8 @@ def train(cfg: ExperimentConfig, run_dir: Path, *, resume: str | os.PathLike | N
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     splits, root, stats = _data_paths(cfg)
-    check_weights_classes(cfg.model.weights, stats.names)
+    if resume is None:  # a resumed run restores its own weights, whatever became of model.weights
+        check_weights_classes(cfg.model.weights, stats.names)
     train_ds = CocoDetectionDataset(splits["train"], root, stats, cfg.data.channels)
     torch.manual_seed(cfg.train.seed)
     total = cfg.train.stage1_epochs + cfg.train.epochs
@@ -249,7 +251,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, *, resume: str | os.PathLike | N
             raise FileNotFoundError(f"cannot resume: {ckpt_path} not found")
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         stage1_model = bool(ckpt.get("stage1_model", False))
-        model = _build(cfg, stats, arch, stage1=stage1_model).to(device)
+        model = _build(cfg, stats, arch, stage1=stage1_model, weights={}).to(device)
         model.load_state_dict(ckpt["model"])
         opt_state, start = ckpt["optimizer"], ckpt["epoch"] + 1
         if start >= total:

@@ -136,14 +136,14 @@ def _root_for(roots: Path | dict[str, Path], split: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- stages
-def _check_cfg(cfg: ExperimentConfig) -> str:
+def _check_cfg(cfg: ExperimentConfig, *, resume: bool = False) -> str:
     arch = cfg.model.arch
     if arch.endswith(".pt") and not Path(arch).is_file():
         raise ConfigError(f"model.arch {arch!r} would be downloaded by Ultralytics; welde_det never downloads "
                           "weights — give a model YAML (yolov8n.yaml, random init) and model.weights=<local .pt>")
     if not (arch.endswith((".yaml", ".yml", ".pt"))):
         raise ConfigError(f"model.arch {arch!r} is not a YOLO model YAML (e.g. yolov8n.yaml) or a local .pt")
-    if cfg.model.weights is not None and not Path(cfg.model.weights).is_file():
+    if cfg.model.weights is not None and not resume and not Path(cfg.model.weights).is_file():
         raise ConfigError(f"model.weights {cfg.model.weights!r} is not a local file; welde_det never downloads "
                           "weights — pass the path of a saved .pt, or leave it unset for random initialisation")
     valid = available_losses("sigmoid")
@@ -210,9 +210,6 @@ def _ultralytics_args(cfg: ExperimentConfig, data_yaml: Path, run_dir: Path, sta
         args.update({"mosaic": 0.0, "close_mosaic": 0, "warmup_epochs": 0.0})
     if cfg.data.channels == 1:
         args.update({"hsv_h": 0.0, "hsv_s": 0.0})
-    if cfg.data.bit_depth == 16:
-        # Ultralytics' HSV jitter is an 8-bit lookup table; 16-bit slices skip it
-        args.update({"hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0})
     if pretrained:
         args["pretrained"] = pretrained
     return args
@@ -270,9 +267,10 @@ def _run_stage(cfg: ExperimentConfig, run_dir: Path, stage: dict[str, Any], data
 
 def train(cfg: ExperimentConfig, run_dir: Path, *, resume: str | os.PathLike | None = None) -> Path:
     """The YOLO runner (see the module docstring). Returns ``run_dir``."""
-    arch = _check_cfg(cfg)
+    arch = _check_cfg(cfg, resume=resume is not None)
     data_yaml, splits, roots, stats = resolve_yolo_data(cfg, run_dir)
-    check_weights_classes(cfg.model.weights, stats.names)
+    if resume is None:  # a resumed stage restores its own weights, whatever became of model.weights
+        check_weights_classes(cfg.model.weights, stats.names)
     split = "val" if "val" in splits else "train"
     pretrained = cfg.model.weights
     best: Path | None = None

@@ -49,7 +49,7 @@ import cv2
 import numpy as np
 import torch
 from torch import nn
-from ultralytics.data.augment import Compose, Mosaic
+from ultralytics.data.augment import Compose, Mosaic, RandomHSV
 from ultralytics.data.dataset import YOLODataset
 from ultralytics.data.utils import get_split_fraction
 from ultralytics.models.yolo.detect import DetectionTrainer
@@ -381,8 +381,8 @@ class HighBitYOLODataset(YOLODataset):
     (``uint16 · 255 / 65535``, 8-bit files as they are): letterbox, random affine, flips
     and :class:`HighBitMosaic` keep the fractional values, and the trainer's ``/ 255``
     then gives ``uint16 / 65535`` — what :func:`predict_yolo` feeds the model at
-    inference. HSV jitter (an 8-bit lookup table in Ultralytics) only runs on 3-channel
-    8-bit images; the runner turns it off for 16-bit training.
+    inference. Ultralytics' HSV jitter (an 8-bit lookup table) is left out of the
+    pipeline, and ``mixup``/``cutmix`` (which cast their blend to ``uint8``) are refused.
 
     Args:
         *args, **kwargs: ``YOLODataset``'s.
@@ -412,18 +412,23 @@ class HighBitYOLODataset(YOLODataset):
         return im, hw0, hw
 
     def build_transforms(self, hyp=None) -> Compose:
-        """Ultralytics' transforms, with :class:`HighBitMosaic` in place of ``Mosaic`` for 16-bit data."""
+        """Ultralytics' transforms; for 16-bit data :class:`HighBitMosaic` and no HSV jitter.
+
+        Raises:
+            ValueError: ``mixup`` or ``cutmix`` asked for with 16-bit data.
+        """
         transforms = super().build_transforms(hyp)
         if self.bit_depth == 16:
+            if self.augment and (getattr(hyp, "mixup", 0) > 0 or getattr(hyp, "cutmix", 0) > 0):
+                raise ValueError(f"bit_depth=16: Ultralytics' mixup ({hyp.mixup}) and cutmix ({hyp.cutmix}) cast "
+                                 "images to 8 bits; set mixup=0 and cutmix=0 to train on 16-bit slices")
             _replace_mosaic(transforms)
+            transforms.transforms = [t for t in transforms.transforms if not isinstance(t, RandomHSV)]
         return transforms
 
 
 def _replace_mosaic(compose: Compose) -> None:
-    """Swap every ``Mosaic`` in a (nested) ``Compose`` for a :class:`HighBitMosaic` with its settings.
-
-    ``MixUp``/``CutMix`` hold the same ``pre_transform`` object, so they see the swap too.
-    """
+    """Swap every ``Mosaic`` in a (nested) ``Compose`` for a :class:`HighBitMosaic` with its settings."""
     for i, t in enumerate(compose.transforms):
         if isinstance(t, Compose):
             _replace_mosaic(t)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import functools
 import json
 import os
 import tempfile
@@ -17,9 +16,12 @@ from pathlib import Path
 from typing import IO, Any
 
 
-@functools.lru_cache(maxsize=1)
 def _umask() -> int:
-    """The process umask (read by setting it and putting it back at once)."""
+    """The process umask, read where the OS shows it (Linux), else by setting and restoring it."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
