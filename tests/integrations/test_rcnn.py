@@ -157,9 +157,11 @@ def test_stage1_checkpoint_starts_every_stage2_head(tmp_path):
     with torch.no_grad():
         for p in ce.parameters():
             p.add_(0.01 * torch.randn_like(p))  # "trained"
+    ce.roi_heads.objective.num_steps.fill_(240)
     torch.save({"framework": "rcnn", "model": ce.state_dict()}, tmp_path / "ce.pt")
     welde = _tiny(components=["ce", "focal", "cb", "ldam"], mode="welde", in_channels=1,
                   weights=tmp_path / "ce.pt")
+    assert int(welde.roi_heads.objective.num_steps) == 0  # WELDE's warm-up and EMA start afresh
     ws, cs = welde.state_dict(), ce.state_dict()
     for name in ("backbone.body.0.0.weight", "rpn.head.conv.0.0.weight", "roi_heads.box_head.fc6.weight",
                  "roi_heads.box_predictor.bbox_pred.weight"):
@@ -173,3 +175,13 @@ def test_stage1_checkpoint_starts_every_stage2_head(tmp_path):
         torch.testing.assert_close(z, ref, atol=1e-2, rtol=0)
     w_cos = welde.roi_heads.box_predictor.heads.classifiers[3].weight  # ldam: cosine, CE's class directions
     torch.testing.assert_close(w_cos, ce.roi_heads.box_predictor.heads.classifiers[0].weight)
+
+
+def test_weights_of_another_architecture_or_kind_are_refused(tmp_path):
+    resnet = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=7)
+    torch.save(resnet.state_dict(), tmp_path / "r50.pt")
+    with pytest.raises(ValueError, match="no backbone entry matches fasterrcnn_mobilenet_v3_large_fpn"):
+        _tiny(weights=tmp_path / "r50.pt")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+    with pytest.raises(ValueError, match="found a Linear"):
+        _tiny(weights=tmp_path / "module.pt")

@@ -20,6 +20,7 @@ classification loss.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,6 +32,9 @@ from torchvision.models.detection.roi_heads import RoIHeads
 
 from welde_det.losses import build_loss
 from welde_det.welde import WELDEHeads, WELDEObjective, fuse, single_loss_objective
+from welde_det.welde.transfer import load_matching, loaded_heads
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "RCNN_ARCHS",
@@ -259,34 +263,34 @@ def build_faster_rcnn(
                              "the path of a saved state dict, or leave it unset for random initialisation")
         state = torch.load(weights, map_location="cpu", weights_only=False)
         state = state.get("model", state) if isinstance(state, dict) else state
+        if not isinstance(state, Mapping):
+            raise ValueError(f"weights {weights}: expected a Faster R-CNN state dict or welde_det checkpoint, "
+                             f"found a {type(state).__name__}")
         # a plain torchvision state dict: its box predictor seeds every WELDE head below
-        _load_matching(model, state)
+        load_matching(model, state, _not_objective)
     _adapt_channels(model, in_channels)
     model.roi_heads = WELDERoIHeads.from_roi_heads(model.roi_heads, components=components,
                                                    foreground_counts=foreground_counts, mode=mode,
                                                    loss_params=loss_params, hidden=hidden, **objective_kw)
-    if state is not None:
+    if state:
         # a welde_det checkpoint (1-channel stem, K heads): what matches the final model
-        loaded = _load_matching(model, state)
+        loaded = load_matching(model, state, _not_objective)
+        if not any(k.startswith("backbone.body.") for k in loaded):
+            raise ValueError(f"weights {weights}: no backbone entry matches {arch} (a checkpoint of another "
+                             "architecture?); pass weights of the same arch, or none for random initialisation")
         heads = model.roi_heads.box_predictor.heads
-        src = {k.split(".classifiers.")[1].split(".")[0] for k in loaded if ".box_predictor.heads.classifiers." in k}
-        if src == {"0"} and len(heads) > 1:
+        if loaded_heads(loaded, ".box_predictor.heads.") == {0} and len(heads) > 1:
             heads.spread_first_head()
+        logger.info("loaded %d of %d entries from %s", len(loaded), len(model.state_dict()),
+                    weights if not isinstance(weights, Mapping) else "a state dict")
     return model
 
 
-def _load_matching(model: nn.Module, state: Mapping[str, torch.Tensor]) -> set[str]:
-    """Load the entries of ``state`` whose name and shape exist in ``model``; return their names.
-
-    The objective (loss buffers, θ, EMA statistics, step counter) stays this model's own:
-    its warm-up and bias correction start afresh, from this run's class counts (resuming a
-    run restores the whole state dict instead).
-    """
-    own = model.state_dict()
-    keep = {k: v for k, v in state.items() if k in own and getattr(v, "shape", None) == own[k].shape
-            and ".objective." not in k}
-    model.load_state_dict(keep, strict=False)
-    return set(keep)
+def _not_objective(name: str) -> bool:
+    """Initialising from weights keeps this model's objective (loss buffers, θ, EMA, step counter):
+    its warm-up and bias correction start afresh, from this run's class counts. Resuming a run
+    restores the whole state dict instead."""
+    return ".objective." not in name
 
 
 def freeze_for_stage2(model: nn.Module) -> list[nn.Parameter]:

@@ -60,6 +60,7 @@ from ultralytics.utils.loss import v8DetectionLoss
 
 from welde_det.losses import build_loss
 from welde_det.welde import WELDEHeads, WELDEObjective, fuse, single_loss_objective
+from welde_det.welde.transfer import load_matching, loaded_heads
 
 __all__ = [
     "HighBitMosaic",
@@ -268,22 +269,18 @@ class WELDEDetectionModel(DetectionModel):
         """
         model = weights["model"] if isinstance(weights, dict) else weights
         csd = model.float().state_dict()
-        own = self.state_dict()
         # θ, EMA statistics and the step counter continue only in the same objective (a resume);
         # a stage-1 model's counter would otherwise skip the warm-up and break bias correction
         spec = getattr(model, "welde_spec", {})
         same = (spec.get("components"), spec.get("mode")) == (self.welde_spec["components"], self.welde_spec["mode"])
-        keep = {k: v for k, v in csd.items() if k in own and v.shape == own[k].shape
-                and ".objective.losses." not in k and (same or ".objective." not in k)}
-        self.load_state_dict(keep, strict=False)
-        src_heads = {int(k.split(".classifiers.")[1].split(".")[0]) for k in keep if ".welde_heads." in k
-                     and ".classifiers." in k}
+        keep = load_matching(self, csd, lambda k: ".objective.losses." not in k and (same or ".objective." not in k))
+        src_heads = loaded_heads(keep, ".welde_heads.")
         if not src_heads:
             self.head.copy_classifiers_from_stems()
         elif src_heads == {0} and self.head.num_heads > 1:
             self.head.spread_first_head()
         if verbose:
-            logger.info("transferred %d/%d items from pretrained weights", len(keep), len(own))
+            logger.info("transferred %d/%d items from pretrained weights", len(keep), len(self.state_dict()))
 
 
 class _RecordingAssigner(nn.Module):
