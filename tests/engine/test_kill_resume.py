@@ -106,3 +106,28 @@ def test_rcnn_kill9_mid_epoch_then_resume(tmp_path):
     rows = list(csv.DictReader((run / "terms.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2] and [r["stage"] for r in rows] == ["1", "2", "2"]
     assert json.loads((run / "report.json").read_text())["stats"]
+
+
+def test_yolo_kill9_after_the_last_epoch_checkpoint_then_resume(tmp_path):
+    """Killed between the final epoch's last.pt and the end of the stage: --resume must finish the run
+    (Ultralytics itself refuses to resume a checkpoint whose training is complete)."""
+    out = _child(f"""
+        import os, signal
+        from ultralytics.utils.callbacks.base import default_callbacks
+
+        def crash(trainer):
+            if trainer.epoch == trainer.epochs - 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        default_callbacks["on_model_save"].append(crash)
+        from welde_det.engine.train import run_training
+        run_training("configs/yolo_ce.yaml", ["epochs=2", "imgsz=64", "n_images=6", "batch=4", "workers=0",
+                     "output={tmp_path / 'runs'}", "cache_dir={tmp_path / 'gen'}"])
+    """, tmp_path)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    assert torch.load(run / "train" / "weights" / "last.pt", map_location="cpu", weights_only=False)["epoch"] == 1
+    res = _resume(run)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _epochs(run / "train" / "results.csv") == [1, 2]
+    assert (run / "train" / "done.json").is_file() and (run / "report.json").is_file()

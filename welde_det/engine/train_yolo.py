@@ -242,8 +242,6 @@ def stage_spec(cfg: ExperimentConfig, stage: dict[str, Any], stats: ClassStats, 
 def _run_stage(cfg: ExperimentConfig, run_dir: Path, stage: dict[str, Any], data_yaml: Path, val_coco: Path,
                val_root: Path, stats: ClassStats, arch: str, pretrained: str | None) -> Path:
     """Train one stage (or resume it, or skip it if done); return its best checkpoint."""
-    from welde_det.integrations.yolo import WELDEDetectionTrainer
-
     sdir = run_dir / stage["name"]
     done = sdir / DONE
     if done.is_file():
@@ -251,6 +249,27 @@ def _run_stage(cfg: ExperimentConfig, run_dir: Path, stage: dict[str, Any], data
         return Path(json.loads(done.read_text())["best"])
     spec = stage_spec(cfg, stage, stats, arch, val_coco, val_root)
     last = sdir / "weights" / "last.pt"
+    if last.is_file() and _finished(last, stage["epochs"]):
+        logger.info("stage %s had finished its %d epochs when it stopped", stage["name"], stage["epochs"])
+    else:
+        _train_stage(cfg, run_dir, stage, data_yaml, arch, pretrained, spec, last)
+    best = sdir / "weights" / "best.pt"
+    best = best if best.is_file() else last
+    atomic_write_json(done, {"best": str(best), "epochs": stage["epochs"]})
+    return best
+
+
+def _finished(last: Path, epochs: int) -> bool:
+    """Whether an interrupted stage's ``last.pt`` already holds its final epoch (Ultralytics refuses to resume it)."""
+    ckpt = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+    epoch = int(ckpt.get("epoch", -1))
+    return epoch < 0 or epoch + 1 >= epochs
+
+
+def _train_stage(cfg: ExperimentConfig, run_dir: Path, stage: dict[str, Any], data_yaml: Path, arch: str,
+                 pretrained: str | None, spec: dict[str, Any], last: Path) -> None:
+    from welde_det.integrations.yolo import WELDEDetectionTrainer
+
     with spec_env(spec):
         if last.is_file():
             logger.info("resuming stage %s from %s", stage["name"], last)
@@ -259,10 +278,6 @@ def _run_stage(cfg: ExperimentConfig, run_dir: Path, stage: dict[str, Any], data
             trainer = WELDEDetectionTrainer(overrides=_ultralytics_args(cfg, data_yaml, run_dir, stage, arch,
                                                                         pretrained))
         trainer.train()
-    best = sdir / "weights" / "best.pt"
-    best = best if best.is_file() else last
-    atomic_write_json(done, {"best": str(best), "epochs": stage["epochs"]})
-    return best
 
 
 def train(cfg: ExperimentConfig, run_dir: Path, *, resume: str | os.PathLike | None = None) -> Path:
