@@ -156,13 +156,19 @@ def run_training(
 
 
 def _discard_if_unstarted(run_dir: Path) -> None:
-    """Remove a new run folder that holds no checkpoint yet (bad config or data: nothing to resume).
+    """Remove a new run folder in which no training has happened (bad config or data).
 
-    A run that wrote a checkpoint keeps its folder, so ``--resume`` can continue it.
+    Such a folder holds only ``config.yaml`` and the runner's data preparation
+    (``data/``); anything else — a checkpoint, a log of epochs — means training began, and
+    the folder stays for ``--resume`` and for reading.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not run_dir.is_dir() or any(run_dir.rglob("*.pt")):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not run_dir.is_dir():
         return
+    for path in run_dir.rglob("*"):
+        rel = path.relative_to(run_dir)
+        if path.is_file() and rel != Path(CONFIG_NAME) and rel.parts[0] != "data":
+            return
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    logger.info("removed %s: the run stopped before its first checkpoint", run_dir)
+    logger.info("removed %s: the run stopped before training began", run_dir)
