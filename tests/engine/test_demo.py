@@ -4,10 +4,17 @@ overlays, and the one-line summary printed last."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+import torch
 
 from welde_det.engine import demo
+
+
+def _state(run):
+    ckpt = torch.load(demo._checkpoint(run), map_location="cpu", weights_only=False)
+    return ckpt["ema"].float().state_dict() if "ema" in ckpt and ckpt["ema"] is not None else ckpt["model"]
 
 
 @pytest.mark.parametrize("framework", ["yolo", "rcnn"])
@@ -24,8 +31,16 @@ def test_demo_tiny(tmp_path, capsys, framework):
     rep = json.loads((out / "comparison" / "report.json").read_text())
     assert rep["compare"]["label"] == "CE" and rep["map"] == summary["runs"]["welde"]["map"]
     assert len(list((out / "overlays").glob("*.png"))) == 2 and len(list((out / "overlays").glob("*.json"))) == 2
-    # WELDE's frozen stage started from the CE baseline's checkpoint
-    welde_cfg = (next(out.glob(f"{framework}_welde-*")) / "config.yaml").read_text()
+    # WELDE's frozen stage started from the CE baseline's checkpoint, and left its backbone as it was
+    ce_run, welde_run = next(out.glob(f"{framework}_ce-*")), next(out.glob(f"{framework}_welde-*"))
+    welde_cfg = (welde_run / "config.yaml").read_text()
     assert f"{framework}_ce-" in welde_cfg and "stage1_epochs: 0" in welde_cfg
+    name = "model.0.conv.weight" if framework == "yolo" else "backbone.body.0.0.weight"
+    assert torch.equal(_state(ce_run)[name], _state(welde_run)[name])
+    # the WELDE checkpoint stands alone: it still loads once the CE run it started from is gone
+    shutil.rmtree(ce_run)
+    from welde_det.engine.infer import load_detector
+
+    assert len(load_detector(demo._checkpoint(welde_run), "cpu").names) == 6
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith(("YOLOv8n: mAP CE", "Faster R-CNN: mAP CE")) and "min" in last
