@@ -68,7 +68,10 @@ class DataConfig:
         cache_dir: where generated data is cached (ignored by git).
         sampler: optional batch sampler name (``welde_det.losses.samplers``).
         channels: input channels given to the model (1 = grayscale, 3 = RGB-grey).
-        bit_depth: 8 or 16; 16 keeps 16-bit slices unsquashed where the model path allows.
+        bit_depth: 8 or 16. With 16 the phantom writes 16-bit PNGs and the detectors
+            train on 16-bit slices without 8-bit quantisation (YOLO through
+            ``HighBitYOLODataset``; Faster R-CNN reads every PNG at its own depth). The
+            classification path reads ``.npz`` arrays / images as stored and ignores it.
         tail: explicit tail class names (empty = ClassStats' default rule).
         tail_threshold: instance threshold for the tail set (0 = unused).
     """
