@@ -84,6 +84,20 @@ def test_image_folder(tmp_path):
         load_image_folder(tmp_path / "empty")
 
 
+def test_image_folder_keeps_16_bit_depth(tmp_path):
+    """A 16-bit slice whose values all sit below 256 is not read as black; 8-bit files beside it keep
+    their own scale."""
+    import cv2
+
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    (tmp_path / "imgs" / "b").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "imgs" / "a" / "x16.png"), np.full((16, 16), 200, np.uint16))
+    cv2.imwrite(str(tmp_path / "imgs" / "b" / "x8.png"), np.full((16, 16), 200, np.uint8))
+    data = load_image_folder(tmp_path / "imgs", size=16)
+    values = {int(y): float(x.max()) for split in data.splits.values() for x, y in zip(*split)}
+    assert values == {0: pytest.approx(200 / 65535), 1: pytest.approx(200 / 255)}
+
+
 def test_classifier_freeze_and_fusion():
     model = ImageClassifier("small_cnn", 3, ["ce", "focal", "cb", "ldam"], in_channels=1)
     model.freeze_backbone()

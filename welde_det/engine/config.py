@@ -71,7 +71,8 @@ class DataConfig:
         bit_depth: 8 or 16. With 16 the phantom writes 16-bit PNGs and the detectors
             train on 16-bit slices without 8-bit quantisation (YOLO through
             ``HighBitYOLODataset``; Faster R-CNN reads every PNG at its own depth). The
-            classification path reads ``.npz`` arrays / images as stored and ignores it.
+            classification path reads ``.npz`` arrays and image files at their own depth
+            whatever this says.
         tail: explicit tail class names (empty = ClassStats' default rule).
         tail_threshold: instance threshold for the tail set (0 = unused).
     """

@@ -238,7 +238,8 @@ def load_image_folder(root: str | os.PathLike, *, size: int = 64, channels: int 
         return classes, items
 
     def load(items):
-        flag = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
+        # ANYDEPTH: 16-bit slices keep their depth (plain GRAYSCALE/COLOR would keep 8 bits)
+        flag = (cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR) | cv2.IMREAD_ANYDEPTH
         imgs = []
         for f, _ in items:
             im = cv2.imread(str(f), flag)
@@ -246,6 +247,8 @@ def load_image_folder(root: str | os.PathLike, *, size: int = 64, channels: int 
                 raise ValueError(f"{f}: not a readable image")
             im = cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA)
             imgs.append(im if channels == 1 else im[:, :, ::-1])
+        if len({im.dtype for im in imgs}) > 1:  # 8- and 16-bit files together: each on its own scale
+            imgs = [im.astype(np.float32) / (65535.0 if im.dtype == np.uint16 else 255.0) for im in imgs]
         x = np.stack(imgs) if imgs else np.zeros((0, size, size), np.uint8)
         return _to_nchw(x, str(root), "images"), np.array([i for _, i in items], np.int64)
 
