@@ -36,7 +36,7 @@ from welde_det.utils.logging import setup_logging
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = (("ce", "CE"), ("ce_ensemble", "CE ensemble (control)"), ("welde", "WELDE"))
 #: The CPU profiles behind docs/results.md: YOLO about 13 minutes on two cores (what
-#: ``make demo`` runs), Faster R-CNN about 35 (a random-init two-stage detector needs more).
+#: ``make demo`` runs), Faster R-CNN about 30 (a random-init two-stage detector needs more).
 PROFILES: dict[str, dict[str, Any]] = {
     "yolo": {"n_images": 120, "imgsz": 256, "batch": 16, "epochs": 30, "stage2_epochs": 10},
     "rcnn": {"n_images": 120, "imgsz": 256, "batch": 4, "epochs": 12, "stage2_epochs": 4},
