@@ -276,7 +276,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, *, resume: str | os.PathLike | N
         if opt is None or (in_stage2 and epoch == cfg.train.stage1_epochs):
             params = freeze_for_stage2(model) if in_stage2 else [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
-            if opt_state is not None and (not stage2 or (epoch >= cfg.train.stage1_epochs) == in_stage2):
+            if opt_state is not None:
                 try:
                     opt.load_state_dict(opt_state)
                 except ValueError:

@@ -21,9 +21,10 @@ import cv2
 import numpy as np
 
 from welde_det.datasets.phantom.study import Series, Study
+from welde_det.io import window_image
 from welde_det.utils.fileio import atomic_write_bytes
 
-__all__ = ["crop_box", "to_uint8", "to_uint16", "write_dicom_series", "write_nifti", "write_png"]
+__all__ = ["crop_box", "to_uint8", "write_dicom_series", "write_nifti", "write_png"]
 
 _MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 _UID_ROOT = "2.25."
@@ -49,20 +50,11 @@ def _ds(value: float) -> str:
 
 def to_uint8(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
     """Percentile window of a slice to 8 bits (``low``/``high`` percentiles)."""
-    return _percentile_window(image, 255.0, low, high).astype(np.uint8)
-
-
-def to_uint16(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
-    """The same percentile window as :func:`to_uint8`, spread over the full 16-bit range."""
-    return np.rint(_percentile_window(image, 65535.0, low, high)).astype(np.uint16)
-
-
-def _percentile_window(image: np.ndarray, top: float, low: float, high: float) -> np.ndarray:
     img = image.astype(np.float32)
     lo, hi = np.percentile(img, [low, high])
     if hi <= lo:
         hi = lo + 1.0
-    return np.clip((img - lo) * (top / (hi - lo)), 0, top)
+    return np.clip((img - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
 
 
 def _write(path: str | os.PathLike, data: bytes, atomic: bool) -> Path:
@@ -75,7 +67,8 @@ def _write(path: str | os.PathLike, data: bytes, atomic: bool) -> Path:
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray, *, bit_depth: int = 8, atomic: bool = True) -> Path:
-    """Write a grey slice as PNG: the percentile window of :func:`to_uint8` in 8 or 16 bits.
+    """Write a grey slice as PNG: the 0.5-99.5 percentile window in 8 or 16 bits
+    (:func:`to_uint8`, or :func:`welde_det.io.window_image` over 0-65535).
 
     16 bits keep the windowed intensities without 8-bit quantisation (readers divide by
     65535, as :func:`welde_det.engine.infer.image_to_float` and the YOLO/Faster R-CNN loaders do).
@@ -86,7 +79,7 @@ def write_png(path: str | os.PathLike, image: np.ndarray, *, bit_depth: int = 8,
     if bit_depth == 8:
         data = to_uint8(image)
     elif bit_depth == 16:
-        data = to_uint16(image)
+        data = window_image(image, percentiles=(0.5, 99.5), bit_depth=16)
     else:
         raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
     ok, buf = cv2.imencode(".png", data, [cv2.IMWRITE_PNG_COMPRESSION, 1])
