@@ -617,7 +617,8 @@ def resolve_yolo_split(
     Returns:
         ``(image_root, image_files, names)``: the folder image ``file_name`` entries are made
         relative to (the split's folder if it is one folder, else the dataset root), the
-        sorted image paths, and the class names from ``data.yaml`` (``None`` without one).
+        sorted image paths, and the class names from ``data.yaml`` (``None`` without one, or
+        when it has no ``names``).
 
     Raises:
         YoloFormatError: no such split, a missing folder, or no images.
@@ -629,7 +630,7 @@ def resolve_yolo_split(
     names: list[str] | None = None
     if yaml_path is not None:
         data = _read_data_yaml(yaml_path)
-        names = _names_from_yaml(data, str(yaml_path))
+        names = _names_from_yaml(data, str(yaml_path)) if data.get("names") is not None else None
         root = Path(data.get("path") or yaml_path.parent)
         if not root.is_absolute():
             root = (yaml_path.parent / root).resolve()
