@@ -141,7 +141,7 @@ class WELDEDetect(Detect):
         for level in detect.cv3:
             # linear 1x1 classifiers for every component: dense heads need the prior bias
             # (99 % of anchors are background), so margin losses run on raw logits (s = 1)
-            h = WELDEHeads(c3, detect.nc, components, hidden=hidden, conv=True, cosine=[False] * len(components))
+            h = WELDEHeads(c3, detect.nc, components, hidden=hidden, conv=True, heads=["linear"] * len(components))
             for clf in h.classifiers:
                 if isinstance(clf, nn.Conv2d):
                     clf.load_state_dict(level[-1].state_dict())

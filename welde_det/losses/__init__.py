@@ -8,7 +8,7 @@ the softmax, dense (sigmoid) and metric families.
 from __future__ import annotations
 
 from welde_det.losses import dense, metric, softmax  # noqa: F401  (registers the families)
-from welde_det.losses.registry import available_losses, build_loss, register_loss
+from welde_det.losses.registry import available_losses, build_loss, loss_parameters, register_loss
 from welde_det.losses.samplers import (
     ClassBalancedSampler,
     InstanceBalancedSampler,
@@ -37,5 +37,6 @@ __all__ = [
     "class_balanced_weights",
     "inverse_frequency_weights",
     "ldam_margins",
+    "loss_parameters",
     "register_loss",
 ]

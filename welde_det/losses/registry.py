@@ -22,7 +22,7 @@ from torch import nn
 
 from welde_det.losses.weighting import check_class_counts
 
-__all__ = ["ACTIVATIONS", "available_losses", "build_loss", "register_loss"]
+__all__ = ["ACTIVATIONS", "available_losses", "build_loss", "loss_parameters", "register_loss"]
 
 ACTIVATIONS = ("softmax", "sigmoid")
 _REGISTRY: dict[tuple[str, str], Callable[..., nn.Module]] = {}
@@ -46,6 +46,34 @@ def register_loss(name: str, *, activation: str = "softmax") -> Callable:
 def available_losses(activation: str | None = None) -> list[str]:
     """Sorted registry names, for one activation or for all."""
     return sorted({n for n, a in _REGISTRY if activation is None or a == activation})
+
+
+def loss_parameters(name: str, activation: str = "softmax") -> dict[str, Any]:
+    """The hyper-parameters a registered loss takes, with their defaults (no ``class_counts``).
+
+    Example:
+        >>> loss_parameters("ldam")["s"]
+        30.0
+
+    Raises:
+        ValueError: unknown name or activation (as :func:`build_loss`).
+    """
+    cls = _lookup(name, activation)
+    params = inspect.signature(cls.__init__).parameters
+    return {k: p.default for k, p in params.items()
+            if k not in ("self", "class_counts") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def _lookup(name: str, activation: str) -> Callable[..., nn.Module]:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    key = (name, activation)
+    if key not in _REGISTRY:
+        valid = available_losses(activation)
+        close = difflib.get_close_matches(str(name), valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown {activation} loss {name!r}{hint} Valid names: {valid}")
+    return _REGISTRY[key]
 
 
 def build_loss(
@@ -72,15 +100,7 @@ def build_loss(
         ValueError: unknown name (with the valid names and the closest match), unknown
             keyword, or invalid ``class_counts``.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-    key = (name, activation)
-    if key not in _REGISTRY:
-        valid = available_losses(activation)
-        close = difflib.get_close_matches(str(name), valid, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown {activation} loss {name!r}{hint} Valid names: {valid}")
-    cls = _REGISTRY[key]
+    cls = _lookup(name, activation)
     params = inspect.signature(cls.__init__).parameters
     accepts_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     unknown = [k for k in kw if k not in params] if not accepts_var_kw else []

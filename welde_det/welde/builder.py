@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from welde_det.losses import build_loss
 from welde_det.welde.heads import WELDEHeads
 from welde_det.welde.objective import WELDEObjective
+from welde_det.welde.spec import build_spec
 
 __all__ = ["build_welde"]
 
@@ -21,14 +21,15 @@ def build_welde(
     num_classes: int,
     in_dim: int,
     activation: str = "softmax",
+    mode: str = "welde",
     loss_params: Mapping[str, Mapping[str, Any]] | None = None,
+    head: str | Sequence[str] = "auto",
     conv: bool = False,
     hidden: int | None = None,
-    cosine: Sequence[bool] | None = None,
     bias_init: float | None = None,
     **objective_kw: Any,
 ) -> tuple[WELDEHeads, WELDEObjective]:
-    """Heads and objective for K components.
+    """Heads and objective for K components, through one :func:`~welde_det.welde.spec.build_spec`.
 
     Args:
         components: registry names, one head each (``("ce",)*4`` is the CE-ensemble control).
@@ -37,23 +38,18 @@ def build_welde(
         num_classes: C, the logit width.
         in_dim: the shared feature dimension.
         activation: ``"softmax"`` or ``"sigmoid"``.
+        mode: ``"single"``, ``"ce_ensemble"`` or ``"welde"``.
         loss_params: extra keyword arguments per registry name.
-        conv, hidden, cosine, bias_init: see :class:`~welde_det.welde.WELDEHeads`.
+        head: head type(s) with their scale (see :func:`~welde_det.welde.spec.build_spec`).
+        conv, hidden, bias_init: see :class:`~welde_det.welde.WELDEHeads`.
         **objective_kw: see :class:`~welde_det.welde.WELDEObjective`.
 
     Raises:
-        ValueError: an unknown component name (listing the valid ones), or class counts
-            that do not match ``num_classes``.
+        ValueError: an unknown component name (listing the valid ones), a head that cannot
+            become confident, or class counts that do not match ``num_classes``.
     """
-    components = tuple(components)
     if len(class_counts) != num_classes:
         raise ValueError(f"build_welde: {len(class_counts)} class counts for num_classes={num_classes}")
-    loss_params = dict(loss_params or {})
-    unknown = sorted(set(loss_params) - set(components))
-    if unknown:
-        raise ValueError(f"loss_params names {unknown}, which are not among the components {list(components)}")
-    losses = [(name, build_loss(name, class_counts=class_counts, activation=activation, **loss_params.get(name, {})))
-              for name in components]
-    heads = WELDEHeads(in_dim, num_classes, components, hidden=hidden, conv=conv, cosine=cosine, bias_init=bias_init)
-    objective = WELDEObjective(losses, activation=activation, **objective_kw)
-    return heads, objective
+    spec = build_spec(components=components, mode=mode, activation=activation, loss_params=loss_params, head=head,
+                      objective_kw=objective_kw, hidden=hidden)
+    return spec.build_heads(in_dim, num_classes, conv=conv, bias_init=bias_init), spec.build_objective(class_counts)

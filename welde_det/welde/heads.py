@@ -2,9 +2,12 @@
 
 ``Adapter`` is a residual bottleneck f + W2·act(W1·f) (1×1 convolutions for feature maps)
 whose W2 starts at zero, so every head starts as the shared (frozen) feature and
-specialises only as its own loss asks. ``WELDEHeads`` holds K of them with K classifiers;
-the classifier of an ``ldam`` / ``lmf`` component is cosine (normalised features and
-weights), as LDAM's reference uses with s = 30.
+specialises only as its own loss asks. ``WELDEHeads`` holds K of them with K classifiers,
+each ``"linear"`` or ``"cosine"`` (normalised features and weights). The head type goes
+with its loss's scale — a cosine head only with a scale s ≥ 10 (LDAM's reference: 30),
+a linear one with s = 1 — which :class:`~welde_det.welde.spec.WELDESpec` chooses and
+checks; without ``heads`` the ``ldam`` / ``lmf`` heads are cosine, matching those losses'
+default s = 30.
 
 Shape:
     features (N, D) → K tensors (N, C); with ``conv=True`` (N, D, H, W) → K × (N, C, H, W).
@@ -34,7 +37,7 @@ from torch import nn
 
 __all__ = ["COSINE_COMPONENTS", "Adapter", "CosineClassifier", "WELDEHeads"]
 
-#: Components whose classifier is cosine by default (margin losses expect bounded logits).
+#: Components whose classifier is cosine when ``heads`` is not given (their losses' default s = 30).
 COSINE_COMPONENTS = ("ldam", "lmf")
 
 
@@ -122,7 +125,8 @@ class WELDEHeads(nn.Module):
         components: registry names of the K loss components (one head each).
         hidden: adapter bottleneck width.
         conv: feature maps (N, D, H, W) with 1×1 convolutions instead of vectors.
-        cosine: per head, whether its classifier is cosine (default: ``ldam``/``lmf``).
+        heads: per component ``"linear"`` or ``"cosine"`` (default: cosine for ``ldam``/``lmf``);
+            :meth:`~welde_det.welde.spec.WELDESpec.build_heads` passes the spec's.
         bias_init: initial classifier bias (e.g. a prior for sigmoid detection heads).
 
     Example:
@@ -139,21 +143,24 @@ class WELDEHeads(nn.Module):
         *,
         hidden: int | None = None,
         conv: bool = False,
-        cosine: Sequence[bool] | None = None,
+        heads: Sequence[str] | None = None,
         bias_init: float | None = None,
     ) -> None:
         super().__init__()
         components = tuple(components)
         if not components:
             raise ValueError("WELDEHeads needs at least one component")
-        if cosine is None:
-            cosine = [c in COSINE_COMPONENTS for c in components]
-        if len(cosine) != len(components):
-            raise ValueError(f"cosine has {len(cosine)} entries for {len(components)} components")
+        if heads is None:
+            heads = ["cosine" if c in COSINE_COMPONENTS else "linear" for c in components]
+        heads = tuple(heads)
+        if len(heads) != len(components) or not set(heads) <= {"linear", "cosine"}:
+            raise ValueError(f"heads must be 'linear' or 'cosine' per component; got {list(heads)} for "
+                             f"{len(components)} components {list(components)}")
         self.components = components
         self.num_classes = int(num_classes)
         self.conv = conv
-        self.cosine = tuple(bool(c) for c in cosine)
+        self.head_types = heads
+        self.cosine = tuple(h == "cosine" for h in heads)
         self.adapters = nn.ModuleList(Adapter(in_dim, hidden, conv=conv) for _ in components)
         classifiers = []
         for is_cos in self.cosine:
