@@ -27,12 +27,15 @@ def _coco(counts, crowd=None):
     return {"images": images, "annotations": anns, "categories": cats}
 
 
-def test_public_lumbar_set_tail_and_ratio():
+def test_public_lumbar_set_order_tail_and_ratio():
+    # the published data.yaml order: 0 DDD, 1 Normal IVD, 2 SS, 3 Spondylolisthesis, 4 LDB, 5 TDB
+    assert LUMBAR_CLASSES == ("DDD", "Normal_IVD", "SS", "Spondylolisthesis", "LDB", "TDB")
+    assert LUMBAR_COUNTS == (633, 4131, 1921, 122, 2033, 151)
     stats = ClassStats.from_counts(LUMBAR_CLASSES, LUMBAR_COUNTS)
-    assert stats.tail_names == ("DDD", "TDB", "Spondylolisthesis")
-    assert stats.tail == (0, 4, 5)
+    assert stats.tail_names == ("DDD", "Spondylolisthesis", "TDB")
+    assert stats.tail == (0, 3, 5)
     assert stats.imbalance_ratio == pytest.approx(4131 / 122)
-    assert stats.frequencies[2] == pytest.approx(4131 / 8991)
+    assert stats.frequencies[1] == pytest.approx(4131 / 8991)
     assert "ceil(C/2)=3" in stats.tail_rule
 
 
@@ -115,10 +118,44 @@ def test_json_round_trip_keeps_rule(tmp_path):
     again = ClassStats.load(path)
     assert again == stats
     assert again.tail_rule == stats.tail_rule
-    assert json.loads(path.read_text())["tail_names"] == ["DDD", "TDB", "Spondylolisthesis"]
+    assert json.loads(path.read_text())["tail_names"] == ["DDD", "Spondylolisthesis", "TDB"]
     assert not math.isinf(again.imbalance_ratio)
 
 
 def test_summary_marks_tail():
     text = ClassStats.from_counts(["a", "b"], [9, 1]).summary()
     assert "tail = ['b']" in text
+
+
+def test_image_counts_are_measured_or_none():
+    # counts alone: image counts are unknown, not a copy of the instance counts
+    stats = ClassStats.from_counts(["a", "b"], [9, 2])
+    assert stats.image_counts is None
+    assert stats.to_dict()["image_counts"] is None
+    assert ClassStats.from_dict(stats.to_dict()).image_counts is None
+    assert "not measured" in stats.summary()
+    # measured: class 0 has 4 boxes on 2 images, class 1 one box on 1 image, image 3 is background
+    coco = {"images": [{"id": i, "width": 8, "height": 8, "file_name": f"{i}.png"} for i in (1, 2, 3)],
+            "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+            "annotations": [{"id": k, "image_id": img, "category_id": cat, "bbox": [0, 0, 1, 1], "area": 1.0}
+                            for k, (img, cat) in enumerate([(1, 1), (1, 1), (1, 1), (2, 1), (2, 2)], 1)]}
+    stats = ClassStats.from_coco(coco)
+    assert stats.instance_counts == (4, 1) and stats.image_counts == (2, 1)
+    assert "not measured" not in stats.summary()
+    with pytest.raises(ValueError, match="'a': 5 images hold its 4 instances"):
+        ClassStats(["a", "b"], [4, 1], [5, 1])
+    with pytest.raises(ValueError, match="'b': 1 images hold its 0 instances"):
+        ClassStats(["a", "b"], [4, 0], [2, 1], floor=1)
+
+
+def test_zero_training_instances_error_by_default(tmp_path):
+    coco = _coco([3, 0, 2])
+    with pytest.raises(ValueError, match=r"<COCO dict>: class\(es\) \['c1'\] have zero training instances"):
+        ClassStats.from_coco(coco)
+    stats = ClassStats.from_coco(coco, floor=1)
+    assert stats.instance_counts == (3, 0, 2) and stats.effective_counts == (3, 1, 2)
+    assert stats.image_counts == (3, 0, 2) and stats.floor == 1
+    (tmp_path / "a.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(ValueError, match=r"class\(es\) \['y'\] have zero training instances"):
+        ClassStats.from_yolo(tmp_path, ["x", "y"])
+    assert ClassStats.from_yolo(tmp_path, ["x", "y"], floor=1).effective_counts == (1, 1)

@@ -8,12 +8,17 @@ Tail classes default to the ``ceil(C/2)`` classes with the fewest training insta
 ties broken by class index; an explicit list or an instance threshold overrides the rule,
 and the rule that chose the set travels with it so every report can print it.
 
+Image counts (training images holding at least one instance of a class) are only ever
+measured (:meth:`ClassStats.from_coco`, :meth:`ClassStats.from_yolo`); built from counts
+alone they are ``None`` ("not measured"), never a copy of the instance counts. A class with
+no training instance is an error naming it, unless a ``floor`` is passed explicitly.
+
 Example:
     >>> stats = ClassStats.from_counts(
-    ...     ["DDD", "LDB", "Normal_IVD", "SS", "TDB", "Spondylolisthesis"],
-    ...     [633, 2033, 4131, 1921, 151, 122])
+    ...     ["DDD", "Normal_IVD", "SS", "Spondylolisthesis", "LDB", "TDB"],
+    ...     [633, 4131, 1921, 122, 2033, 151])
     >>> stats.tail_names
-    ('DDD', 'TDB', 'Spondylolisthesis')
+    ('DDD', 'Spondylolisthesis', 'TDB')
     >>> round(stats.imbalance_ratio, 1)
     33.9
 """
@@ -31,10 +36,13 @@ from welde_det.utils.fileio import atomic_write_json, load_json
 
 __all__ = ["LUMBAR_CLASSES", "LUMBAR_COUNTS", "ClassStats"]
 
-#: Class order of the public six-class lumbar set's YOLO labels.
-LUMBAR_CLASSES: tuple[str, ...] = ("DDD", "LDB", "Normal_IVD", "SS", "TDB", "Spondylolisthesis")
-#: Published instance counts of the public six-class lumbar set, in :data:`LUMBAR_CLASSES` order.
-LUMBAR_COUNTS: tuple[int, ...] = (633, 2033, 4131, 1921, 151, 122)
+#: Short names of the public six-class lumbar set's classes in its published label order
+#: (``data.yaml`` index 0..5: Degenerative Disc Disease, Normal IVD, Spinal Stenosis,
+#: Spondylolisthesis, Lumbar Disc Bulge, Thoracic Disc Bulge). The phantom uses these names;
+#: the real set's own (long) names come from its ``data.yaml``.
+LUMBAR_CLASSES: tuple[str, ...] = ("DDD", "Normal_IVD", "SS", "Spondylolisthesis", "LDB", "TDB")
+#: Published instance counts of the public six-class lumbar set (all splits), in :data:`LUMBAR_CLASSES` order.
+LUMBAR_COUNTS: tuple[int, ...] = (633, 4131, 1921, 122, 2033, 151)
 
 
 @dataclass(frozen=True)
@@ -44,7 +52,8 @@ class ClassStats:
     Args:
         names: class names in label-index order (index ``c`` is logit column ``c``).
         instance_counts: training instances (boxes or images) per class.
-        image_counts: training images containing at least one instance, per class.
+        image_counts: training images containing at least one instance, per class, as
+            measured; ``None`` when not measured (never copied from ``instance_counts``).
         category_ids: COCO category id of each class (default ``1..C``).
         tail: explicit tail class indices; ``None`` uses the default rule.
         tail_threshold: classes with fewer than this many instances form the tail.
@@ -58,7 +67,7 @@ class ClassStats:
 
     names: tuple[str, ...]
     instance_counts: tuple[int, ...]
-    image_counts: tuple[int, ...] = ()
+    image_counts: tuple[int, ...] | None = None
     category_ids: tuple[int, ...] = ()
     tail: tuple[int, ...] = field(default=())
     tail_rule: str = ""
@@ -86,12 +95,18 @@ class ClassStats:
             raise ValueError(
                 f"instance_counts has {len(counts)} entries but there are {len(names)} classes {list(names)}"
             )
-        images = tuple(int(c) for c in image_counts) if image_counts is not None else counts
-        if len(images) != len(names):
+        images = tuple(int(c) for c in image_counts) if image_counts is not None else None
+        if images is not None and len(images) != len(names):
             raise ValueError(f"image_counts has {len(images)} entries but there are {len(names)} classes")
-        for name, n, m in zip(names, counts, images):
+        for c, (name, n) in enumerate(zip(names, counts)):
+            m = images[c] if images is not None else 0
             if n < 0 or m < 0:
                 raise ValueError(f"class {name!r} has a negative count (instances={n}, images={m})")
+            if images is not None and (m > n or (n > 0) != (m > 0)):
+                raise ValueError(
+                    f"class {name!r}: {m} images hold its {n} instances; an image count is the number of "
+                    "images with at least one instance (0 < images <= instances, or both 0)"
+                )
         if floor is not None and floor < 1:
             raise ValueError(f"floor must be a positive integer, got {floor}")
         if floor is None:
@@ -99,7 +114,8 @@ class ClassStats:
             if empty:
                 raise ValueError(
                     f"class(es) {empty} have zero training instances; losses cannot weight a class "
-                    "they never see. Fix the class list, or pass floor=1 to substitute a minimum count."
+                    "they never see. Fix the class list or the training split, or pass an explicit floor "
+                    "(e.g. floor=1) to substitute a minimum count."
                 )
         cat_ids = tuple(int(i) for i in category_ids) if category_ids is not None else tuple(
             range(1, len(names) + 1)
@@ -200,11 +216,16 @@ class ClassStats:
         lines = [f"{'class':<20} {'instances':>9} {'images':>7} {'freq':>6}  tail"]
         for c, name in enumerate(self.names):
             mark = "*" if c in self.tail else ""
+            images = "n/a" if self.image_counts is None else self.image_counts[c]
             lines.append(
-                f"{name:<20} {self.instance_counts[c]:>9} {self.image_counts[c]:>7} "
+                f"{name:<20} {self.instance_counts[c]:>9} {images:>7} "
                 f"{100 * self.frequencies[c]:>5.1f}%  {mark}"
             )
         lines.append(f"tail = {list(self.tail_names)} ({self.tail_rule})")
+        if self.image_counts is None:
+            lines.append("image counts: not measured (built from instance counts only)")
+        if self.floor is not None:
+            lines.append(f"floor = {self.floor} (counts below it are raised to it for losses and samplers)")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ serialisation
@@ -213,7 +234,7 @@ class ClassStats:
         return {
             "names": list(self.names),
             "instance_counts": list(self.instance_counts),
-            "image_counts": list(self.image_counts),
+            "image_counts": None if self.image_counts is None else list(self.image_counts),
             "category_ids": list(self.category_ids),
             "tail": list(self.tail),
             "tail_names": list(self.tail_names),
@@ -252,7 +273,7 @@ class ClassStats:
     # ------------------------------------------------------------------ builders
     @classmethod
     def from_counts(cls, names: Sequence[str], counts: Sequence[int], **kw: Any) -> ClassStats:
-        """Build from names and instance counts (image counts default to the same)."""
+        """Build from names and instance counts (image counts: ``image_counts=`` if measured, else ``None``)."""
         return cls(names, counts, **kw)
 
     @classmethod
@@ -260,11 +281,16 @@ class ClassStats:
         """Count a COCO detection dataset (path or dict).
 
         Classes follow the order of ``categories`` sorted by id; crowd annotations
-        (``iscrowd=1``) are not counted as training instances.
+        (``iscrowd=1``) are not counted as training instances. Image counts are measured
+        (images holding at least one non-crowd instance of the class).
 
         Args:
             coco: COCO JSON path or the loaded dict.
             **kw: ``tail``, ``tail_threshold``, ``floor`` as in the constructor.
+
+        Raises:
+            ValueError: malformed data, or a class without training instances (named, with
+                the source) when no ``floor`` is given.
         """
         source = str(coco) if not isinstance(coco, Mapping) else "<COCO dict>"
         data = load_json(coco) if not isinstance(coco, Mapping) else coco
@@ -288,13 +314,16 @@ class ClassStats:
                 continue
             inst[id_to_idx[cid]] += 1
             imgs[id_to_idx[cid]].add(ann["image_id"])
-        return cls(
-            [c["name"] for c in cats],
-            inst,
-            [len(s) for s in imgs],
-            category_ids=[int(c["id"]) for c in cats],
-            **kw,
-        )
+        try:
+            return cls(
+                [c["name"] for c in cats],
+                inst,
+                [len(s) for s in imgs],
+                category_ids=[int(c["id"]) for c in cats],
+                **kw,
+            )
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
 
     @classmethod
     def from_yolo(
@@ -306,6 +335,10 @@ class ClassStats:
             labels_dir: folder searched recursively for ``.txt`` label files.
             names: class names in label-index order (e.g. from ``data.yaml``).
             **kw: ``tail``, ``tail_threshold``, ``floor`` as in the constructor.
+
+        Raises:
+            ValueError: a bad label line (``file:line``), or a class without training
+                instances (named, with the folder) when no ``floor`` is given.
         """
         labels_dir = Path(labels_dir)
         if not labels_dir.is_dir():
@@ -334,4 +367,7 @@ class ClassStats:
                 seen.add(cls_idx)
             for c in seen:
                 imgs[c] += 1
-        return cls(names, inst, imgs, **kw)
+        try:
+            return cls(names, inst, imgs, **kw)
+        except ValueError as exc:
+            raise ValueError(f"{labels_dir}: {exc}") from None

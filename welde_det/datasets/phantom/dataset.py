@@ -63,7 +63,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever the generator's output changes, so caches are rebuilt.
-PHANTOM_VERSION = "1.0"
+PHANTOM_VERSION = "1.1"  # 1.1: categories in the published lumbar order (LUMBAR_CLASSES)
 FORMATS: tuple[str, ...] = ("dicom", "nifti", "coco", "yolo", "crops")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 _FRACTIONS = (0.70, 0.15, 0.15)

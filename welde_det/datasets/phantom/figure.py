@@ -22,7 +22,7 @@ __all__ = ["CLASS_COLOURS", "comparison_figure", "draw_boxes", "pick_showcase_se
 
 #: BGR colour per class, in LUMBAR_CLASSES order.
 CLASS_COLOURS: tuple[tuple[int, int, int], ...] = (
-    (40, 40, 255), (0, 215, 255), (80, 220, 80), (255, 140, 40), (255, 60, 255), (255, 255, 0),
+    (40, 40, 255), (80, 220, 80), (255, 140, 40), (255, 255, 0), (0, 215, 255), (255, 60, 255),
 )
 
 
