@@ -1,17 +1,42 @@
-"""Metrics: the COCO-exact detection evaluator and classification metrics (METHOD.md §4).
+"""Metrics: the COCO-exact detection evaluator, its analyses, and classification metrics (METHOD.md §4).
 
 ``evaluate_coco(gt, detections, *, class_stats=None, device=None)`` is the public entry
-point; plotting and reports live in :mod:`welde_det.evaluation.report` (imported lazily,
-so importing this package does not import matplotlib).
+point. Built on one matching (:func:`match_detections`): per-image counts
+(:mod:`~welde_det.evaluation.per_image`) and bootstrap intervals
+(:mod:`~welde_det.evaluation.intervals`). Plotting and reports live in
+:mod:`welde_det.evaluation.report` (imported lazily, so importing this package does not
+import matplotlib).
 """
 
 from __future__ import annotations
 
+from welde_det.evaluation.classification import classification_metrics
 from welde_det.evaluation.coco_eval import (
     CocoEvaluator,
     DetectionArrays,
     evaluate_coco,
     summary_lines,
 )
+from welde_det.evaluation.intervals import bootstrap_difference, bootstrap_metrics
+from welde_det.evaluation.per_image import (
+    Matching,
+    match_detections,
+    per_image_counts,
+    worst_slices,
+    write_per_image_csv,
+)
 
-__all__ = ["CocoEvaluator", "DetectionArrays", "classification_metrics", "evaluate_coco", "summary_lines"]
+__all__ = [
+    "CocoEvaluator",
+    "DetectionArrays",
+    "Matching",
+    "bootstrap_difference",
+    "bootstrap_metrics",
+    "classification_metrics",
+    "evaluate_coco",
+    "match_detections",
+    "per_image_counts",
+    "summary_lines",
+    "worst_slices",
+    "write_per_image_csv",
+]
