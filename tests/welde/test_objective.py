@@ -268,7 +268,9 @@ def test_objective_matches_reference_over_steps():
         ema = mu * ema + (1 - mu) * raw
         normed = raw / (ema / (1 - mu**step) + 1e-8)
         w = torch.full((4,), 0.25) if step <= 2 else F.softplus(obj.theta.detach()).clamp_min(0.05)
-        div = _js_pairwise_reference([t.detach().softmax(1) for t in z])
+        # the ldam head's predictive distribution is softmax(s·z), s = 30
+        div = _js_pairwise_reference([(t.detach() * (30.0 if n == "ldam" else 1.0)).softmax(1)
+                                      for n, t in zip(names, z)])
         pen = 10.0 * (w.sum() - 1) ** 2
         torch.testing.assert_close(out["loss"].detach(), (w * normed).sum() + pen - 0.1 * div)
         torch.testing.assert_close(out["diversity"], div)

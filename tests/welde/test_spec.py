@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from welde_det.losses import build_loss
-from welde_det.welde import CosineClassifier, WELDEHeads, WELDESpec, build_spec
+from welde_det.welde import CosineClassifier, WELDEHeads, WELDESpec, build_spec, fuse
 from welde_det.welde.objective import single_loss_objective
 from welde_det.welde.spec import MIN_COSINE_SCALE
 
@@ -116,6 +116,11 @@ def test_built_heads_and_objective_follow_the_spec():
     assert heads.adapters[0].down.out_features == 4
     obj = spec.build_objective(COUNTS)
     assert obj.names == ("ce", "ldam") and obj.warmup_steps == 3 and obj.losses[1].s == 30.0
+    assert obj.logit_scales == (1.0, 30.0)
+    z = [torch.randn(2, 3), torch.rand(2, 3)]
+    scaled = obj.predictive_logits(z)
+    assert scaled[0] is z[0]
+    torch.testing.assert_close(scaled[1], 30.0 * z[1])
     single = build_spec(components=("ce",), mode="single", activation="softmax").build_objective(COUNTS)
     z, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1])
     torch.testing.assert_close(single([z], y)["loss"], torch.nn.functional.cross_entropy(z, y))
@@ -139,7 +144,7 @@ def _fit(heads: WELDEHeads, objective, x, y, steps: int = 300) -> torch.Tensor:
         out["loss"].backward()
         opt.step()
     with torch.no_grad():
-        p = heads(x)[0].softmax(1) if not heads.cosine[0] else (heads(x)[0] * objective.losses[0].s).softmax(1)
+        p = fuse(objective.predictive_logits(heads(x)), objective.fusion_weights(), activation="softmax")
     return p.gather(1, y[:, None]).mean()
 
 

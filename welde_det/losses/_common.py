@@ -97,6 +97,15 @@ class ClassLoss(nn.Module):
         """Tell the loss the current epoch (used by deferred re-weighting)."""
         self.epoch = int(epoch)
 
+    @property
+    def logit_scale(self) -> float:
+        """s such that the head's predictive distribution is softmax/sigmoid(s · logits).
+
+        1 for most losses; a margin loss's scale s (LDAM, LMF), which a cosine head needs
+        at inference too: its logits are cosines in [−1, 1].
+        """
+        return 1.0
+
     def forward(self, logits: torch.Tensor, target: torch.Tensor, **kw) -> torch.Tensor:
         if self.activation == "softmax" and target.dtype.is_floating_point:
             raise ValueError(f"{type(self).__name__}: softmax losses take integer class targets, got {target.dtype}")
@@ -127,6 +136,11 @@ class MarginMixin:
         self.s, self.drw_epoch = float(s), int(drw_epoch)
         self.register_buffer("margins", ldam_margins(class_counts, max_m))
         self.register_buffer("drw_weight", class_balanced_weights(class_counts, drw_beta))
+
+    @property
+    def logit_scale(self) -> float:
+        """The scale s: the loss's predictive distribution is that of s · logits."""
+        return self.s
 
     @property
     def drw_active(self) -> bool:

@@ -387,6 +387,11 @@ class LMFBCELoss(_DenseLoss):
         super().set_epoch(epoch)
         self.ldam.set_epoch(epoch)
 
+    @property
+    def logit_scale(self) -> float:
+        """The LDAM term's scale s (the focal term's α does not change the predicted class)."""
+        return self.ldam.s
+
     def _total(self, logits, t):
         if t.requires_grad:  # the closed form differentiates with respect to the logits only
             return super()._total(logits, t)

@@ -256,5 +256,10 @@ class LMFLoss(_SoftmaxLoss):
         super().set_epoch(epoch)
         self.ldam.set_epoch(epoch)
 
+    @property
+    def logit_scale(self) -> float:
+        """The LDAM term's scale s (the focal term's α does not change the predicted class)."""
+        return self.ldam.s
+
     def _loss(self, logits, target):
         return self.a * self.ldam._loss(logits, target) + self.b * self.focal._loss(logits, target)

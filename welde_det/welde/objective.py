@@ -15,7 +15,10 @@ For K component losses ℓ_k (each on its own head's logits), METHOD.md §3:
   different rates relative to their own history (property 2).
 - Diversity D: mean over pairs k < l of the Jensen–Shannon divergence between the heads'
   predictive distributions — softmax distributions per sample, or per-class Bernoulli
-  distributions for sigmoid heads on foreground samples only; bounded by log 2.
+  distributions for sigmoid heads on foreground samples only; bounded by log 2. A head's
+  predictive distribution is that of s_k·z_k, with s_k its loss's ``logit_scale`` (the
+  scale of a margin loss on a cosine head, 1 otherwise); :meth:`WELDEObjective.predictive_logits`
+  gives the same logits to inference-time fusion.
 - Total: Σ_k w_k·ℓ̂_k + λ_s(Σw − 1)² − λ_d·D.
 
 θ is an ``nn.Parameter`` of this module: give the objective's parameters to the same
@@ -191,6 +194,23 @@ class WELDEObjective(nn.Module):
             if hasattr(loss, "set_epoch"):
                 loss.set_epoch(epoch)
 
+    @property
+    def logit_scales(self) -> tuple[float, ...]:
+        """s_k per head: its loss's ``logit_scale`` (1 for losses without a scale)."""
+        return tuple(float(getattr(loss, "logit_scale", 1.0)) for loss in self.losses)
+
+    def predictive_logits(self, logits_list: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """s_k·z_k per head: the logits whose softmax/sigmoid is head k's prediction.
+
+        Cosine heads give cosines in [−1, 1]; their margin loss trains softmax(s·z), so
+        fusing the unscaled cosines would cap every probability near 1/C (0.55 at C = 7).
+        Use this before :func:`~welde_det.welde.fuse`.
+        """
+        if len(logits_list) != self.num_components:
+            raise ValueError(f"WELDEObjective has {self.num_components} components but got {len(logits_list)} "
+                             "logit tensors")
+        return [z if s == 1.0 else z * s for z, s in zip(logits_list, self.logit_scales)]
+
     def raw_weights(self) -> torch.Tensor:
         """w_k = softplus(θ_k) (differentiable)."""
         return F.softplus(self.theta)
@@ -265,7 +285,7 @@ class WELDEObjective(nn.Module):
         return out
 
     def _diversity(self, logits_list: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        z = torch.stack([t.float() for t in logits_list])  # (K, N, C)
+        z = torch.stack([t.float() for t in self.predictive_logits(logits_list)])  # (K, N, C)
         if self.activation == "softmax":
             if z.shape[1] == 0:
                 return z.sum() * 0
