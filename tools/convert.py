@@ -2,15 +2,23 @@
 """Convert annotated spine MRI sources to a de-identified COCO dataset (+ YOLO export).
 
 Usage:
-    python tools/convert.py yolo   SRC OUT [--class-names DDD,LDB,...] [--patient-pattern REGEX]
+    python tools/convert.py yolo   SRC OUT [--class-names A,B,...] [--patient-pattern REGEX|lumbar6]
     python tools/convert.py rsna   ARCHIVE OUT [--class-by condition] [--class-map map.yaml] [--box-mm 10]
     python tools/convert.py masks  SRC OUT --label-map spider|map.yaml [--per component]
     python tools/convert.py boxes  TABLE.csv OUT --root VOLUMES_DIR
     python tools/convert.py to-yolo OUT --images ROOT --train train.json [--val val.json] [--test test.json]
 
-Common options: --key-file PATH (or $WELDE_DEID_KEY), --split 0.7,0.15,0.15 | --no-split,
---seed, --yolo, --workers N (process pool), --bit-depth 8|16, --overwrite, --verbose.
-Prints the output folder (or data.yaml for to-yolo) as its last line.
+Common options: --key-file PATH (or $WELDE_DEID_KEY; with neither, your own key file in
+~/.config/welde_det/deid.key, created on the first run), --split 0.7,0.15,0.15 | --no-split,
+--seed, --yolo, --workers N (process pool), --bit-depth 8|16, --overwrite,
+--verbose. Prints the output folder (or data.yaml for to-yolo) as its last line. The output is
+read by training and evaluation as is (data.source=OUT), for every framework.
+
+yolo only: --keep-source-splits keeps the folder's own train/val/test.
+
+Example (the public lumbar set, keeping its train/val split and grouping T1/T2 by patient):
+    python tools/convert.py yolo ../shared/datasets/lumbar6 data/generated/lumbar6-coco \
+        --keep-source-splits --patient-pattern lumbar6
 """
 
 from __future__ import annotations
@@ -53,7 +61,8 @@ def _names(text: str) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--key-file", help="file holding the de-identification key (outside OUT)")
+    common.add_argument("--key-file", help="file holding the de-identification key (outside OUT); default: "
+                        "$WELDE_DEID_KEY, else your key file in $XDG_CONFIG_HOME/welde_det/deid.key (created once)")
     common.add_argument("--split", type=_fractions, default=_fractions("0.7,0.15,0.15"),
                         help="patient-level train,val,test fractions (default 0.7,0.15,0.15)")
     common.add_argument("--no-split", action="store_true", help="write annotations.json only")
@@ -67,8 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = sub.add_parser("yolo", parents=[common], help="YOLO folder (images + labels/*.txt)")
     p.add_argument("source")
     p.add_argument("out")
-    p.add_argument("--class-names", type=_names, help="label order (default: data.yaml, else the lumbar six)")
-    p.add_argument("--patient-pattern", help="regex on the file stem; group 'patient' names the patient")
+    p.add_argument("--class-names", type=_names,
+                   help="class names in label-index order; required when the folder has no data.yaml names")
+    p.add_argument("--patient-pattern", help="regex on the file stem (group 'patient' names the patient), "
+                   "or 'lumbar6' for the public lumbar set's naming")
     p.add_argument("--pixel-spacing", type=float, nargs=2, metavar=("ROW_MM", "COL_MM"))
     p.add_argument("--keep-source-splits", action="store_true", help="keep the folder's train/val/test")
 

@@ -18,6 +18,7 @@ from welde_det.datasets.sources.yolo_dir import convert_yolo_dir
 from welde_det.engine.convert import resolve_key, run_convert
 
 KEY = "yolo-dir-key"
+NAMES = list(LUMBAR_CLASSES)
 
 
 
@@ -42,7 +43,7 @@ def _lumbar_folder(root: Path, n: int = 8, *, splits: bool = False) -> Path:
 def test_lumbar_folder_to_coco(tmp_path, pycocotools_check):
     src = _lumbar_folder(tmp_path / "lumbar")
     res = convert_yolo_dir(src, tmp_path / "out", key=KEY, patient_pattern=r"_(?P<patient>\d{3})_",
-                           pixel_spacing=[0.6, 0.6], yolo=True)
+                           pixel_spacing=[0.6, 0.6], yolo=True, class_names=NAMES)
     coco = load_coco(res.coco)
     assert [c["name"] for c in coco["categories"]] == list(LUMBAR_CLASSES)
     assert len(coco["images"]) == 8 and len(coco["annotations"]) == 16
@@ -65,7 +66,7 @@ def test_lumbar_folder_to_coco(tmp_path, pycocotools_check):
 
 def test_keep_source_splits(tmp_path):
     src = _lumbar_folder(tmp_path / "lumbar", splits=True)
-    res = convert_yolo_dir(src, tmp_path / "out", key=KEY, keep_source_splits=True, yolo=True)
+    res = convert_yolo_dir(src, tmp_path / "out", key=KEY, keep_source_splits=True, yolo=True, class_names=NAMES)
     assert sorted(res.splits) == ["train", "val"]
     assert len(load_coco(res.splits["val"])["images"]) == 2
     report = json.loads(res.report.read_text())
@@ -76,17 +77,20 @@ def test_unknown_class_and_corrupt_image(tmp_path):
     src = _lumbar_folder(tmp_path / "lumbar", n=3)
     (src / "labels" / "Smith_John_000_1.txt").write_text("0 0.5 0.5 0.1 0.1\n6 0.5 0.5 0.1 0.1\n")
     with pytest.raises(UnknownClassError, match=r"Smith_John_000_1\.txt:2: class '6' is not an index in 0\.\.5"):
+        convert_yolo_dir(src, tmp_path / "out", key=KEY, class_names=NAMES)
+    # no data.yaml and no class names: an error, never a guessed class order
+    with pytest.raises(ConversionError, match="does not name its classes"):
         convert_yolo_dir(src, tmp_path / "out", key=KEY)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lumbar"]
     (src / "labels" / "Smith_John_000_1.txt").write_text("0 0.5 0.5 0.1 0.1\n")
     (src / "images" / "Smith_John_001_2.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(ConversionError, match=r"Smith_John_001_2\.png: cannot read the image"):
-        convert_yolo_dir(src, tmp_path / "out", key=KEY, workers=2)
+        convert_yolo_dir(src, tmp_path / "out", key=KEY, workers=2, class_names=NAMES)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lumbar"]
     empty = tmp_path / "empty"
     (empty / "images").mkdir(parents=True)
     with pytest.raises(ConversionError, match="no images"):
-        convert_yolo_dir(empty, tmp_path / "out", key=KEY)
+        convert_yolo_dir(empty, tmp_path / "out", key=KEY, class_names=NAMES)
     with pytest.raises(ConversionError, match="no such"):
         convert_yolo_dir(tmp_path / "nowhere", tmp_path / "out", key=KEY)
     assert issubclass(YoloFormatError, ValueError)
@@ -94,8 +98,12 @@ def test_unknown_class_and_corrupt_image(tmp_path):
 
 def test_key_resolution(tmp_path, monkeypatch):
     monkeypatch.delenv("WELDE_DEID_KEY", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     with pytest.raises(ValueError, match="no de-identification key"):
-        resolve_key()
+        resolve_key(create=False)
+    created = resolve_key()  # first run: a random key in the user's config folder
+    assert (tmp_path / "config" / "welde_det" / "deid.key").read_bytes().strip() == created
+    assert resolve_key() == created
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "k").write_text("secret")
     with pytest.raises(ValueError, match="inside the dataset"):
@@ -105,7 +113,7 @@ def test_key_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("WELDE_DEID_KEY", "envkey")
     assert resolve_key() == b"envkey"
     src = _lumbar_folder(tmp_path / "lumbar", n=2)
-    res = run_convert("yolo", src, tmp_path / "ds", fractions=None)
+    res = run_convert("yolo", src, tmp_path / "ds", fractions=None, class_names=NAMES)
     assert res.num_images == 2 and res.splits == {}
     with pytest.raises(ValueError, match="unknown converter"):
         run_convert("dicomweb", src, tmp_path / "x")
@@ -115,7 +123,8 @@ def test_tool_end_to_end(tmp_path):
     src = _lumbar_folder(tmp_path / "lumbar", n=6)
     (tmp_path / "key").write_text("tool-key")
     cmd = [sys.executable, str(REPO / "tools" / "convert.py"), "yolo", str(src), str(tmp_path / "ds"),
-           "--key-file", str(tmp_path / "key"), "--yolo", "--split", "0.5,0.5", "--workers", "2"]
+           "--key-file", str(tmp_path / "key"), "--yolo", "--split", "0.5,0.5", "--workers", "2",
+           "--class-names", ",".join(NAMES)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={"PATH": "", "WELDE_NO_PROGRESS": "1"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == str((tmp_path / "ds").absolute())
@@ -127,5 +136,6 @@ def test_tool_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == str((tmp_path / "y2" / "data.yaml").absolute())
     bad = subprocess.run([sys.executable, str(REPO / "tools" / "convert.py"), "yolo", str(src), str(tmp_path / "z")],
-                         capture_output=True, text=True, cwd=REPO, env={"PATH": ""})
-    assert bad.returncode == 2 and "no de-identification key" in bad.stderr
+                         capture_output=True, text=True, cwd=REPO,
+                         env={"PATH": "", "XDG_CONFIG_HOME": str(tmp_path / "cfg")})
+    assert bad.returncode == 2 and "does not name its classes" in bad.stderr and not (tmp_path / "z").exists()

@@ -16,7 +16,13 @@ boxes     CSV/JSON table of boxes per volume and slice                ``convert_
 ``export_yolo`` turns existing COCO split files into a YOLO folder with ``data.yaml``.
 
 The key is never stored in the dataset: it comes from ``key``, a ``key_file`` outside the
-output folder, or the ``WELDE_DEID_KEY`` environment variable, in that order.
+output folder, the ``WELDE_DEID_KEY`` environment variable, or — on a first run with none of
+these — the user's own key file, created with a random key in the user's configuration
+directory (:func:`welde_det.io.deid.default_key_path`, mode 0600); the log says which.
+
+The output layout (``annotations.json``, ``splits/{train,val,test}.json``, ``images/``) is
+read as is by :func:`welde_det.datasets.resolve.resolve_data` (kind ``convert``), for every
+framework, with or without ``--yolo``.
 """
 
 from __future__ import annotations
@@ -41,18 +47,23 @@ def resolve_key(
     key_file: str | os.PathLike | None = None,
     *,
     out_dir: str | os.PathLike | None = None,
-) -> str | bytes:
-    """The de-identification key: ``key``, else the contents of ``key_file``, else ``$WELDE_DEID_KEY``.
+    create: bool = True,
+) -> bytes:
+    """The de-identification key: ``key``, else ``key_file``, else ``$WELDE_DEID_KEY``, else
+    the user's key file, created with a random key on first use (logged with its path).
 
     Raises:
-        ValueError: no key, an empty key, or a key file inside ``out_dir`` (the key must
-            stay outside the dataset it protects).
+        ValueError: an empty key, a missing key file, a key file inside ``out_dir`` (the key
+            must stay outside the dataset it protects), or no key with ``create=False``.
     """
-    from welde_det.io.deid import load_key
+    from welde_det.io.deid import obtain_key
 
-    if key:
-        return key
-    return load_key(key_file, dataset_root=out_dir)
+    found = obtain_key(key, key_file, dataset_root=out_dir, create=create)
+    if found.origin == "created":
+        logger.warning(found.describe())
+    else:
+        logger.info(found.describe())
+    return found.key
 
 
 def get_converter(kind: str) -> Callable[..., Any]:

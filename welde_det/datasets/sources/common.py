@@ -407,7 +407,8 @@ def write_dataset(
         "seed": seed,
     }
     if any(counts):
-        full_report["class_stats"] = ClassStats(class_names, counts, floor=1).to_dict()
+        # measured image counts; the floor only where a class has no box at all (the report says so)
+        full_report["class_stats"] = ClassStats.from_coco(coco, floor=1 if 0 in counts else None).to_dict()
     if parts:
         summary = split_summary(parts)
         # a class absent from every split has no share: JSON null rather than NaN

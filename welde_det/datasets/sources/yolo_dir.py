@@ -2,15 +2,19 @@
 
 Reads folders laid out like the public six-class lumbar set: a ``data.yaml`` with
 ``train``/``val``/``test`` entries, or a bare ``images/[<split>/]`` + ``labels/[<split>/]``
-pair. Without ``data.yaml`` the class order is :data:`welde_det.classes.LUMBAR_CLASSES`
-(DDD, LDB, Normal_IVD, SS, TDB, Spondylolisthesis) unless ``class_names`` is given.
+pair. The class names come from ``data.yaml``; a folder that does not name its classes
+needs ``class_names`` (label-index order), and names that disagree with ``data.yaml`` are
+an error: a wrong class order is never guessed.
 
 Every image is rewritten as a metadata-free greyscale PNG (3-channel grey is reduced to one
 channel; colour images are kept as 8-bit colour) under a pseudonymised name, so source file
 names, which may carry identifiers, never reach the dataset. Patients are taken from the
 file stem with ``patient_pattern`` (a regular expression whose group ``patient``, or first
-group, names the patient); without it every image is its own patient, which the report
-states, because patient-level splitting then cannot be guaranteed.
+group, names the patient), or ``patient_pattern="lumbar6"`` for the public six-class lumbar set's
+naming (:data:`welde_det.datasets.resolve.LUMBAR6_PATIENT_PATTERN`: ``T1_0012_S8 .png`` and
+``0011_T2_TSE_SAG_384_0002_0012_008_R.png`` are patient ``0012``); without it every image is
+its own patient, which the report states, because patient-level splitting then cannot be
+guaranteed.
 
 Example:
     >>> convert_yolo_dir("lumbar_yolo/", "data/generated/lumbar", key="k",
@@ -30,7 +34,6 @@ from typing import Any
 
 import numpy as np
 
-from welde_det.classes import LUMBAR_CLASSES
 from welde_det.datasets.coco import (
     YOLO_SPLITS,
     YoloClassIndexError,
@@ -40,6 +43,7 @@ from welde_det.datasets.coco import (
     resolve_yolo_split,
     yolo_splits,
 )
+from welde_det.datasets.resolve import LUMBAR6_PATIENT_PATTERN
 from welde_det.datasets.sources.common import (
     BoxRecord,
     ConversionError,
@@ -149,9 +153,10 @@ def convert_yolo_dir(
         source: ``data.yaml``, a folder with one, or a bare ``images/`` + ``labels/`` folder.
         out_dir: dataset folder to create.
         key: de-identification key (kept outside the dataset).
-        class_names: class order of the label indices (default: ``data.yaml`` names, else
-            :data:`LUMBAR_CLASSES`).
-        patient_pattern: regex on the file stem naming the patient (see module docstring).
+        class_names: class order of the label indices; required when the folder has no
+            ``data.yaml`` with ``names``, and must equal those names when it has.
+        patient_pattern: regex on the file stem naming the patient, or ``"lumbar6"`` (see
+            the module docstring).
         pixel_spacing: ``[row_mm, col_mm]`` for every image, when known.
         fractions: patient-level split fractions; ``None`` for no splits.
         keep_source_splits: write the folder's own train/val/test instead of new splits.
@@ -163,12 +168,16 @@ def convert_yolo_dir(
 
     Raises:
         ConversionError: unreadable image, label naming a class index outside the class
-            list, bad pattern match, or no images (file and line named); nothing is written.
+            list, no class names or names that disagree with ``data.yaml``, bad pattern
+            match, or no images (file and line named); nothing is written.
     """
     source = Path(source)
     if not source.exists():
         raise ConversionError(f"{source}: no such YOLO dataset")
-    pattern = re.compile(patient_pattern) if patient_pattern else None
+    if patient_pattern == "lumbar6":
+        pattern: re.Pattern | None = LUMBAR6_PATIENT_PATTERN
+    else:
+        pattern = re.compile(patient_pattern) if patient_pattern else None
     try:
         present = yolo_splits(source)
         found = {split: resolve_yolo_split(source, split) for split in present or [None]}
@@ -176,7 +185,15 @@ def convert_yolo_dir(
         raise ConversionError(str(exc)) from None
     splits = {split: (root, files) for split, (root, files, _names) in found.items()}
     yaml_names = next(iter(found.values()))[2]
-    names = list(class_names) if class_names is not None else (yaml_names or list(LUMBAR_CLASSES))
+    if class_names is not None and yaml_names is not None and list(class_names) != list(yaml_names):
+        raise ConversionError(f"{source}: class_names {list(class_names)} disagree with the data.yaml names "
+                              f"{list(yaml_names)}; drop --class-names or make them match")
+    names = list(class_names) if class_names is not None else yaml_names
+    if names is None:
+        raise ConversionError(
+            f"{source}: the YOLO folder does not name its classes (no data.yaml with 'names'); pass the names in "
+            "label-index order (--class-names A,B,..., or add 'names' to a data.yaml): the order is never guessed"
+        )
     if keep_source_splits and None in splits:
         raise ConversionError(f"{source}: keep_source_splits needs images/<split>/ folders or a data.yaml")
 
@@ -202,7 +219,7 @@ def convert_yolo_dir(
             records.append(result)
         report: dict[str, Any] = {
             "patient_grouping": (
-                f"regex {patient_pattern!r} on the file stem"
+                f"regex {pattern.pattern!r} on the file stem"
                 if pattern
                 else "one patient per image (no patient_pattern given): patient-level splits are not guaranteed"
             ),
