@@ -17,6 +17,7 @@ from welde_det.evaluation.coco_eval import (
     evaluate_coco,
     summary_lines,
 )
+from welde_det.evaluation.froc import FROC_RATES, froc_analysis
 from welde_det.evaluation.intervals import bootstrap_difference, bootstrap_metrics
 from welde_det.evaluation.per_image import (
     Matching,
@@ -27,6 +28,7 @@ from welde_det.evaluation.per_image import (
 )
 
 __all__ = [
+    "FROC_RATES",
     "CocoEvaluator",
     "DetectionArrays",
     "Matching",
@@ -34,6 +36,7 @@ __all__ = [
     "bootstrap_metrics",
     "classification_metrics",
     "evaluate_coco",
+    "froc_analysis",
     "match_detections",
     "per_image_counts",
     "summary_lines",
