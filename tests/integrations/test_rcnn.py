@@ -9,6 +9,7 @@ import torch
 import torchvision
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 
+from welde_det.checkpoint import UnsafeCheckpointError
 from welde_det.integrations.rcnn import (
     WELDERoIHeads,
     build_faster_rcnn,
@@ -78,7 +79,7 @@ def test_fastrcnn_loss_by_hand_matches_predictor_terms():
 
 @pytest.mark.parametrize("arch", ["fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn"])
 def test_welde_train_and_eval_modes(arch):
-    model = _tiny(arch, components=["ce", "focal", "cb", "ldam"], mode="welde", warmup_steps=0)
+    model = _tiny(arch, components=["ce", "focal", "cb", "ldam"], mode="welde", objective_kw={"warmup_steps": 0})
     images, targets = _batch()
     model.train()
     losses = model(images, targets)
@@ -112,7 +113,7 @@ def test_stage2_trains_only_heads_and_theta():
 
 
 def test_checkpoint_reload_gives_same_detections(tmp_path):
-    model = _tiny(components=["ce", "focal"], mode="welde", warmup_steps=0)
+    model = _tiny(components=["ce", "focal"], mode="welde", objective_kw={"warmup_steps": 0})
     model.train()
     images, targets = _batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -122,7 +123,7 @@ def test_checkpoint_reload_gives_same_detections(tmp_path):
         loss.backward()
         opt.step()
     torch.save(model.state_dict(), tmp_path / "m.pt")
-    again = _tiny(components=["ce", "focal"], mode="welde", warmup_steps=0)
+    again = _tiny(components=["ce", "focal"], mode="welde", objective_kw={"warmup_steps": 0})
     again.load_state_dict(torch.load(tmp_path / "m.pt"))
     model.eval()
     again.eval()
@@ -183,5 +184,45 @@ def test_weights_of_another_architecture_or_kind_are_refused(tmp_path):
     with pytest.raises(ValueError, match="no backbone entry matches fasterrcnn_mobilenet_v3_large_fpn"):
         _tiny(weights=tmp_path / "r50.pt")
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
-    with pytest.raises(ValueError, match="found a Linear"):
+    with pytest.raises(UnsafeCheckpointError, match="Linear"):
         _tiny(weights=tmp_path / "module.pt")
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="found a list"):
+        _tiny(weights=tmp_path / "list.pt")
+
+
+def _separable(dim: int, classes: int, n_per: int = 30, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box features around orthogonal class directions (margin 4, noise 0.3): separable."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(classes).repeat_interleave(n_per)
+    return torch.eye(dim)[:classes][y] * 4.0 + 0.3 * torch.randn(len(y), dim, generator=g), y
+
+
+@pytest.mark.parametrize(("kw", "head"), [({}, "cosine"), ({"loss_params": {"ldam": {"s": 1.0}}}, "linear")],
+                         ids=["cosine-s30", "linear-s1"])
+def test_ldam_box_predictor_becomes_confident(kw, head):
+    """The RoI classifier's LDAM head, trained on separable box features, gives its class p > 0.99
+    through the inference path (scaled by s, fused) — the old cosine head with s = 1 stayed near 0.5."""
+    model = _tiny(components=["ldam"], mode="single", **kw)
+    roi = model.roi_heads
+    assert roi.welde_spec.heads == (head,) and roi.objective.losses[0].s == (30.0 if head == "cosine" else 1.0)
+    x, y = _separable(roi.box_predictor.bbox_pred.in_features, len(FG) + 1)
+    params = [*roi.box_predictor.heads.parameters(), *roi.objective.parameters()]
+    opt = torch.optim.Adam(params, lr=0.02)
+    for _ in range(300):
+        loss = roi.objective(roi.box_predictor(x)[0], y)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        p = roi.class_probabilities(roi.box_predictor(x)[0])
+    assert float(p.gather(1, y[:, None]).min()) > 0.99
+
+
+def test_a_head_that_cannot_become_confident_is_not_built():
+    with pytest.raises(ValueError, match=r"cosine head for 'ldam' with s=1\.0"):
+        _tiny(components=["ldam"], mode="single", heads=["cosine"], loss_params={"ldam": {"s": 1.0}})
+    with pytest.raises(ValueError, match=r"linear head for 'lmf' with s=30\.0"):
+        _tiny(components=["ce", "lmf"], mode="welde", heads=["linear", "linear"], loss_params={"lmf": {"s": 30.0}})
+    with pytest.raises(ValueError, match="activation='sigmoid'"):
+        _tiny(components=["ce"], mode="single", activation="sigmoid")

@@ -10,6 +10,13 @@ the 1024-d box feature) and one shared box regressor. The classification term is
 0**; at inference the heads' softmax probabilities are fused (:func:`~welde_det.welde.fuse`)
 and handed to torchvision's standard ``postprocess_detections`` unchanged.
 
+The WELDE settings arrive as the plain keyword arguments of
+:meth:`~welde_det.welde.WELDESpec.model_kwargs` (``components``, ``mode``, ``activation``,
+``heads``, ``loss_params``, ``objective_kw``, ``hidden``) and are checked by
+:func:`~welde_det.welde.build_spec`: an ``ldam``/``lmf`` head is cosine with s = 30 (its
+probabilities are those of s·cos, :meth:`WELDERoIHeads.class_probabilities`) or linear with
+s = 1; a cosine head with s = 1, capped near p = 0.55, cannot be built.
+
 Background statistics (they set its class-balanced weight and LDAM margin): the RoI
 sampler draws ``positive_fraction`` foreground RoIs, so background is counted as
 ``(1 − f) / f`` times the foreground instances (3× at torchvision's 0.25). Background is
@@ -30,8 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.roi_heads import RoIHeads
 
-from welde_det.losses import build_loss
-from welde_det.welde import WELDEHeads, WELDEObjective, fuse, single_loss_objective
+from welde_det.welde import WELDEHeads, WELDEObjective, WELDESpec, build_spec, fuse
 from welde_det.welde.transfer import load_matching, loaded_heads
 
 logger = logging.getLogger(__name__)
@@ -68,16 +74,18 @@ class WELDEBoxPredictor(nn.Module):
         in_channels: box-head feature size (1024 for torchvision's TwoMLPHead).
         num_classes: C + 1 (background included).
         components: registry names of the K heads.
+        heads: ``"linear"`` or ``"cosine"`` per head (a :class:`~welde_det.welde.WELDESpec`'s
+            ``heads``; None: :class:`~welde_det.welde.WELDEHeads`' default).
         hidden: adapter bottleneck width.
 
     Shape:
         x (N, D) or (N, D, 1, 1) → (K × (N, C + 1), (N, 4 (C + 1))).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, components: Sequence[str], *, hidden: int | None = None
-                 ) -> None:
+    def __init__(self, in_channels: int, num_classes: int, components: Sequence[str], *,
+                 heads: Sequence[str] | None = None, hidden: int | None = None) -> None:
         super().__init__()
-        self.heads = WELDEHeads(in_channels, num_classes, components, hidden=hidden)
+        self.heads = WELDEHeads(in_channels, num_classes, components, heads=heads, hidden=hidden)
         self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -99,10 +107,11 @@ class WELDERoIHeads(RoIHeads):
 
     Build it with :meth:`from_roi_heads`. The loss dict keeps torchvision's names
     (``loss_classifier``, ``loss_box_reg``); the detached WELDE terms of the last step are
-    in :attr:`last_terms` for logging.
+    in :attr:`last_terms` for logging; :attr:`welde_spec` is the checked spec it was built from.
     """
 
     objective: WELDEObjective
+    welde_spec: WELDESpec
 
     @classmethod
     def from_roi_heads(
@@ -112,9 +121,11 @@ class WELDERoIHeads(RoIHeads):
         components: Sequence[str],
         foreground_counts: Sequence[int],
         mode: str = "welde",
+        activation: str = "softmax",
+        heads: Sequence[str] | None = None,
         loss_params: Mapping[str, Mapping[str, Any]] | None = None,
+        objective_kw: Mapping[str, Any] | None = None,
         hidden: int | None = None,
-        **objective_kw: Any,
     ) -> WELDERoIHeads:
         """Reuse ``roi_heads``' pooler, box head, sampler and post-processing; new predictor.
 
@@ -123,10 +134,22 @@ class WELDERoIHeads(RoIHeads):
             components: registry names of the heads (one for baselines).
             foreground_counts: training instances per foreground class (ClassStats order).
             mode: ``"single"`` (plain loss), ``"ce_ensemble"`` or ``"welde"``.
+            activation: must be ``"softmax"`` (the RoI classifier includes background).
+            heads: ``"linear"``/``"cosine"`` per head; None chooses as ``build_spec(head="auto")``.
             loss_params: extra keyword arguments per registry name.
+            objective_kw: :class:`WELDEObjective` settings (not in mode ``"single"``).
             hidden: adapter width.
-            **objective_kw: :class:`WELDEObjective` settings.
+
+        Raises:
+            ValueError: a spec :func:`~welde_det.welde.build_spec` refuses (e.g. a cosine head
+                with s = 1), a sigmoid activation, mask/keypoint heads, or counts that do not
+                match the model's classes.
         """
+        spec = build_spec(components=components, mode=mode, activation=activation, head=heads or "auto",
+                          loss_params=loss_params, objective_kw=objective_kw, hidden=hidden)
+        if spec.activation != "softmax":
+            raise ValueError(f"Faster R-CNN's RoI classifier is a softmax over background + classes; the WELDE spec "
+                             f"says activation={spec.activation!r}; build the spec with activation='softmax'")
         if roi_heads.has_mask() or roi_heads.has_keypoint():
             raise ValueError("WELDERoIHeads supports box detection only (no mask/keypoint heads)")
         old = roi_heads.box_predictor
@@ -136,18 +159,11 @@ class WELDERoIHeads(RoIHeads):
             raise ValueError(f"{len(foreground_counts)} foreground class counts for a model with "
                              f"{num_classes - 1} foreground classes")
         counts = rcnn_class_counts(foreground_counts, roi_heads.fg_bg_sampler.positive_fraction)
-        params = dict(loss_params or {})
-        losses = [(c, build_loss(c, class_counts=counts, **params.get(c, {}))) for c in components]
-        if mode == "single":
-            if len(losses) != 1:
-                raise ValueError(f"mode 'single' takes one component, got {list(components)}")
-            objective = single_loss_objective(*losses[0])
-        else:
-            objective = WELDEObjective(losses, activation="softmax", **objective_kw)
+        objective = spec.build_objective(counts)
         new = cls(
             roi_heads.box_roi_pool,
             roi_heads.box_head,
-            WELDEBoxPredictor(in_channels, num_classes, components, hidden=hidden),
+            WELDEBoxPredictor(in_channels, num_classes, spec.components, heads=spec.heads, hidden=spec.hidden),
             roi_heads.proposal_matcher.high_threshold,
             roi_heads.proposal_matcher.low_threshold,
             roi_heads.fg_bg_sampler.batch_size_per_image,
@@ -163,9 +179,20 @@ class WELDERoIHeads(RoIHeads):
                 if isinstance(clf, nn.Linear):
                     clf.load_state_dict(old.cls_score.state_dict())
         new.objective = objective
+        new.welde_spec = spec
         new.class_counts = counts
         new.last_terms = {}
         return new
+
+    def class_probabilities(self, logits_list: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Fused softmax probabilities (N, C + 1) of the K heads' logits.
+
+        Each head's logits are first scaled by its loss's s (cosine heads: s·cos, see
+        :meth:`~welde_det.welde.WELDEObjective.predictive_logits`), then fused with the
+        objective's weights.
+        """
+        weights = self.objective.fusion_weights().to(logits_list[0].device)
+        return fuse(self.objective.predictive_logits(logits_list), weights, activation="softmax")
 
     def forward(self, features, proposals, image_shapes, targets=None):
         if targets is not None:
@@ -185,7 +212,7 @@ class WELDERoIHeads(RoIHeads):
             losses = {"loss_classifier": out["loss"],
                       "loss_box_reg": _box_loss(box_regression, labels_cat, torch.cat(regression_targets, dim=0))}
             return [], losses
-        probs = fuse(logits_list, self.objective.fusion_weights().to(box_regression.device), activation="softmax")
+        probs = self.class_probabilities(logits_list)
         # postprocess_detections applies softmax: log-probabilities give back the fused p exactly
         boxes, scores, labels = self.postprocess_detections(torch.log(probs.clamp_min(1e-30)), box_regression,
                                                             proposals, image_shapes)
@@ -222,22 +249,32 @@ def build_faster_rcnn(
     foreground_counts: Sequence[int],
     components: Sequence[str] = ("ce",),
     mode: str = "single",
+    activation: str = "softmax",
+    heads: Sequence[str] | None = None,
+    loss_params: Mapping[str, Mapping[str, Any]] | None = None,
+    objective_kw: Mapping[str, Any] | None = None,
+    hidden: int | None = None,
     in_channels: int = 3,
     weights: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
     min_size: int = 384,
     max_size: int = 640,
-    loss_params: Mapping[str, Mapping[str, Any]] | None = None,
-    hidden: int | None = None,
-    **objective_kw: Any,
 ) -> nn.Module:
     """A torchvision Faster R-CNN (random init or a local checkpoint) with WELDE RoI heads.
+
+    Example:
+        >>> spec = build_spec(components=("ce", "ldam"), mode="welde", activation="softmax")
+        >>> model = build_faster_rcnn("fasterrcnn_mobilenet_v3_large_fpn", foreground_counts=[5, 3],
+        ...                           **spec.model_kwargs())  # doctest: +SKIP
 
     Args:
         arch: one of :data:`RCNN_ARCHS`.
         foreground_counts: training instances per class (C classes; background is added).
-        components, mode, loss_params, hidden, **objective_kw: see :meth:`WELDERoIHeads.from_roi_heads`.
+        components, mode, activation, heads, loss_params, objective_kw, hidden: a
+            :class:`~welde_det.welde.WELDESpec`'s ``model_kwargs()``; see
+            :meth:`WELDERoIHeads.from_roi_heads`.
         in_channels: 1 (grayscale) or 3.
-        weights: a local torchvision Faster R-CNN state dict or welde_det checkpoint (e.g.
+        weights: a local torchvision Faster R-CNN state dict or welde_det checkpoint, read
+            with :func:`welde_det.checkpoint.safe_load` (e.g.
             the CE baseline as the start of the frozen stage), or a state dict in memory
             — never a download. Entries
             are loaded where name and shape match; a K = 1 welde_det head starts all K
@@ -245,12 +282,17 @@ def build_faster_rcnn(
         min_size, max_size: GeneralizedRCNNTransform resizing.
 
     Raises:
-        ValueError: unknown arch, a weights name that is not a local file.
+        ValueError: unknown arch, a weights name that is not a local file, a WELDE spec
+            :func:`~welde_det.welde.build_spec` refuses.
+        welde_det.checkpoint.UnsafeCheckpointError: a weights file that would run code when loaded.
     """
     import torchvision
 
     if arch not in RCNN_ARCHS:
         raise ValueError(f"unknown Faster R-CNN arch {arch!r}; choose one of {list(RCNN_ARCHS)}")
+    # the WELDE settings are checked before anything is built or loaded
+    spec = build_spec(components=components, mode=mode, activation=activation, head=heads or "auto",
+                      loss_params=loss_params, objective_kw=objective_kw, hidden=hidden)
     builder = getattr(torchvision.models.detection, arch)
     model = builder(weights=None, weights_backbone=None, num_classes=len(foreground_counts) + 1,
                     min_size=min_size, max_size=max_size)
@@ -261,17 +303,19 @@ def build_faster_rcnn(
         if not os.path.isfile(weights):
             raise ValueError(f"weights {weights!r} is not a local file; welde_det never downloads weights — pass "
                              "the path of a saved state dict, or leave it unset for random initialisation")
-        state = torch.load(weights, map_location="cpu", weights_only=False)
-        state = state.get("model", state) if isinstance(state, dict) else state
+        from welde_det.checkpoint import SCHEMA, safe_load
+
+        state = safe_load(weights)  # weights_only: a file that needs arbitrary unpickling is refused
+        if isinstance(state, dict):
+            state = state["model_state"] if state.get("schema") == SCHEMA else state.get("model", state)
         if not isinstance(state, Mapping):
             raise ValueError(f"weights {weights}: expected a Faster R-CNN state dict or welde_det checkpoint, "
                              f"found a {type(state).__name__}")
         # a plain torchvision state dict: its box predictor seeds every WELDE head below
         load_matching(model, state, _not_objective)
     _adapt_channels(model, in_channels)
-    model.roi_heads = WELDERoIHeads.from_roi_heads(model.roi_heads, components=components,
-                                                   foreground_counts=foreground_counts, mode=mode,
-                                                   loss_params=loss_params, hidden=hidden, **objective_kw)
+    model.roi_heads = WELDERoIHeads.from_roi_heads(model.roi_heads, foreground_counts=foreground_counts,
+                                                   **spec.model_kwargs())
     if state:
         # a welde_det checkpoint (1-channel stem, K heads): what matches the final model
         loaded = load_matching(model, state, _not_objective)
