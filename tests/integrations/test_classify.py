@@ -12,6 +12,7 @@ from welde_det.integrations.classify import (
     load_image_folder,
     load_npz,
 )
+from welde_det.welde import build_spec
 
 
 def write_npz(path, *, n=(60, 12, 12), c=4, size=16, seed=0, drop=None, rgb=False):
@@ -99,9 +100,57 @@ def test_image_folder_keeps_16_bit_depth(tmp_path):
 
 
 def test_classifier_freeze_and_fusion():
-    model = ImageClassifier("small_cnn", 3, ["ce", "focal", "cb", "ldam"], in_channels=1)
+    spec = build_spec(components=("ce", "focal", "cb", "ldam"), mode="welde", activation="softmax")
+    model = ImageClassifier("small_cnn", 3, class_counts=[30, 10, 3], in_channels=1, **spec.model_kwargs())
+    assert model.welde_spec == spec and model.heads.head_types == ("linear", "linear", "linear", "cosine")
     model.freeze_backbone()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith("heads.") for n in trainable)
-    p = model.predict_proba(torch.rand(4, 1, 16, 16))
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith(("heads.", "objective."))}
+    assert "objective.theta" in trainable
+    x = torch.rand(4, 1, 16, 16)
+    p = model.predict_proba(x)
     torch.testing.assert_close(p.sum(1), torch.ones(4))
+    with torch.no_grad():  # the ldam (cosine) head enters the fusion as softmax(30·cos)
+        z = model(x)
+    ref = sum(0.25 * (t * s).softmax(1) for t, s in zip(z, (1, 1, 1, 30)))
+    torch.testing.assert_close(p, ref)
+
+
+def test_classifier_refuses_bad_specs():
+    with pytest.raises(ValueError, match=r"cosine head for 'ldam' with s=1\.0"):
+        ImageClassifier("small_cnn", 3, ("ldam",), heads=("cosine",), loss_params={"ldam": {"s": 1.0}},
+                        class_counts=[3, 2, 1], in_channels=1)
+    with pytest.raises(ValueError, match="activation='sigmoid'"):
+        ImageClassifier("small_cnn", 3, ("ce",), activation="sigmoid", in_channels=1)
+    with pytest.raises(ValueError, match="needs class_counts"):
+        ImageClassifier("small_cnn", 3, ("ldam",), in_channels=1)
+
+
+def _quadrant_images(n_per: int = 24, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class k: a bright square in quadrant k on noise — separable by position."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(3).repeat_interleave(n_per)
+    x = 0.1 * torch.rand(len(y), 1, size, size, generator=g)
+    h = size // 2
+    for i, k in enumerate(y.tolist()):
+        r, c = divmod(k, 2)
+        x[i, 0, r * h:(r + 1) * h, c * h:(c + 1) * h] += 0.8
+    return x, y
+
+
+@pytest.mark.parametrize("loss_params", [None, {"ldam": {"s": 1.0}}], ids=["cosine-s30", "linear-s1"])
+def test_ldam_classifier_head_becomes_confident(loss_params):
+    x, y = _quadrant_images()
+    spec = build_spec(components=("ldam",), mode="single", activation="softmax", loss_params=loss_params)
+    torch.manual_seed(0)
+    model = ImageClassifier("small_cnn", 3, class_counts=[24, 24, 24], in_channels=1, **spec.model_kwargs())
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    for _ in range(60):
+        loss = model.objective(model(x), y)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    p = model.predict_proba(x)
+    assert float(p.gather(1, y[:, None]).min()) > 0.99

@@ -4,7 +4,9 @@ Backbones: torchvision ResNet-50, EfficientNetV2-S and DenseNet-121 (the LMF pap
 three), randomly initialised or loaded from a **local** weights file — never downloaded —
 plus ``small_cnn`` for fast CPU runs. Grayscale input replaces the first convolution.
 The classification part is always :class:`~welde_det.welde.WELDEHeads` on the pooled
-feature: K = 1 for a single loss, K heads for ``ce_ensemble`` / ``welde``.
+feature: K = 1 for a single loss, K heads for ``ce_ensemble`` / ``welde``; the model carries
+its objective (as the detectors do), both built from a
+:class:`~welde_det.welde.WELDESpec`'s plain keyword arguments.
 
 Datasets: the MedMNIST ``.npz`` layout (``train_images``, ``train_labels``, ``val_*``,
 ``test_*``; labels (N,) or (N, 1); optional ``class_names``) and an image folder with one
@@ -14,15 +16,16 @@ sub-folder per class (optionally ``train/``, ``val/``, ``test/`` sub-trees).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from welde_det.welde import WELDEHeads, fuse
+from welde_det.welde import WELDEObjective, build_spec, fuse
 
 __all__ = [
     "ARCHS",
@@ -125,25 +128,57 @@ def build_backbone(arch: str, in_channels: int = 3, weights: str | os.PathLike |
 
 
 class ImageClassifier(nn.Module):
-    """Backbone + K classification heads (:class:`WELDEHeads`).
+    """Backbone + K classification heads (:class:`~welde_det.welde.WELDEHeads`) + their objective.
 
     Args:
-        arch: backbone name; num_classes: C; components: registry names of the heads.
-        in_channels: 1 or 3; weights: local backbone weights; hidden: adapter width.
+        arch: backbone name; num_classes: C.
+        components, mode, activation, heads, loss_params, objective_kw, hidden: a
+            :class:`~welde_det.welde.WELDESpec`'s ``model_kwargs()`` (checked by
+            :func:`~welde_det.welde.build_spec`; ``activation`` must be ``"softmax"``).
+        class_counts: training images per class, for the losses that weight by them
+            (``ClassStats.effective_counts``; None only when no component needs counts).
+        in_channels: 1 or 3; weights: local backbone weights.
+
+    Attributes:
+        objective: the :class:`~welde_det.welde.WELDEObjective` (θ, EMA statistics and loss
+            buffers are in this module's ``state_dict``); train with
+            ``model.objective(model(x), y)["loss"]``.
+        welde_spec: the checked spec.
+
+    Example:
+        >>> spec = build_spec(components=("ce", "ldam"), mode="welde", activation="softmax")
+        >>> model = ImageClassifier("small_cnn", 3, class_counts=[50, 10, 2], in_channels=1,
+        ...                         **spec.model_kwargs())
+        >>> model.predict_proba(torch.rand(2, 1, 16, 16)).shape
+        torch.Size([2, 3])
     """
 
-    def __init__(self, arch: str, num_classes: int, components: Sequence[str], *, in_channels: int = 3,
-                 weights: str | os.PathLike | None = None, hidden: int | None = None) -> None:
+    def __init__(self, arch: str, num_classes: int, components: Sequence[str] = ("ce",), *,
+                 mode: str = "single", activation: str = "softmax", heads: Sequence[str] | None = None,
+                 loss_params: Mapping[str, Mapping[str, Any]] | None = None,
+                 objective_kw: Mapping[str, Any] | None = None, hidden: int | None = None,
+                 class_counts: Sequence[int | float] | None = None, in_channels: int = 3,
+                 weights: str | os.PathLike | None = None) -> None:
         super().__init__()
+        spec = build_spec(components=components, mode=mode, activation=activation, head=heads or "auto",
+                          loss_params=loss_params, objective_kw=objective_kw, hidden=hidden)
+        if spec.activation != "softmax":
+            raise ValueError(f"image classification is a softmax over the classes; the WELDE spec says "
+                             f"activation={spec.activation!r}; build the spec with activation='softmax'")
+        if class_counts is not None and len(class_counts) != num_classes:
+            raise ValueError(f"{len(class_counts)} class counts for num_classes={num_classes}")
+        self.welde_spec = spec
         self.backbone, dim = build_backbone(arch, in_channels, weights)
-        self.heads = WELDEHeads(dim, num_classes, components, hidden=hidden)
+        self.heads = spec.build_heads(dim, num_classes)
+        self.objective: WELDEObjective = spec.build_objective(class_counts)
         self.arch, self.in_channels, self.num_classes = arch, in_channels, num_classes
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """K logit tensors (N, C) — what :attr:`objective` takes."""
         return self.heads(self.backbone(x))
 
     def freeze_backbone(self) -> None:
-        """Freeze the shared backbone (and its batch-norm statistics): only heads train."""
+        """Freeze the shared backbone (and its batch-norm statistics): only heads and θ train."""
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         self.backbone.eval()
@@ -155,9 +190,14 @@ class ImageClassifier(nn.Module):
         return self
 
     @torch.no_grad()
-    def predict_proba(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Fused softmax probabilities (N, C)."""
-        return fuse(self(x), weights, activation="softmax")
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Fused softmax probabilities (N, C): each head's s-scaled logits, the objective's weights.
+
+        Call ``eval()`` first for inference (batch-norm statistics).
+        """
+        logits = self(x)
+        weights = self.objective.fusion_weights().to(logits[0].device)
+        return fuse(self.objective.predictive_logits(logits), weights, activation="softmax")
 
 
 @dataclass
