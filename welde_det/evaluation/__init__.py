@@ -17,6 +17,7 @@ from welde_det.evaluation.coco_eval import (
     evaluate_coco,
     summary_lines,
 )
+from welde_det.evaluation.errors import ERROR_TYPES, colocation_table, tide_errors
 from welde_det.evaluation.froc import FROC_RATES, froc_analysis
 from welde_det.evaluation.intervals import bootstrap_difference, bootstrap_metrics
 from welde_det.evaluation.per_image import (
@@ -28,6 +29,7 @@ from welde_det.evaluation.per_image import (
 )
 
 __all__ = [
+    "ERROR_TYPES",
     "FROC_RATES",
     "CocoEvaluator",
     "DetectionArrays",
@@ -35,11 +37,13 @@ __all__ = [
     "bootstrap_difference",
     "bootstrap_metrics",
     "classification_metrics",
+    "colocation_table",
     "evaluate_coco",
     "froc_analysis",
     "match_detections",
     "per_image_counts",
     "summary_lines",
+    "tide_errors",
     "worst_slices",
     "write_per_image_csv",
 ]
