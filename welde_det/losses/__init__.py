@@ -15,6 +15,7 @@ from welde_det.losses.samplers import (
     ProgressivelyBalancedSampler,
     RepeatFactorSampler,
     SquareRootSampler,
+    build_detection_sampler,
     build_sampler,
 )
 from welde_det.losses.weighting import (
@@ -31,6 +32,7 @@ __all__ = [
     "RepeatFactorSampler",
     "SquareRootSampler",
     "available_losses",
+    "build_detection_sampler",
     "build_loss",
     "build_sampler",
     "bwcce_weights",

@@ -8,12 +8,18 @@ probability q_c ∝ n_c^p / Σ_j n_j^p, each class's samples uniformly:
 - ``SquareRootSampler``: p = 1/2;
 - ``ProgressivelyBalancedSampler``: q(t) = (1 − t/T)·q^{IB} + (t/T)·q^{CB} over T epochs.
 
-``RepeatFactorSampler`` is the image-level sampler for detection: with f_c the fraction
-of training images containing class c and threshold t, r_c = max(1, sqrt(t / f_c)); an
-image repeats r_i = max_{c in image} r_c times per epoch, with stochastic rounding.
+``RepeatFactorSampler`` is the image-level sampler for detection (LVIS, Gupta et al. 2019;
+Detectron2's ``RepeatFactorTrainingSampler``): with f_c the fraction of training images
+containing class c and threshold t, r_c = max(1, sqrt(t / f_c)); an image repeats
+r_i = max_{c in image} r_c times per epoch, with stochastic rounding (⌊r_i⌋ times, plus once
+more with probability r_i − ⌊r_i⌋, drawn afresh every epoch). Over many epochs image i is
+drawn with frequency r_i / Σ_j r_j. :func:`build_detection_sampler` builds it by name
+(``data.sampler=repeat_factor``) for Faster R-CNN's DataLoader and YOLO's trainer.
 
 All samplers are seeded and deterministic for (seed, epoch); call ``set_epoch`` every
-epoch (as with ``DistributedSampler``).
+epoch (as with ``DistributedSampler``). The repeat-factor sampler also moves to the next
+epoch by itself after each pass, for loaders that never call ``set_epoch`` (Ultralytics'
+single-process ``InfiniteDataLoader`` re-iterates its sampler pass after pass).
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ import torch
 from torch.utils.data import Sampler
 
 __all__ = [
+    "DETECTION_SAMPLERS",
     "ClassBalancedSampler",
     "InstanceBalancedSampler",
     "ProgressivelyBalancedSampler",
     "RepeatFactorSampler",
     "SquareRootSampler",
+    "build_detection_sampler",
     "build_sampler",
     "class_sampling_probabilities",
     "repeat_factors",
@@ -154,35 +162,90 @@ def repeat_factors(image_classes: Sequence[Sequence[int]], threshold: float) -> 
 class RepeatFactorSampler(Sampler[int]):
     """Image-level repeat-factor sampling for detection (LVIS; r_c = max(1, sqrt(t / f_c))).
 
-    Each epoch image i appears floor(r_i) times plus once more with probability
-    r_i − floor(r_i); the order is shuffled.
+    Each epoch image i appears ⌊r_i⌋ times plus once more with probability r_i − ⌊r_i⌋; the
+    order is shuffled. With ``num_replicas > 1`` (DDP) every rank draws the same epoch list,
+    padded by wrapping to a multiple of ``num_replicas``, and takes every
+    ``num_replicas``-th index from ``rank`` on (as ``DistributedSampler`` shards).
 
     Args:
         image_classes: per image, the class indices of its boxes.
         threshold: t (0.001 in LVIS; larger values re-sample more).
         seed: base seed; the draw depends on (seed, epoch).
+        num_replicas, rank: DDP world size and this process's rank.
+
+    Shape:
+        ``factors``: (num_images,) repeat factors r_i; ``len()``: round(Σ r_i) / num_replicas
+        (rounded up), the expected number of draws per epoch on this rank — one epoch's
+        draw varies around it with the stochastic rounding.
+
+    Example:
+        >>> s = RepeatFactorSampler([[0]] * 9 + [[1]], threshold=0.4)
+        >>> float(s.factors[-1]), len(s)
+        (2.0, 11)
     """
 
-    def __init__(self, image_classes: Sequence[Sequence[int]], *, threshold: float = 0.1, seed: int = 0) -> None:
+    def __init__(self, image_classes: Sequence[Sequence[int]], *, threshold: float = 0.1, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"RepeatFactorSampler: rank {rank} is not in [0, num_replicas={num_replicas})")
         self.factors = repeat_factors(image_classes, threshold)
+        self.threshold = float(threshold)
         self.seed, self.epoch = int(seed), 0
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration use the draw of ``epoch``."""
         self.epoch = int(epoch)
 
-    def _indices(self) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def expected_frequencies(self) -> np.ndarray:
+        """r_i / Σ_j r_j: each image's share of the draws over many epochs (num_images,)."""
+        return self.factors / self.factors.sum()
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """All ranks' draw of ``epoch`` (before sharding), shuffled."""
+        rng = np.random.default_rng([self.seed, int(epoch)])
         whole = np.floor(self.factors)
         reps = whole + (rng.random(len(self.factors)) < self.factors - whole)
         idx = np.repeat(np.arange(len(self.factors)), reps.astype(np.int64))
         return idx[rng.permutation(len(idx))]
 
     def __len__(self) -> int:
-        return round(float(self.factors.sum()))
+        return -(-round(float(self.factors.sum())) // self.num_replicas)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._indices().tolist())
+        idx = self.epoch_indices(self.epoch)
+        self.epoch += 1
+        if self.num_replicas > 1:
+            pad = -len(idx) % self.num_replicas
+            idx = np.concatenate([idx, np.resize(idx, pad)])[self.rank::self.num_replicas]
+        return iter(idx.tolist())
+
+
+#: Detection sampler names for ``data.sampler`` (None or ``"none"``: the loader's own shuffling).
+DETECTION_SAMPLERS = ("none", "repeat_factor")
+
+
+def build_detection_sampler(name: str | None, image_classes: Sequence[Sequence[int]], *, threshold: float = 0.1,
+                            seed: int = 0, num_replicas: int = 1, rank: int = 0) -> RepeatFactorSampler | None:
+    """The image sampler of a detection DataLoader by name (``data.sampler``).
+
+    Args:
+        name: ``"repeat_factor"``; None or ``"none"`` return None (plain shuffling, e.g.
+            ``DataLoader(shuffle=True)`` or a ``DistributedSampler``).
+        image_classes: per image, in dataset order, the class indices of its boxes.
+        threshold: t of the repeat factors (``data.repeat_threshold``).
+        seed, num_replicas, rank: see :class:`RepeatFactorSampler`.
+
+    Raises:
+        ValueError: an unknown name (the classification samplers are named as such), a bad
+            threshold or rank.
+    """
+    if name is None or name == "none":
+        return None
+    if name != "repeat_factor":
+        hint = " (a classification sampler: detection samples images, not instances)" if name in SAMPLERS else ""
+        raise ValueError(f"unknown detection sampler {name!r}{hint}; choose one of {list(DETECTION_SAMPLERS)}")
+    return RepeatFactorSampler(image_classes, threshold=threshold, seed=seed, num_replicas=num_replicas, rank=rank)
 
 
 SAMPLERS = {
