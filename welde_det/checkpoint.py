@@ -41,7 +41,6 @@ Example:
 
 from __future__ import annotations
 
-import _compat_pickle
 import collections
 import datetime
 import enum
@@ -502,10 +501,13 @@ def _refused_global(message: str) -> str | None:
 
 
 def _torch_reason(message: str) -> str:
-    for line in message.splitlines():
-        line = line.strip()
-        if line.startswith("WeightsUnpickler error:"):
-            return line.split(":", 1)[1].strip().split(". Please use")[0]
+    """The reason inside torch's long weights_only error text."""
+    _, marker, rest = message.partition("WeightsUnpickler error:")
+    if marker:
+        for line in rest.splitlines():
+            line = line.strip().split(". Please use")[0]
+            if line and not line.startswith("Check the documentation"):
+                return line
     return _first_line(message)
 
 
@@ -533,16 +535,24 @@ def _scan(path: Path) -> set[str] | None:
                 raise CheckpointError(f"{path}: a zip archive without data.pkl, not a torch checkpoint; {WHAT_IT_IS}")
             data = archive.read(f"{prefix}/data.pkl")
     except zipfile.BadZipFile:
+        with path.open("rb") as f:
+            head = f.read(2)
+        if head[:1] != pickle.PROTO or len(head) < 2:  # the pre-1.6 format starts with a pickle
+            raise CheckpointError(f"{path}: not a readable torch checkpoint (neither a torch.save zip archive "
+                                  f"nor the legacy pickle format); {WHAT_IT_IS}") from None
         return None
+    # the names torch's loader will look up: it maps protocol 2's Python 2 names its own way
+    from torch._utils import IMPORT_MAPPING, NAME_MAPPING
+
     found: set[str] = set()
     try:
         for op, arg, _ in pickletools.genops(data):
             if op.name in ("GLOBAL", "INST"):
                 module, name = str(arg).split(" ", 1)
-                if (module, name) in _compat_pickle.NAME_MAPPING:
-                    module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-                elif module in _compat_pickle.IMPORT_MAPPING:
-                    module = _compat_pickle.IMPORT_MAPPING[module]
+                if (module, name) in NAME_MAPPING:
+                    module, name = NAME_MAPPING[(module, name)]
+                elif module in IMPORT_MAPPING:
+                    module = IMPORT_MAPPING[module]
                 found.add(f"{module}.{name}")
             if op.name in ("STACK_GLOBAL", "INST", "OBJ"):
                 found.add(f"<pickle opcode {op.name}>")
@@ -614,6 +624,8 @@ def _restricted_getattr(obj: Any, name: str) -> Any:
     """``getattr`` as Ultralytics pickles use it (``Detect.forward``, enum members), nothing else."""
     import torch
 
+    if isinstance(obj, _RebuildOnly):  # a class the pickle named is pushed as its stand-in
+        obj = obj.cls
     admitted = _admitted_classes()
     if name in ("forward", "forward_fuse"):
         if isinstance(obj, type) and obj in admitted:
