@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
+from welde_det.engine.backends.classify import ClassifyBackend
 from welde_det.engine.config import load_config
-from welde_det.engine.train_classify import fit_classifier, predict
 from welde_det.evaluation.classification import classification_metrics
 from welde_det.integrations.classify import ClassificationData
 
@@ -90,9 +90,9 @@ def main() -> int:
         res = []
         for seed in range(args.seeds):
             cfg = config_for(method, seed, args.epochs)
-            model, obj, stats = fit_classifier(cfg, data, device=torch.device("cpu"))
+            trained, stats = ClassifyBackend().fit(cfg, data, device=torch.device("cpu"))
             x, y = data.splits["test"]
-            m = classification_metrics(y, predict(model, obj, x, torch.device("cpu")), class_stats=stats)
+            m = classification_metrics(y, trained.predict_proba(x), class_stats=stats)
             res.append([m["macro_f1"], m["balanced_accuracy"], m["map"], m["map_tail"]])
         r = np.array(res)
         rows.append((method, r.mean(0), r.std(0)))

@@ -162,8 +162,9 @@ def bench_rcnn(args) -> dict[str, float]:
     import torchvision
 
     from welde_det.classes import ClassStats
+    from welde_det.engine.backends.base import welde_spec
+    from welde_det.engine.backends.rcnn import build_rcnn_model
     from welde_det.engine.config import load_config
-    from welde_det.engine.train_rcnn import _build
     from welde_det.integrations.rcnn import _adapt_channels, freeze_for_stage2
 
     arch = RCNN_BACKBONES[args.rcnn_backbone]
@@ -179,7 +180,9 @@ def bench_rcnn(args) -> dict[str, float]:
     _adapt_channels(plain, cfg.data.channels)
     # the model the rcnn runner trains for this config; the same seed gives it plain's weights
     torch.manual_seed(0)
-    welde = _build(cfg, stats, arch)
+    spec = welde_spec(cfg, tuple(cfg.components), cfg.loss.mode, "softmax")
+    welde = build_rcnn_model(arch, list(stats.effective_counts), spec.to_dict(), channels=cfg.data.channels,
+                             imgsz=cfg.train.imgsz)
     ws = welde.state_dict()
     shared = [k for k in plain.state_dict() if k in ws]
     if not all(torch.equal(plain.state_dict()[k], ws[k]) for k in shared):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from welde_det.engine.train import run_training
+from welde_det.engine.run import run_training
 from welde_det.utils.logging import setup_logging
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from welde_det.engine.train import CONFIG_NAME, _discard_if_unstarted
+from welde_det.engine.run import CONFIG_NAME, _discard_if_unstarted
 
 
 def _folder(tmp_path, *files):

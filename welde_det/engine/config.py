@@ -75,6 +75,10 @@ class DataConfig:
             whatever this says.
         tail: explicit tail class names (empty = ClassStats' default rule).
         tail_threshold: instance threshold for the tail set (0 = unused).
+        names: class names for a YOLO folder without a ``data.yaml`` (empty = read them
+            from the data; a YOLO folder with no names anywhere is an error).
+        class_floor: count floor for classes with no training instance (0 = such a class
+            is an error naming it; 1 trains anyway, e.g. on a tiny phantom).
     """
 
     source: str = "phantom"
@@ -88,6 +92,8 @@ class DataConfig:
     bit_depth: int = 8
     tail: tuple[str, ...] = ()
     tail_threshold: int = 0
+    names: tuple[str, ...] = ()
+    class_floor: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,15 +104,15 @@ class ModelConfig:
         framework: ``"yolo"``, ``"rcnn"`` or ``"classify"``.
         arch: architecture name (``yolov8n.yaml``, ``fasterrcnn_resnet50_fpn``,
             ``resnet50``, ...). Names that would download weights are refused.
-        weights: local checkpoint/weights path, or ``None`` for random initialisation.
-        pretrained_backbone: local path to backbone weights (``None`` = random init).
+        weights: local checkpoint/weights path, or ``None`` for random initialisation
+            (a welde_det checkpoint, an Ultralytics ``.pt`` or a torchvision state dict;
+            loaded with ``torch.load(weights_only=True)`` and an allow-list of modules).
         hidden: adapter bottleneck width for WELDE heads (0 = feature dim // 4).
     """
 
     framework: str = "yolo"
     arch: str = "yolov8n.yaml"
     weights: str | None = None
-    pretrained_backbone: str | None = None
     hidden: int = 0
 
 
@@ -123,6 +129,11 @@ class LossConfig:
         ema_momentum, sum_penalty, diversity, weight_floor, warmup_steps: the
             :class:`~welde_det.welde.WELDEObjective` settings (METHOD.md §3).
         drw_epoch: epoch at which LDAM/LMF deferred re-weighting switches on (-1 = off).
+        head: the heads' type, ``"auto"`` (YOLO: linear with s = 1; softmax heads: cosine
+            with s = 30 for ``ldam``/``lmf``, linear for the rest), ``"linear"`` or ``"cosine"``
+            (``welde_det.welde.spec``: a head that cannot become confident is refused).
+        cls_pw: Ultralytics' class-weight power for the plain BCE (YOLO, ``mode: single``,
+            ``name: ce`` only; refused elsewhere).
     """
 
     mode: str = "single"
@@ -135,6 +146,8 @@ class LossConfig:
     weight_floor: float = 0.05
     warmup_steps: int = 50
     drw_epoch: int = -1
+    head: str = "auto"
+    cls_pw: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -157,6 +170,11 @@ class TrainConfig:
         amp: mixed precision where the device supports it.
         conf: score threshold used for the saved detections and the report.
         patience: early-stop patience in epochs (0 = off).
+        select: what chooses the model: ``"last"`` (the last epoch of the fixed schedule),
+            ``"holdout"`` (best mAP on ``select_fraction`` of train carved off, patients
+            kept whole) or a split name that is not the measured one.
+        select_fraction: the share of train carved off for ``select=holdout``.
+        measure: the split the report measures (never the selecting one).
         nbs: YOLO's nominal batch size: Ultralytics accumulates gradients over
             ``nbs / batch`` batches and scales weight decay to it (64, Ultralytics'
             default). Set it to ``batch`` for one optimiser step per batch, which short
@@ -178,6 +196,9 @@ class TrainConfig:
     conf: float = 0.001
     patience: int = 0
     nbs: int = 64
+    select: str = "last"
+    select_fraction: float = 0.15
+    measure: str = "val"
 
 
 @dataclass(frozen=True)
@@ -216,6 +237,14 @@ class ExperimentConfig:
             raise ConfigError(f"data.bit_depth must be 8 or 16, got {self.data.bit_depth}")
         if self.loss.mode != "single" and len(self.loss.components) < 1:
             raise ConfigError("loss.components must name at least one registry loss")
+        if not 0.0 < self.train.select_fraction < 1.0:
+            raise ConfigError(f"train.select_fraction must be in (0, 1), got {self.train.select_fraction}")
+        if self.train.patience and self.train.select == "last":
+            raise ConfigError(f"train.patience={self.train.patience} stops on a selection metric, but "
+                              "train.select='last' measures none; set train.select=holdout (or a split that is "
+                              "not measured), or patience=0")
+        if self.data.class_floor < 0:
+            raise ConfigError(f"data.class_floor must be >= 0, got {self.data.class_floor}")
         for key in ("epochs", "batch", "imgsz", "nbs"):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self.train, key)}")

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from welde_det.engine.train import run_training
+from welde_det.engine.run import run_training
 from welde_det.utils.fileio import atomic_write_json, atomic_write_text
 from welde_det.utils.logging import setup_logging
 

@@ -1,10 +1,8 @@
 """Inference on MRI slices: a detector abstraction, input discovery, overlays and JSON.
 
-- :class:`Detector` is the small interface every framework implements: class names, the
-  tail set, input channels and size, and ``predict(image, conf)`` on one 2D slice.
-  :class:`RCNNDetector` wraps our Faster R-CNN checkpoints; YOLO checkpoints are handed
-  to ``welde_det.engine.train_yolo.load_yolo_detector`` (imported only when needed).
-- :func:`load_detector` dispatches on the checkpoint's contents, never its file name.
+- :class:`~welde_det.integrations.base.Detector` is the small interface every framework
+  implements; :func:`load_detector` (:mod:`welde_det.integrations.registry`) reads a
+  checkpoint safely and builds the detector its ``framework`` names.
 - :func:`collect_inputs` / :func:`read_input` turn a source (DICOM folder or file, NIfTI,
   PNG/JPEG, or a folder of them) into windowed mid-sagittal slices.
 - :func:`run_inference` reads and validates **every** input first, then predicts, then
@@ -19,7 +17,6 @@ corner ``(x, y)`` is at ``pixel_to_world(rows=y - 0.5, cols=x - 0.5)`` in RAS mm
 
 from __future__ import annotations
 
-import abc
 import logging
 import os
 import re
@@ -30,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from welde_det.classes import ClassStats
+from welde_det.integrations.base import Detector, image_to_float
+from welde_det.integrations.registry import load_detector
 from welde_det.io import SagittalSlice, WeldeIOError, mid_sagittal, read_volume, window_image
 from welde_det.io.image2d import IMAGE_SUFFIXES, is_image2d
 from welde_det.io.nifti import is_nifti
@@ -42,7 +40,6 @@ __all__ = [
     "InferenceInput",
     "InferenceInputError",
     "InferenceSummary",
-    "RCNNDetector",
     "collect_inputs",
     "detection_record",
     "image_to_float",
@@ -52,208 +49,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-HOW_TO_TRAIN = ("make one with `python tools/train.py --config configs/rcnn_welde.yaml` "
-                "(the run folder's weights/last.pt)")
 
 
 class InferenceInputError(WeldeIOError):
     """An input that cannot be used as an MRI slice; the message names the file and what is expected."""
-
-
-# --------------------------------------------------------------------------- detectors
-def image_to_float(image: np.ndarray) -> np.ndarray:
-    """A 2D uint8/uint16 slice as float32 in [0, 1] (÷255 or ÷65535), as the detectors were trained.
-
-    Raises:
-        ValueError: not a 2D uint8/uint16 array.
-    """
-    image = np.asarray(image)
-    if image.ndim != 2:
-        raise ValueError(f"a detector takes one 2D slice (rows, cols), got shape {image.shape}")
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
-    if image.dtype == np.uint16:
-        return image.astype(np.float32) / 65535.0
-    raise ValueError(f"a detector takes a uint8 or uint16 slice, got {image.dtype} "
-                     "(window it first with welde_det.io.window_image)")
-
-
-class Detector(abc.ABC):
-    """One trained detector, framework-independent.
-
-    Subclasses set the attributes (usually by calling ``super().__init__``) and implement
-    :meth:`predict`.
-
-    Attributes:
-        class_stats: the training split's :class:`ClassStats` saved in the checkpoint.
-        names: class names in class-index order.
-        tail: names of the tail classes.
-        channels: input channels the model takes (1, or 3 = the grey slice repeated).
-        imgsz: the training input size (pixels); models resize internally.
-        weights: the checkpoint path, if loaded from one.
-        device: where the model runs.
-        framework: ``"rcnn"``, ``"yolo"``, ...
-
-    Example:
-        >>> det = load_detector("runs/rcnn_welde-…/weights/last.pt")  # doctest: +SKIP
-        >>> det.predict(slice_uint8, conf=0.25)[0]  # doctest: +SKIP
-        {'bbox': [41.2, 80.0, 97.5, 101.3], 'score': 0.91, 'class_index': 2, 'class_name': 'Normal_IVD'}
-    """
-
-    framework: str = "unknown"
-
-    def __init__(self, class_stats: ClassStats, *, channels: int = 1, imgsz: int = 640,
-                 weights: str | os.PathLike | None = None, device: str = "cpu") -> None:
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
-        self.class_stats = class_stats
-        self.names: list[str] = list(class_stats.names)
-        self.tail: list[str] = list(class_stats.tail_names)
-        self.channels = int(channels)
-        self.imgsz = int(imgsz)
-        self.weights = Path(weights) if weights is not None else None
-        self.device = str(device)
-
-    @abc.abstractmethod
-    def predict(self, image: np.ndarray, conf: float = 0.25) -> list[dict[str, Any]]:
-        """Detections on one slice, highest score first.
-
-        Args:
-            image: (rows, cols) uint8 or uint16 slice, displayed superior up, anterior left.
-            conf: keep detections with ``score >= conf``.
-
-        Returns:
-            Dicts ``{"bbox": [x1, y1, x2, y2], "score", "class_index", "class_name"}``,
-            boxes in pixels of ``image``.
-        """
-
-    def check_names(self, expected: Sequence[str] | None) -> None:
-        """Raise unless the checkpoint's classes are exactly ``expected`` (in order); ``None`` passes."""
-        if expected is None:
-            return
-        expected = [str(n) for n in expected]
-        if expected != self.names:
-            raise ValueError(
-                f"{self.weights or 'detector'}: a checkpoint from another class list — it was trained on "
-                f"{self.names} but {expected} were expected")
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(weights={str(self.weights)!r}, classes={self.names}, "
-                f"tail={self.tail}, channels={self.channels}, imgsz={self.imgsz}, device={self.device!r})")
-
-
-class RCNNDetector(Detector):
-    """A welde_det Faster R-CNN checkpoint (``framework: rcnn``, from ``tools/train.py``).
-
-    Args:
-        weights: the checkpoint (``weights/last.pt`` of a run).
-        device: ``"cpu"``, ``"cuda"``, ...
-    """
-
-    framework = "rcnn"
-
-    def __init__(self, weights: str | os.PathLike, device: str = "cpu") -> None:
-        from welde_det.engine.train_rcnn import load_rcnn
-
-        model, ckpt = load_rcnn(weights, device)
-        cfg = ckpt.get("config", {})
-        super().__init__(ClassStats.from_dict(ckpt["class_stats"]),
-                         channels=int(cfg.get("data", {}).get("channels", 1)),
-                         imgsz=int(cfg.get("train", {}).get("imgsz", 384)), weights=weights, device=device)
-        self.model = model
-        self.arch = ckpt.get("arch")
-        self._default_thresh = float(model.roi_heads.score_thresh)
-
-    def predict(self, image: np.ndarray, conf: float = 0.25) -> list[dict[str, Any]]:
-        """See :meth:`Detector.predict`; labels 1..C of the model are class indices 0..C−1."""
-        import torch
-
-        x = torch.from_numpy(image_to_float(image))[None]
-        if self.channels == 3:
-            x = x.expand(3, -1, -1).contiguous()
-        # the RoI heads drop boxes below their own threshold before we see them
-        self.model.roi_heads.score_thresh = min(self._default_thresh, float(conf))
-        with torch.no_grad():
-            out = self.model([x.to(self.device)])[0]
-        dets = []
-        for box, label, score in zip(out["boxes"].cpu().double().tolist(), out["labels"].tolist(),
-                                     out["scores"].tolist()):
-            if score < conf:
-                continue
-            c = int(label) - 1
-            dets.append({"bbox": [float(v) for v in box], "score": float(score), "class_index": c,
-                         "class_name": self.names[c]})
-        dets.sort(key=lambda d: -d["score"])
-        return dets
-
-
-def _peek_checkpoint(path: Path) -> Any:
-    import torch
-
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-            return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # pickle/zip errors come in many types
-        raise ValueError(f"{path}: not a welde_det checkpoint (cannot be read by torch.load: {exc}); "
-                         f"{HOW_TO_TRAIN}") from exc
-
-
-def checkpoint_class_names(weights: str | os.PathLike) -> list[str] | None:
-    """The class names a welde_det checkpoint was trained on; ``None`` for any other file.
-
-    Faster R-CNN checkpoints keep ClassStats at the top level, YOLO checkpoints in their
-    ``"welde_det"`` entry; plain Ultralytics / torchvision weights carry none.
-    """
-    ckpt = _peek_checkpoint(Path(weights))
-    if not isinstance(ckpt, dict):
-        return None
-    meta = ckpt.get("welde_det") if isinstance(ckpt.get("welde_det"), dict) else ckpt
-    stats = meta.get("class_stats") if isinstance(meta, dict) else None
-    return [str(n) for n in stats["names"]] if isinstance(stats, dict) and "names" in stats else None
-
-
-def load_detector(weights: str | os.PathLike, device: str | None = None, *,
-                  expected_names: Sequence[str] | None = None) -> Detector:
-    """Load a trained detector, whatever framework made it.
-
-    Args:
-        weights: a local checkpoint written by ``tools/train.py`` (Faster R-CNN
-            ``weights/last.pt``, or a YOLO ``.pt`` carrying a ``"welde_det"`` entry).
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; default CUDA when available.
-        expected_names: the class list the caller expects; a different list raises.
-
-    Returns:
-        A :class:`Detector`.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not a welde_det checkpoint, or a checkpoint from another class list.
-    """
-    import torch
-
-    path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file (pass a local path; nothing is downloaded)")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ckpt = _peek_checkpoint(path)
-    meta = ckpt.get("welde_det") if isinstance(ckpt, dict) else None
-    if isinstance(ckpt, dict) and ckpt.get("framework") == "rcnn":
-        del ckpt
-        detector: Detector = RCNNDetector(path, device)
-    elif isinstance(meta, dict) and meta.get("framework") == "yolo":
-        del ckpt
-        from welde_det.engine.train_yolo import load_yolo_detector
-
-        detector = load_yolo_detector(path, device)
-    else:
-        found = f"a dict with keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path}: not a welde_det checkpoint (found {found}; expected framework 'rcnn' "
-                         f"or a 'welde_det' entry with framework 'yolo'); {HOW_TO_TRAIN}")
-    detector.check_names(expected_names)
-    logger.info("loaded %r", detector)
-    return detector
 
 
 # --------------------------------------------------------------------------- inputs
@@ -509,6 +308,7 @@ def run_inference(
     expected_names: Sequence[str] | None = None,
     skip_bad: bool = False,
     progress: bool | None = None,
+    batch: int = 16,
 ) -> InferenceSummary:
     """Detect on every input of ``source``; write ``<name>.png`` (overlay) and ``<name>.json`` to ``out``.
 
@@ -525,6 +325,8 @@ def run_inference(
         expected_names: the class list the checkpoint must have.
         skip_bad: with several inputs, log and skip bad ones instead of failing.
         progress: tqdm bars (default :func:`progress_enabled`).
+        batch: slices per forward pass (``tools/evaluate.py --weights`` uses the same, so
+            both give the same detections).
 
     Returns:
         An :class:`InferenceSummary`.
@@ -557,7 +359,9 @@ def run_inference(
                                   f"{listing}")
     for p, reason in bad:
         logger.warning("skipping %s: %s", p, reason)
-    predictions = [detector.predict(item.image, conf) for item in _bar(items, progress, "detecting")]
+    predictions: list[list[dict[str, Any]]] = []
+    for start in _bar(range(0, len(items), max(1, int(batch))), progress, "detecting"):
+        predictions += detector.predict_batch([it.image for it in items[start:start + max(1, int(batch))]], conf)
     # render everything in memory first: a failure here must not leave some inputs written
     from welde_det.viz.overlay import render_detections
 

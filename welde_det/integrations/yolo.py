@@ -445,7 +445,7 @@ def trainer_spec() -> dict[str, Any]:
     """
     raw = os.environ.get(SPEC_ENV)
     if not raw:
-        raise RuntimeError(f"{SPEC_ENV} is not set: start YOLO training through welde_det.engine.train_yolo "
+        raise RuntimeError(f"{SPEC_ENV} is not set: start YOLO training through welde_det.engine.run "
                            "(python tools/train.py --config configs/yolo_welde.yaml)")
     return json.loads(raw)
 
@@ -465,7 +465,7 @@ class WELDEDetectionTrainer(DetectionTrainer):
       and ``final_eval`` leaves the final report to the runner;
     - checkpoints are written atomically and carry ``ckpt["welde_det"]`` (framework,
       ClassStats, resolved config, spec), so ``YOLO(path)`` and
-      :func:`welde_det.engine.train_yolo.load_yolo_detector` both reload them;
+      :func:`welde_det.integrations.registry.load_detector` (after conversion to the one schema) reload them;
     - every step's WELDE terms are averaged per epoch into ``terms.csv`` and written to
       TensorBoard (when installed) under the run folder.
     """
@@ -495,6 +495,9 @@ class WELDEDetectionTrainer(DetectionTrainer):
                                     hidden=spec.get("hidden"), objective_kw=spec.get("objective_kw"),
                                     verbose=False)
         model = self.set_model_names_for_load(model)
+        if weights is None and spec.get("init_weights") and not self.args.resume:
+            # the previous stage / model.weights, read with weights_only=True (never Ultralytics' loader)
+            weights = load_init_model(spec["init_weights"])
         if weights:
             model.load(weights, verbose=verbose)
         return model
@@ -539,8 +542,11 @@ class WELDEDetectionTrainer(DetectionTrainer):
     def validate(self):
         """COCO-exact mAP of the EMA model on the validation split (Ultralytics' contract)."""
         spec = self.welde_spec
-        if RANK not in {-1, 0} or not spec.get("val_coco"):
+        if RANK not in {-1, 0}:
             return super().validate()
+        if not spec.get("val_coco"):
+            # train.select=last: no split is measured while training; the last epoch is the model
+            return {}, float(self.epoch)
         from welde_det.classes import ClassStats
         from welde_det.evaluation import evaluate_coco
 
@@ -569,11 +575,13 @@ class WELDEDetectionTrainer(DetectionTrainer):
             ok = super().save_model()
         finally:
             self.last, self.best = last, best
+        from welde_det.checkpoint import safe_load
+
         meta = {k: self.welde_spec[k] for k in ("class_stats", "config", "components", "mode") if k in self.welde_spec}
         meta["framework"] = "yolo"
         for tmp, final in ((tmp_last, last), (tmp_best, best)):
             if tmp.exists():
-                ckpt = torch.load(tmp, map_location="cpu", weights_only=False)
+                ckpt = safe_load(tmp, allow_modules=True)  # weights_only, with the module allow-list
                 ckpt["welde_det"] = meta
                 torch.save(ckpt, tmp)
                 os.replace(tmp, final)
@@ -683,3 +691,46 @@ def predict_coco_yolo(model: nn.Module, coco: Any, image_root: Any, stats: Any, 
             results.append({"image_id": info["id"], "category_id": int(stats.category_ids[int(cls)]),
                             "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
     return results
+
+
+def model_from_checkpoint(ckpt: Any) -> WELDEDetectionModel:
+    """Rebuild a :class:`WELDEDetectionModel` from a loaded :class:`~welde_det.checkpoint.Checkpoint`.
+
+    The model is built from plain values — the model YAML, the class counts and the WELDE
+    spec saved in the checkpoint — and its state dict loaded strictly.
+    """
+    import copy
+
+    extra = ckpt.extra or {}
+    if ckpt.framework != "yolo" or "yaml" not in extra:
+        raise ValueError(f"{ckpt.path}: not a welde_det YOLO checkpoint (framework {ckpt.framework!r})")
+    names = list(ckpt.class_stats.names)
+    counts = [float(c) for c in ckpt.class_stats.effective_counts]
+    w = dict(ckpt.welde or {})
+    model = WELDEDetectionModel(copy.deepcopy(extra["yaml"]), ch=int(extra.get("channels", 3)), nc=len(names),
+                                components=w["components"], class_counts=counts, mode=w["mode"],
+                                loss_params=w.get("loss_params"), hidden=w.get("hidden"),
+                                objective_kw=w.get("objective_kw"), verbose=False)
+    model.load_state_dict(ckpt.model_state)
+    model.names = dict(enumerate(names))
+    return model.float()
+
+
+def load_init_model(path: str | os.PathLike) -> nn.Module:
+    """The starting weights of a stage, read with ``weights_only=True``.
+
+    A welde_det YOLO checkpoint is rebuilt with :func:`model_from_checkpoint`; an
+    Ultralytics-native ``.pt`` (a user's ``yolov8n.pt``) passes the module allow-list of
+    :func:`welde_det.checkpoint.safe_load` or is refused.
+    """
+    from welde_det.checkpoint import is_welde_checkpoint, load_checkpoint, safe_load
+
+    if is_welde_checkpoint(path):
+        return model_from_checkpoint(load_checkpoint(path))
+    ckpt = safe_load(path, allow_modules=True)
+    model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else ckpt
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{path}: neither a welde_det checkpoint nor an Ultralytics model file "
+                         f"(found {type(model).__name__})")
+    return model
+

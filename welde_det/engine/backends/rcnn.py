@@ -1,0 +1,318 @@
+"""torchvision Faster R-CNN backend with WELDE RoI heads.
+
+- Model: :func:`welde_det.integrations.rcnn.build_faster_rcnn` (``model.arch``
+  ``fasterrcnn_mobilenet_v3_large_fpn``, CPU-friendly, or ``fasterrcnn_resnet50_fpn``).
+- A stage is a plain PyTorch loop (SGD or AdamW per ``train.optimizer``; ``data.sampler``
+  draws images, e.g. ``repeat_factor``); a frozen stage trains only the K adapters, heads
+  and θ (:func:`~welde_det.integrations.rcnn.freeze_for_stage2`: backbone, FPN, RPN, box
+  head and box regressor fixed). A stage that follows another starts as it, every head as
+  its head.
+- Every epoch writes ``<stage>/weights/last.pt`` (the one schema, with the optimiser state)
+  atomically, so ``--resume`` continues with the next epoch after a crash, even ``kill -9``.
+  With a selection split, each epoch is evaluated on it and the best is kept
+  (``best.pt``; ``train.patience`` stops early); otherwise the last epoch is the model.
+- DDP: ``torchrun --nproc_per_node N tools/train.py ...`` (gloo on CPU, NCCL on CUDA);
+  only rank 0 logs, saves and evaluates.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from welde_det.classes import ClassStats
+from welde_det.engine.backends.base import DetectionBackend, device_for, welde_spec
+from welde_det.engine.config import ConfigError, ExperimentConfig, config_to_dict
+from welde_det.losses import available_losses
+from welde_det.utils.fileio import append_csv_row
+from welde_det.utils.logging import progress_enabled
+
+__all__ = ["CocoDetectionDataset", "RCNNBackend", "build_rcnn_model"]
+
+logger = logging.getLogger(__name__)
+DEFAULT_ARCH = "fasterrcnn_mobilenet_v3_large_fpn"
+
+
+class CocoDetectionDataset(Dataset):
+    """COCO images + boxes as torchvision detection targets (labels 1..C, 0 is background)."""
+
+    def __init__(self, coco_path: str | os.PathLike, image_root: str | os.PathLike, stats: ClassStats,
+                 channels: int = 1) -> None:
+        from welde_det.datasets.coco import load_coco
+
+        self.coco = load_coco(coco_path)
+        self.root = Path(image_root)
+        self.channels = channels
+        label_of = {cid: i + 1 for i, cid in enumerate(stats.category_ids)}
+        unknown = {a["category_id"] for a in self.coco["annotations"]} - set(label_of)
+        if unknown:
+            raise ValueError(f"{coco_path}: category ids {sorted(unknown)} are not in the class list "
+                             f"{list(stats.names)} (ids {list(stats.category_ids)})")
+        self.images = sorted(self.coco["images"], key=lambda im: im["id"])
+        self.anns: dict[int, list] = defaultdict(list)
+        for a in self.coco["annotations"]:
+            if not a.get("iscrowd", 0):
+                self.anns[a["image_id"]].append(a)
+        self.label_of = label_of
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def labels_per_image(self) -> list[list[int]]:
+        """Class indices (0..C-1) present in each image, in dataset order (for image samplers)."""
+        return [sorted({self.label_of[a["category_id"]] - 1 for a in self.anns.get(info["id"], [])})
+                for info in self.images]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        import cv2
+
+        info = self.images[i]
+        path = self.root / info["file_name"]
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise FileNotFoundError(f"{path}: image named in the COCO file cannot be read")
+        if img.ndim == 3:
+            img = img[:, :, 0]
+        scale = 65535.0 if img.dtype == np.uint16 else 255.0
+        x = torch.from_numpy(img.astype(np.float32) / scale)[None]
+        if self.channels == 3:
+            x = x.expand(3, -1, -1).contiguous()
+        anns = self.anns.get(info["id"], [])
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                              for a in anns], dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64)
+        return x, {"boxes": boxes, "labels": labels, "image_id": torch.tensor(info["id"])}
+
+
+def _collate(batch):
+    return tuple(zip(*batch))
+
+
+def build_rcnn_model(arch: str, stats_counts: list[int], welde: dict[str, Any], *, channels: int, imgsz: int,
+                     weights: Any = None) -> torch.nn.Module:
+    """The Faster R-CNN of a checkpoint or a stage, from plain values (the spec's keyword arguments)."""
+    from welde_det.integrations.rcnn import build_faster_rcnn
+    from welde_det.welde.spec import WELDESpec
+
+    spec = WELDESpec.from_dict(welde)
+    return build_faster_rcnn(arch, foreground_counts=stats_counts, in_channels=channels, weights=weights,
+                             min_size=imgsz, max_size=imgsz, **spec.model_kwargs())
+
+
+def _optimizer(name: str, params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    name = "SGD" if name == "auto" else name
+    if name == "SGD":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    if name in ("Adam", "AdamW"):
+        return getattr(torch.optim, name)(params, lr=lr, weight_decay=weight_decay)
+    raise ConfigError(f"train.optimizer={name!r}: the rcnn backend takes auto, SGD, Adam or AdamW")
+
+
+class RCNNBackend(DetectionBackend):
+    """``model.framework: rcnn``."""
+
+    framework = "rcnn"
+    UNUSED = frozenset({"train.nbs"})
+
+    def title(self, cfg: ExperimentConfig) -> str:
+        return f"Faster R-CNN ({self.arch(cfg)})"
+
+    @staticmethod
+    def arch(cfg: ExperimentConfig) -> str:
+        from welde_det.integrations.rcnn import RCNN_ARCHS
+
+        arch = cfg.model.arch
+        if arch in RCNN_ARCHS:
+            return arch
+        if arch == "yolov8n.yaml":  # the config default: the CPU-friendly Faster R-CNN
+            return DEFAULT_ARCH
+        raise ConfigError(f"model.arch {arch!r} is not a Faster R-CNN; choose one of {list(RCNN_ARCHS)}")
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        super().check(cfg)
+        self.arch(cfg)
+        unknown = [c for c in cfg.components if c not in available_losses("softmax")]
+        if unknown:
+            raise ConfigError(f"loss component(s) {unknown} are not registry losses; valid: "
+                              f"{available_losses('softmax')}")
+        _optimizer(cfg.train.optimizer, [torch.nn.Parameter(torch.zeros(1))], 0.1, 0.0)
+        if cfg.model.weights is not None and not Path(cfg.model.weights).is_file():
+            raise ConfigError(f"model.weights {cfg.model.weights!r} is not a local file; welde_det never downloads "
+                              "weights — pass the path of a saved state dict, or leave it unset")
+
+    # ------------------------------------------------------------------ one stage
+    def _init_state(self, init: Path | None) -> dict[str, torch.Tensor] | None:
+        """The previous stage's or ``model.weights``' state dict, read with ``weights_only=True``."""
+        if init is None:
+            return None
+        from welde_det.checkpoint import is_welde_checkpoint, load_checkpoint, safe_load
+
+        if is_welde_checkpoint(init):
+            return load_checkpoint(init).model_state
+        state = safe_load(init)
+        state = state.get("model", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict):
+            raise ConfigError(f"model.weights {init}: expected a Faster R-CNN state dict or welde_det checkpoint, "
+                              f"found a {type(state).__name__}")
+        return state
+
+    def fit_stage(self, cfg: ExperimentConfig, stage: Any, data: Any, stats: ClassStats, run_dir: Path, *,
+                  init: Path | None) -> Path:
+        import torch.distributed as dist
+
+        from welde_det.checkpoint import load_checkpoint, save_checkpoint
+        from welde_det.integrations.rcnn import freeze_for_stage2
+
+        rank, world = _dist_env()
+        device = torch.device(device_for(cfg.train.device))
+        if device.type == "cuda" and world > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        arch = self.arch(cfg)
+        spec = welde_spec(cfg, stage.components, stage.mode, "softmax")
+        sdir = run_dir / stage.name
+        last, best = sdir / "weights" / "last.pt", sdir / "weights" / "best.pt"
+        counts = list(stats.effective_counts)
+
+        def build(weights: Any) -> torch.nn.Module:
+            return build_rcnn_model(arch, counts, spec.to_dict(), channels=cfg.data.channels, imgsz=cfg.train.imgsz,
+                                    weights=weights).to(device)
+
+        start, opt_state, best_fit, since_best = 0, None, -math.inf, 0
+        if last.is_file():
+            ck = load_checkpoint(last, map_location="cpu")
+            model = build({})
+            model.load_state_dict(ck.model_state)
+            opt_state, start = ck.optimizer_state, int(ck.epoch) + 1
+            best_fit = float((ck.extra or {}).get("best_fitness", -math.inf))
+            since_best = int((ck.extra or {}).get("since_best", 0))
+            logger.info("resuming stage %s at epoch %d of %d", stage.name, start + 1, stage.epochs)
+        else:
+            model = build(self._init_state(init) if init is not None else None)
+        params = freeze_for_stage2(model) if stage.frozen else [p for p in model.parameters() if p.requires_grad]
+        opt = _optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.weight_decay)
+        if opt_state is not None:
+            opt.load_state_dict(opt_state)
+        train_ds = CocoDetectionDataset(data.splits["train"], data.image_roots["train"], stats, cfg.data.channels)
+        loader, sampler = self._loader(cfg, train_ds, world)
+        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+        select_ds = (CocoDetectionDataset(data.splits[data.select], data.image_roots[data.select], stats,
+                                          cfg.data.channels) if data.select else None)
+        amp = cfg.train.amp and device.type == "cuda"
+        for epoch in range(start, stage.epochs):
+            gepoch = stage.epoch_offset + epoch
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(gepoch)
+            model.roi_heads.objective.set_epoch(gepoch)
+            model.train()
+            sums: dict[str, float] = defaultdict(float)
+            steps = 0
+            it = loader
+            if rank == 0 and progress_enabled():
+                from tqdm import tqdm
+
+                it = tqdm(loader, desc=f"{stage.name} epoch {epoch + 1}/{stage.epochs}", leave=False)
+            for images, targets in it:
+                images = [im.to(device) for im in images]
+                targets = [{k: v.to(device) for k, v in t.items() if k != "image_id"} for t in targets]
+                with torch.autocast(device.type, enabled=amp):
+                    losses = net(images, targets)
+                loss = sum(losses.values())
+                if not math.isfinite(float(loss.detach())):
+                    raise FloatingPointError(f"non-finite loss {float(loss)} at epoch {gepoch} "
+                                             f"({ {k: float(v) for k, v in losses.items()} }); lower train.lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                for k, v in {**losses, **model.roi_heads.last_terms}.items():
+                    sums[k] += float(v.detach())
+                steps += 1
+            if rank != 0:
+                continue
+            row: dict[str, Any] = {"epoch": gepoch, "stage": stage.name,
+                                   **{k: v / max(steps, 1) for k, v in sums.items()}}
+            improved = False
+            if select_ds is not None:
+                fitness = self._fitness(model, select_ds, stats, device, cfg)
+                row["select_map"] = fitness
+                improved = fitness > best_fit
+                best_fit, since_best = (fitness, 0) if improved else (best_fit, since_best + 1)
+            append_csv_row(run_dir / "terms.csv", row)
+            core = model.module if hasattr(model, "module") else model
+            meta = {"framework": "rcnn", "arch": arch, "class_stats": stats.to_dict(), "config": config_to_dict(cfg),
+                    "stage": stage.name, "welde": spec.to_dict()}
+            extra = {"channels": cfg.data.channels, "imgsz": cfg.train.imgsz, "best_fitness": best_fit,
+                     "since_best": since_best}
+            save_checkpoint(last, model_state=core.state_dict(), epoch=epoch, optimizer_state=opt.state_dict(),
+                            extra=extra, **meta)
+            if improved:
+                save_checkpoint(best, model_state=core.state_dict(), epoch=epoch, extra=extra, **meta)
+            logger.info("%s epoch %d: %s", stage.name, epoch,
+                        ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("loss", "select"))))
+            if cfg.train.patience and since_best >= cfg.train.patience:
+                logger.info("no gain on %s for %d epochs: stopping", data.select, since_best)
+                break
+        if world > 1:
+            dist.barrier()
+        chosen = best if data.select and best.is_file() else last
+        out = sdir / "weights" / "model.pt"
+        if rank == 0:
+            ck = load_checkpoint(chosen)
+            save_checkpoint(out, framework="rcnn", arch=arch, model_state=ck.model_state,
+                            class_stats=stats.to_dict(), config=config_to_dict(cfg), stage=stage.name,
+                            welde=spec.to_dict(), epoch=ck.epoch,
+                            extra={"channels": cfg.data.channels, "imgsz": cfg.train.imgsz,
+                                   "source": chosen.name})
+        return out
+
+    def _loader(self, cfg: ExperimentConfig, ds: CocoDetectionDataset, world: int) -> tuple[DataLoader, Any]:
+        g = torch.Generator().manual_seed(cfg.train.seed)
+        sampler: Any = None
+        if cfg.data.sampler:
+            if world > 1:
+                raise ConfigError(f"data.sampler={cfg.data.sampler!r} is not supported with DDP yet; "
+                                  "train on one process or drop the sampler")
+            from welde_det.losses.samplers import build_detection_sampler
+
+            sampler = build_detection_sampler(cfg.data.sampler, ds.labels_per_image(), seed=cfg.train.seed)
+        elif world > 1:
+            sampler = torch.utils.data.distributed.DistributedSampler(ds, seed=cfg.train.seed)
+        loader = DataLoader(ds, batch_size=cfg.train.batch, shuffle=sampler is None, sampler=sampler,
+                            collate_fn=_collate, generator=g, num_workers=cfg.train.workers)
+        return loader, sampler
+
+    @staticmethod
+    def _fitness(model: torch.nn.Module, ds: CocoDetectionDataset, stats: ClassStats, device: torch.device,
+                 cfg: ExperimentConfig) -> float:
+        """pycocotools-exact mAP on the selection split."""
+        from welde_det.evaluation import evaluate_coco
+        from welde_det.integrations.detectors import rcnn_predict_batch
+
+        model.eval()
+        dets = []
+        for i in range(0, len(ds), cfg.train.batch):
+            items = [ds[j] for j in range(i, min(i + cfg.train.batch, len(ds)))]
+            outs = rcnn_predict_batch(model, [x for x, _ in items], conf=cfg.train.conf, device=device)
+            for (_, t), rows in zip(items, outs):
+                for x1, y1, x2, y2, score, c in rows:
+                    dets.append({"image_id": int(t["image_id"]), "category_id": int(stats.category_ids[int(c)]),
+                                 "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+        model.train()
+        return float(evaluate_coco(ds.coco, dets, class_stats=stats, device="cpu")["stats"][0])
+
+
+def _dist_env() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+

@@ -1,0 +1,182 @@
+"""Ultralytics YOLO backend: fit a stage with :class:`~welde_det.integrations.yolo.WELDEDetectionTrainer`.
+
+- Each stage is an Ultralytics run under ``<run>/<stage>/`` (its ``results.csv``,
+  ``terms.csv`` of every WELDE term, TensorBoard events and Ultralytics' own
+  ``weights/last.pt`` for resume). When the stage ends, the chosen epoch — Ultralytics'
+  ``last.pt``, or with a selection split its ``best.pt`` (fitness = pycocotools-exact mAP on
+  that split, never the measured one) — is converted into the one checkpoint schema
+  (``<stage>/weights/model.pt``: state dict + model YAML + metadata).
+- Weights never reach Ultralytics' own (unrestricted) loader: a stage starts from the
+  previous stage's checkpoint or from ``model.weights`` through the trainer spec, read with
+  ``weights_only=True``; Ultralytics' resume checkpoint is verified with the same gate
+  before Ultralytics opens it.
+- Resume: ``--resume`` continues the interrupted stage from its ``last.pt`` with
+  Ultralytics' own resume (no epoch lost); a stage killed after its final checkpoint is
+  converted without retraining.
+- Multi-GPU: ``train.device=0,1`` uses Ultralytics' own DDP; the settings reach its workers
+  through ``$WELDE_DET_YOLO_SPEC``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from welde_det.classes import ClassStats
+from welde_det.engine.backends.base import DetectionBackend, welde_spec
+from welde_det.engine.config import ConfigError, ExperimentConfig, config_to_dict
+from welde_det.losses import available_losses
+
+__all__ = ["YOLOBackend", "spec_env", "ultralytics_args"]
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def spec_env(spec: dict[str, Any]) -> Iterator[None]:
+    """Set ``$WELDE_DET_YOLO_SPEC`` to ``spec`` for the duration of the block."""
+    from welde_det.integrations.yolo import SPEC_ENV
+
+    old = os.environ.get(SPEC_ENV)
+    os.environ[SPEC_ENV] = json.dumps(spec)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(SPEC_ENV, None)
+        else:
+            os.environ[SPEC_ENV] = old
+
+
+def ultralytics_args(cfg: ExperimentConfig, data_yaml: Path, run_dir: Path, stage: Any, *,
+                     validate: bool) -> dict[str, Any]:
+    """Ultralytics trainer overrides for one stage (weights travel in the spec, never here)."""
+    import torch
+
+    t = cfg.train
+    args = {"model": cfg.model.arch, "data": str(data_yaml), "epochs": stage.epochs, "imgsz": t.imgsz,
+            "batch": t.batch, "workers": t.workers, "seed": t.seed, "deterministic": True,
+            "project": str(run_dir.resolve()), "name": stage.name, "exist_ok": True, "plots": False,
+            "val": validate, "amp": t.amp, "optimizer": "SGD" if t.optimizer == "auto" else t.optimizer,
+            "lr0": t.lr, "weight_decay": t.weight_decay, "patience": t.patience or 100, "nbs": t.nbs,
+            "verbose": False, "pretrained": False,
+            "close_mosaic": min(10, max(0, stage.epochs // 2)), "warmup_epochs": min(3.0, stage.epochs / 3)}
+    if t.device:
+        args["device"] = t.device
+    elif not torch.cuda.is_available():
+        args["device"] = "cpu"
+    if stage.frozen:
+        # the frozen stage fits heads on fixed features: no geometric re-augmentation
+        args.update({"mosaic": 0.0, "close_mosaic": 0, "warmup_epochs": 0.0})
+    if cfg.data.channels == 1:
+        args.update({"hsv_h": 0.0, "hsv_s": 0.0})
+    return args
+
+
+class YOLOBackend(DetectionBackend):
+    """``model.framework: yolo`` (Ultralytics 8.4, random init from a model YAML or local weights)."""
+
+    framework = "yolo"
+
+    def title(self, cfg: ExperimentConfig) -> str:
+        return f"YOLO ({Path(cfg.model.arch).stem})"
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        super().check(cfg)
+        arch = cfg.model.arch
+        if not arch.endswith((".yaml", ".yml")):
+            raise ConfigError(f"model.arch {arch!r} is not a YOLO model YAML (e.g. yolov8n.yaml); welde_det never "
+                              "downloads weights — give a model YAML and model.weights=<local .pt>")
+        if cfg.model.weights is not None and not Path(cfg.model.weights).is_file():
+            raise ConfigError(f"model.weights {cfg.model.weights!r} is not a local file; welde_det never downloads "
+                              "weights — pass the path of a saved .pt, or leave it unset for random initialisation")
+        valid = available_losses("sigmoid")
+        unknown = [c for c in cfg.components if c not in valid]
+        if unknown:
+            raise ConfigError(f"loss component(s) {unknown} are not dense (sigmoid) registry losses; valid: {valid}")
+
+    def trainer_spec(self, cfg: ExperimentConfig, stage: Any, data: Any, stats: ClassStats,
+                     init: Path | None) -> dict[str, Any]:
+        """What :func:`~welde_det.integrations.yolo.trainer_spec` reads in the trainer (and its DDP workers)."""
+        from welde_det.integrations.yolo import WELDEDetectionModel, stage2_freeze_names
+
+        spec = welde_spec(cfg, stage.components, stage.mode, "sigmoid")
+        counts = [float(c) for c in stats.effective_counts]
+        sel = data.select
+        out = {"welde": spec.to_dict(), "components": list(spec.components), "mode": spec.mode,
+               "loss_params": {k: dict(v) for k, v in spec.loss_params.items()}, "hidden": cfg.model.hidden or None,
+               "objective_kw": dict(spec.objective_kw), "class_counts": counts, "stage2": stage.frozen, "epoch_offset": stage.epoch_offset,
+               "val_coco": str(data.splits[sel]) if sel else None,
+               "val_images": str(data.image_roots[sel]) if sel else None,
+               "class_stats": stats.to_dict(), "config": config_to_dict(cfg), "conf": cfg.train.conf,
+               "bit_depth": cfg.data.bit_depth, "init_weights": str(init) if init else None,
+               "sampler": cfg.data.sampler}
+        if stage.frozen:
+            probe = WELDEDetectionModel(cfg.model.arch, nc=len(stats.names), components=["ce"], class_counts=counts)
+            out["freeze"] = stage2_freeze_names(probe)
+        return out
+
+    def fit_stage(self, cfg: ExperimentConfig, stage: Any, data: Any, stats: ClassStats, run_dir: Path, *,
+                  init: Path | None) -> Path:
+        from welde_det.checkpoint import safe_load
+        from welde_det.datasets.resolve import yolo_view
+        from welde_det.integrations.yolo import WELDEDetectionTrainer
+
+        sdir = run_dir / stage.name
+        last = sdir / "weights" / "last.pt"
+        spec = self.trainer_spec(cfg, stage, data, stats, init)
+        finished, epoch = False, -1
+        if last.is_file():
+            ck = safe_load(last, allow_modules=True)  # the gate before Ultralytics unpickles it
+            epoch = int(ck.get("epoch", -1)) if isinstance(ck, dict) else -1
+            finished = epoch < 0 or epoch + 1 >= stage.epochs or (sdir / "weights" / "model.pt").is_file()
+            del ck
+        if finished and (sdir / "weights" / "model.pt").is_file() and 0 <= epoch < stage.epochs - 1:
+            raise ConfigError(f"stage {stage.name} finished {epoch + 1} epochs; Ultralytics cannot extend a "
+                              f"finished YOLO stage to {stage.epochs} — start a new run from its weights "
+                              f"(model.weights={sdir / 'weights' / 'model.pt'})")
+        if not finished:
+            with spec_env(spec):
+                if last.is_file():
+                    logger.info("resuming stage %s from %s", stage.name, last)
+                    trainer = WELDEDetectionTrainer(overrides={"resume": str(last)})
+                else:
+                    data_yaml = yolo_view(data.resolved, run_dir / "data", channels=cfg.data.channels)
+                    trainer = WELDEDetectionTrainer(overrides=ultralytics_args(
+                        cfg, data_yaml, run_dir, stage, validate=data.select is not None))
+                trainer.train()
+        else:
+            logger.info("stage %s had finished its %d epochs when it stopped", stage.name, stage.epochs)
+        chosen = sdir / "weights" / ("best.pt" if data.select and (sdir / "weights" / "best.pt").is_file()
+                                     else "last.pt")
+        return self.convert(chosen, cfg, stage, stats, spec, sdir / "weights" / "model.pt")
+
+    def convert(self, src: Path, cfg: ExperimentConfig, stage: Any, stats: ClassStats, spec: dict[str, Any],
+                out: Path) -> Path:
+        """Ultralytics' checkpoint of a stage -> the one schema (float32 state dict + model YAML)."""
+        from welde_det.checkpoint import safe_load, save_checkpoint
+
+        ck = safe_load(src, allow_modules=True)
+        model = (ck.get("ema") or ck.get("model")).float()
+        return save_checkpoint(out, framework="yolo", arch=cfg.model.arch,
+                               model_state={k: v.detach().clone() for k, v in model.state_dict().items()},
+                               class_stats=stats.to_dict(), config=config_to_dict(cfg), stage=stage.name,
+                               welde=spec["welde"], epoch=int(ck.get("epoch", -1)),
+                               extra={"yaml": _plain(model.yaml), "channels": cfg.data.channels,
+                                      "imgsz": cfg.train.imgsz, "source": src.name})
+
+
+def _plain(obj: Any) -> Any:
+    """A model YAML dict with only plain types (weights_only loading admits nothing else)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)

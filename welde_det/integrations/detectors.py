@@ -1,0 +1,145 @@
+"""The :class:`~welde_det.integrations.base.Detector` of each detection framework, built from a checkpoint.
+
+Both are rebuilt from the one checkpoint schema (:mod:`welde_det.checkpoint`): the model is
+constructed from plain values (model YAML or arch name, class counts, the WELDE spec) and
+its state dict loaded strictly — nothing in the file is unpickled beyond tensors and plain
+containers. ``predict_batch`` runs one forward pass per batch; ``predict`` is a batch of
+one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from welde_det.classes import ClassStats
+from welde_det.integrations.base import Detector, image_to_float
+
+__all__ = ["RCNNDetector", "YOLODetector", "letterbox", "rcnn_predict_batch"]
+
+
+def _records(rows: list[list[float]], names: Sequence[str], conf: float) -> list[dict[str, Any]]:
+    out = [{"bbox": [float(v) for v in r[:4]], "score": float(r[4]), "class_index": int(r[5]),
+            "class_name": names[int(r[5])]} for r in rows if r[4] >= conf]
+    out.sort(key=lambda d: -d["score"])
+    return out
+
+
+# ----------------------------------------------------------------------------- YOLO
+def letterbox(image: np.ndarray, imgsz: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """A 2D slice scaled to [0, 1] (uint16 by 65535, uint8 by 255) and letterboxed to ``imgsz`` as
+    Ultralytics' validator does (grey 114 padding, centred); returns it and the original (h, w)."""
+    import cv2
+
+    img = np.asarray(image)
+    if img.ndim == 3:
+        img = img[..., 0]
+    scale = 65535.0 if img.dtype == np.uint16 else 255.0 if img.dtype == np.uint8 else 1.0
+    x = img.astype(np.float32) / scale
+    h, w = x.shape
+    r = min(imgsz / h, imgsz / w)
+    nh, nw = round(h * r), round(w * r)
+    resized = cv2.resize(x, (nw, nh), interpolation=cv2.INTER_LINEAR) if (nh, nw) != (h, w) else x
+    canvas = np.full((imgsz, imgsz), 114 / 255, dtype=np.float32)
+    top, left = (imgsz - nh) // 2, (imgsz - nw) // 2
+    canvas[top:top + nh, left:left + nw] = resized
+    return canvas, (h, w)
+
+
+class YOLODetector(Detector):
+    """A welde_det YOLO checkpoint; the model's head fuses its K heads before Ultralytics' NMS."""
+
+    framework = "yolo"
+
+    def __init__(self, ckpt: Any, device: str = "cpu", *, iou: float = 0.7, max_det: int = 300) -> None:
+        from welde_det.integrations.yolo import model_from_checkpoint
+
+        extra = ckpt.extra or {}
+        super().__init__(ckpt.class_stats, channels=int(extra.get("channels", 1)), imgsz=int(extra.get("imgsz", 640)),
+                         weights=ckpt.path, device=device)
+        self.model = model_from_checkpoint(ckpt).to(device).eval()
+        self.iou, self.max_det = iou, max_det
+
+    @torch.no_grad()
+    def predict_batch(self, images: Sequence[np.ndarray], conf: float = 0.25) -> list[list[dict[str, Any]]]:
+        """Letterbox every slice, one forward pass, Ultralytics' NMS, boxes back in each slice's pixels."""
+        from ultralytics.utils.nms import non_max_suppression
+        from ultralytics.utils.ops import scale_boxes
+
+        if not len(images):
+            return []
+        boxed = [letterbox(im, self.imgsz) for im in images]
+        p = next(self.model.parameters())
+        t = torch.from_numpy(np.stack([b for b, _ in boxed]))[:, None].to(p.device, p.dtype)
+        if self.channels == 3:
+            t = t.expand(-1, 3, -1, -1)
+        out = self.model(t)
+        dets = non_max_suppression(out[0] if isinstance(out, (tuple, list)) else out, conf, self.iou,
+                                   max_det=self.max_det)
+        results = []
+        for det, (_, shape) in zip(dets, boxed):
+            det[:, :4] = scale_boxes((self.imgsz, self.imgsz), det[:, :4], shape)
+            results.append(_records(det.float().cpu().tolist(), self.names, conf))
+        return results
+
+    def predict(self, image: np.ndarray, conf: float = 0.25) -> list[dict[str, Any]]:
+        """See :meth:`Detector.predict`."""
+        return self.predict_batch([image], conf)[0]
+
+
+# ----------------------------------------------------------------------------- Faster R-CNN
+@torch.no_grad()
+def rcnn_predict_batch(model: torch.nn.Module, images: Sequence[torch.Tensor], *, conf: float,
+                       device: torch.device | str) -> list[list[list[float]]]:
+    """Rows ``[x1, y1, x2, y2, score, class index]`` per image (labels 1..C become 0..C-1)."""
+    heads = model.roi_heads
+    default = float(heads.score_thresh)
+    heads.score_thresh = min(default, float(conf))  # the RoI heads drop boxes below their own threshold
+    try:
+        outs = model([im.to(device) for im in images])
+    finally:
+        heads.score_thresh = default
+    return [[[*box, float(s), int(lab) - 1] for box, lab, s in zip(o["boxes"].cpu().double().tolist(),
+                                                                    o["labels"].tolist(), o["scores"].tolist())
+             if s >= conf] for o in outs]
+
+
+class RCNNDetector(Detector):
+    """A welde_det Faster R-CNN checkpoint."""
+
+    framework = "rcnn"
+
+    def __init__(self, ckpt: Any, device: str = "cpu") -> None:
+        from welde_det.integrations.rcnn import build_faster_rcnn
+        from welde_det.welde.spec import WELDESpec
+
+        extra = ckpt.extra or {}
+        stats: ClassStats = ckpt.class_stats
+        imgsz = int(extra.get("imgsz", 384))
+        super().__init__(stats, channels=int(extra.get("channels", 1)), imgsz=imgsz, weights=ckpt.path,
+                         device=device)
+        spec = WELDESpec.from_dict(ckpt.welde)
+        model = build_faster_rcnn(ckpt.arch, foreground_counts=list(stats.effective_counts),
+                                  in_channels=self.channels, weights=None, min_size=imgsz, max_size=imgsz,
+                                  **spec.model_kwargs())
+        model.load_state_dict(ckpt.model_state)
+        self.model = model.to(device).eval()
+        self.arch = ckpt.arch
+
+    def _tensor(self, image: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(image_to_float(image))[None]
+        return x.expand(3, -1, -1).contiguous() if self.channels == 3 else x
+
+    def predict_batch(self, images: Sequence[np.ndarray], conf: float = 0.25) -> list[list[dict[str, Any]]]:
+        """One forward pass over the batch (torchvision batches internally)."""
+        if not len(images):
+            return []
+        rows = rcnn_predict_batch(self.model, [self._tensor(im) for im in images], conf=conf, device=self.device)
+        return [_records(r, self.names, conf) for r in rows]
+
+    def predict(self, image: np.ndarray, conf: float = 0.25) -> list[dict[str, Any]]:
+        """See :meth:`Detector.predict`; labels 1..C of the model are class indices 0..C−1."""
+        return self.predict_batch([image], conf)[0]
