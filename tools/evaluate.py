@@ -1,9 +1,15 @@
 #!/usr/bin/env python
-"""Evaluate COCO-format detections with the pycocotools-exact evaluator; write a report.
+"""Evaluate a checkpoint on a split, or COCO-format detections, with the pycocotools-exact evaluator.
 
 Usage:
+    python tools/evaluate.py --weights runs/<run>/weights/model.pt --data ../shared/datasets/lumbar6 \
+        --split val --out reports/run1 [--batch 16] [--conf 0.001]
     python tools/evaluate.py --gt val.json --dets dets.json --out reports/run1 \
         [--class-stats class_stats.json] [--compare dets_ce.json --compare-label CE]
+
+With --weights, writes detections.json, ground_truth.json (file_name relative to the split's
+image folder) and the report; --data takes a COCO folder, tools/convert.py output or a YOLO
+folder / data.yaml.
 
 Writes report.json, report.md, pr_curves.png, per_class_ap.png and confusion.png, prints
 the pycocotools summary and, last, the report folder.
@@ -17,15 +23,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from welde_det.engine.evaluate import write_detection_report
+from welde_det.engine.evaluate import evaluate_checkpoint, write_detection_report
 from welde_det.evaluation import summary_lines
 from welde_det.utils.logging import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gt", required=True, help="COCO ground-truth JSON")
-    parser.add_argument("--dets", required=True, help="COCO results JSON (list of detections)")
+    parser.add_argument("--weights", help="a welde_det detector checkpoint (a run's weights/model.pt)")
+    parser.add_argument("--data", help="with --weights: the dataset (COCO folder, convert output, YOLO folder)")
+    parser.add_argument("--split", default="val", help="with --weights: the split to measure (default val)")
+    parser.add_argument("--batch", type=int, default=16, help="with --weights: slices per forward pass")
+    parser.add_argument("--conf", type=float, default=0.001, help="with --weights: score threshold kept")
+    parser.add_argument("--gt", help="COCO ground-truth JSON")
+    parser.add_argument("--dets", help="COCO results JSON (list of detections)")
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--class-stats", help="ClassStats JSON of the training split (defines the tail set)")
     parser.add_argument("--compare", help="a second run's COCO results JSON to compare against")
@@ -35,7 +46,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
+    if args.weights and (args.gt or args.dets):
+        parser.error("give either --weights with --data, or --gt with --dets")
+    if args.weights and not args.data:
+        parser.error("--weights needs --data (the dataset whose --split to measure)")
+    if not args.weights and not (args.gt and args.dets):
+        parser.error("give --weights W --data SRC [--split S], or --gt G --dets D")
     setup_logging()
+    if args.weights:
+        res = evaluate_checkpoint(args.weights, args.data, args.out, split=args.split, conf=args.conf,
+                                  batch=args.batch, device=args.device, plots=not args.no_plots)
+        print("\n".join(summary_lines(res["stats"])))
+        print(f"mAP_tail {res['map_tail']:.3f} (tail: {', '.join(res['tail_classes'])})")
+        print(res["report_dir"])
+        return 0
     res = write_detection_report(args.gt, args.dets, args.out, class_stats=args.class_stats, compare=args.compare,
                                  compare_label=args.compare_label, label=args.label, title=args.title,
                                  device=args.device, plots=not args.no_plots)
