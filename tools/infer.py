@@ -2,7 +2,7 @@
 """Run a trained detector on MRI slices; write an overlay PNG and a JSON per input.
 
 Usage:
-    python tools/infer.py --weights runs/<run>/weights/last.pt --source <file or folder> --out overlays/ \
+    python tools/infer.py --weights runs/<run>/weights/model.pt --source <file or folder> --out overlays/ \
         [--conf 0.25] [--device cpu] [--classes DDD,LDB,...] [--skip-bad]
 
 Sources: a DICOM series folder, a DICOM file, a NIfTI file (.nii/.nii.gz), a PNG/JPEG, or a
@@ -32,13 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--classes", help="comma-separated class list the checkpoint must have")
     parser.add_argument("--skip-bad", action="store_true", help="skip (and report) bad inputs of a folder")
+    parser.add_argument("--batch", type=int, default=16,
+                        help="slices per forward pass (tools/evaluate.py --weights uses the same default)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     expected = [n.strip() for n in args.classes.split(",") if n.strip()] if args.classes else None
     try:
         summary = run_inference(args.weights, args.source, args.out, conf=args.conf, device=args.device,
-                                expected_names=expected, skip_bad=args.skip_bad)
+                                expected_names=expected, skip_bad=args.skip_bad, batch=args.batch)
     except (ValueError, FileNotFoundError) as exc:  # user input: the message says what to fix
         print(f"error: {exc}", file=sys.stderr)
         return 2
