@@ -15,9 +15,10 @@ from welde_det.datasets.splits import (
     split_summary,
 )
 
-#: Stated tolerance: every split's share of every class with >= 40 boxes is within 0.03 of
-#: its fraction (a random patient split misses this by far for the rare classes).
-TOLERANCE = 0.03
+#: Stated tolerance: every split's share of every class with >= 40 boxes is within 0.02 of
+#: its fraction (a random patient split misses this by far for the rare classes; the greedy
+#: pass alone missed the most common class by up to 0.06 on these sets).
+TOLERANCE = 0.02
 
 
 def _lumbar_like(seed: int, patients: int = 400) -> dict:
@@ -33,7 +34,7 @@ def _lumbar_like(seed: int, patients: int = 400) -> dict:
     return {"images": images, "annotations": anns, "categories": make_categories(LUMBAR_CLASSES)}
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2, 6, 8, 9])
 def test_no_patient_mixing_and_class_shares_within_tolerance(seed):
     coco = _lumbar_like(seed)
     parts = split_coco(coco, seed=seed)
@@ -104,3 +105,30 @@ def test_bad_input():
     with pytest.raises(SplitError, match=r"image id 3 .* has no 'patient_id'"):
         split_image_ids(coco)
     assert sum(len(v) for v in split_image_ids(coco, group_key=None).values()) == len(coco["images"])
+
+
+def test_refinement_only_lowers_the_share_error():
+    coco = _lumbar_like(0)
+    cats = sorted(c["id"] for c in coco["categories"])
+    pats = sorted({img["patient_id"] for img in coco["images"]})
+    pindex = {p: i for i, p in enumerate(pats)}
+    of_image = {img["id"]: pindex[img["patient_id"]] for img in coco["images"]}
+    counts = np.zeros((len(pats), len(cats)))
+    sizes = np.zeros(len(pats))
+    for img in coco["images"]:
+        sizes[of_image[img["id"]]] += 1
+    for a in coco["annotations"]:
+        counts[of_image[a["image_id"]], a["category_id"] - 1] += 1
+    frac = np.array([0.7, 0.15, 0.15])
+
+    def error(assigned):
+        got = np.stack([np.concatenate([counts[assigned == s].sum(0), [sizes[assigned == s].sum()]])
+                        for s in range(3)])
+        tot = np.concatenate([counts.sum(0), [sizes.sum()]])
+        big = tot >= 40  # the classes the tolerance is stated for, and the images
+        dev = np.abs(got / tot - frac[:, None])[:, big].max()
+        return float((((got - frac[:, None] * tot) / tot) ** 2).sum()), float(dev)
+
+    greedy = error(assign_groups(counts, sizes, frac, seed=0, refine=False))
+    refined = error(assign_groups(counts, sizes, frac, seed=0))
+    assert refined[0] < greedy[0] and refined[1] <= 0.02 < greedy[1]

@@ -14,7 +14,11 @@ grouped form of iterative stratification (Sechidis, Tsoumakas & Vlahavas, ECML 2
    split that still wants the most of that class (ties: the split that still wants the
    most images, then a seeded random choice); update the wants;
 4. groups without boxes (background-only patients) go to the split that still wants the
-   most images.
+   most images;
+5. (``refine=True``, the default) a local search then moves single groups between splits
+   while that lowers the squared error of every class's share and of the image share
+   (``sum_s,c ((n_sc - f_s n_c) / n_c)^2``): the greedy pass places the most common class
+   last, when few groups are left, and could miss its fractions by several points.
 
 The default fractions are 70/15/15, the ratio of the LMF papers.
 
@@ -81,6 +85,7 @@ def assign_groups(
     fractions: Sequence[float],
     *,
     seed: int = 0,
+    refine: bool = True,
 ) -> np.ndarray:
     """Assign groups to splits by grouped iterative stratification.
 
@@ -89,6 +94,7 @@ def assign_groups(
         sizes: per-group size (number of images), used to balance split sizes.
         fractions: wanted fraction of every class and of the images per split (sum 1).
         seed: seed of the random tie-breaks; the result is a pure function of the inputs.
+        refine: improve the greedy assignment by single-group moves (module docstring, 5).
 
     Returns:
         Split index of every group.
@@ -134,7 +140,48 @@ def assign_groups(
             place(int(g), want_class[:, cls].copy())
     for g in np.flatnonzero(assigned < 0)[np.argsort(order_noise[assigned < 0], kind="stable")]:
         place(int(g), want_size.copy())
+    if refine:
+        _refine(assigned, counts, sizes, frac, order_noise)
     return assigned
+
+
+def _refine(assigned: np.ndarray, counts: np.ndarray, sizes: np.ndarray, frac: np.ndarray,
+            order: np.ndarray, max_passes: int = 50) -> None:
+    """Move single groups between splits while the squared share error falls (in place)."""
+    num_splits = len(frac)
+    totals = np.concatenate([counts.sum(0), [sizes.sum()]])  # classes, then images
+    scale = np.where(totals > 0, totals, 1.0)
+    vec = np.concatenate([counts, sizes[:, None]], axis=1)  # (G, C + 1)
+    target = frac[:, None] * totals[None, :]
+    current = np.stack([vec[assigned == s].sum(0) for s in range(num_splits)])
+    allowed = np.flatnonzero(frac > 0)
+
+    def row_cost(row: np.ndarray, s: int) -> float:
+        return float((((row - target[s]) / scale) ** 2).sum())
+
+    visit = np.argsort(order, kind="stable")
+    for _ in range(max_passes):
+        moved = False
+        for g in visit:
+            src = int(assigned[g])
+            if not vec[g].any():
+                continue
+            base_src = row_cost(current[src], src)
+            best, best_gain = -1, 1e-12
+            for dst in allowed:
+                if dst == src:
+                    continue
+                gain = (base_src + row_cost(current[dst], int(dst))
+                        - row_cost(current[src] - vec[g], src) - row_cost(current[dst] + vec[g], int(dst)))
+                if gain > best_gain:
+                    best, best_gain = int(dst), gain
+            if best >= 0:
+                current[src] -= vec[g]
+                current[best] += vec[g]
+                assigned[g] = best
+                moved = True
+        if not moved:
+            break
 
 
 def split_image_ids(

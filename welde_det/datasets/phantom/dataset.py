@@ -394,7 +394,8 @@ def _write_labels(root: Path, final_root: Path, records: list[dict[str, Any]], f
     for g, rec in enumerate(records):
         counts[g] = np.bincount(rec["labels"], minlength=num_c) * len(rec["images"])
         sizes[g] = len(rec["images"])
-    split_idx = assign_groups(counts, sizes, _FRACTIONS, seed=seed)
+    # refine=False keeps the phantom's splits as generated before the refinement step existed
+    split_idx = assign_groups(counts, sizes, _FRACTIONS, seed=seed, refine=False)
     categories = make_categories(LUMBAR_CLASSES)
     cocos = {s: {"info": {"description": "welde_det synthetic lumbar phantom", "version": PHANTOM_VERSION,
                           "difficulty": params["difficulty"], "split": s},
