@@ -8,6 +8,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -396,7 +397,7 @@ def test_ultralytics_native_files_are_refused_without_allow_modules(ultralytics_
             safe_load(path)
         msg = str(info.value)
         assert "ultralytics.nn.modules.conv.Conv" in info.value.refused, name
-        assert "safe_load(path, allow_modules=True)" in msg and "Ultralytics-native" in msg
+        assert "safe_load(path, allow_modules=True) may rebuild" in msg and "Ultralytics-native" in msg
         with pytest.raises(UnsafeCheckpointError, match="It is not a welde_det checkpoint"):
             load_checkpoint(path)
         assert read_metadata(path) is None and class_names(path) is None
@@ -449,3 +450,47 @@ def test_pickle_scan_names_every_global(tmp_path):
             "collections.OrderedDict", "torch._utils._rebuild_tensor_v2"} <= found
     assert ckpt_mod._not_default(found) == {"torch.nn.modules.container.Sequential",
                                             "torch.nn.modules.linear.Linear"}
+
+
+def test_functions_and_non_module_classes_of_admitted_packages_are_refused(tmp_path):
+    """Only model classes are admitted from ultralytics.nn.tasks: not its loader functions."""
+    from ultralytics.nn import tasks
+
+    marker = tmp_path / "PWNED"
+    inner = tmp_path / "inner.pt"
+    torch.save({"x": _payloads(marker)["os.system"]}, inner)
+    outer = tmp_path / "outer.pt"
+    torch.save({"m": _CallsClass(tasks.torch_safe_load, str(inner))}, outer)
+    torch.load(outer, weights_only=False)  # control: loading the outer file unpickles the inner one unsafely
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(UnsafeCheckpointError) as info:
+        safe_load(outer, allow_modules=True)
+    assert info.value.refused == ("ultralytics.nn.tasks.torch_safe_load",)
+    assert not marker.exists()
+    from welde_det.integrations.yolo import WELDEDetectionTrainer
+
+    path = tmp_path / "trainer.pt"
+    torch.save({"t": _CallsClass(WELDEDetectionTrainer)}, path)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        safe_load(path, allow_modules=True)
+    assert info.value.refused == ("welde_det.integrations.yolo.WELDEDetectionTrainer",)
+
+
+def test_ultralytics_8_0_module_names_are_admitted(ultralytics_files, tmp_path):
+    """Ultralytics 8.0 kept its layers in one module: old files name ultralytics.nn.modules.Conv."""
+    ref = torch.load(ultralytics_files["yolov8n"], map_location="cpu", weights_only=False)
+    new = tmp_path / "new_layout.pt"
+    torch.save(ref, new)
+    path = tmp_path / "old_layout.pt"
+    with zipfile.ZipFile(new) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("/data.pkl"):  # protocol 2 GLOBAL: "c" module "\n" name "\n"
+                old = data.replace(b"cultralytics.nn.modules.conv\nConv\n", b"cultralytics.nn.modules\nConv\n")
+                assert old != data
+                data = old
+            dst.writestr(item.filename, data)
+    assert "ultralytics.nn.modules.Conv" in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    got = safe_load(path, allow_modules=True)
+    _same_model(got["model"], ref["model"])

@@ -458,7 +458,10 @@ def _refusal(path: Path, names: set[str], *, admit: _Admitter | None, purpose: s
     entries: list[Any] = []
     refused = []
     for name in sorted(names):
-        got = admit(name) if admit is not None else None
+        try:
+            got = admit(name) if admit is not None else None
+        except ImportError as exc:
+            raise CheckpointError(f"{path}: names {name}, and {exc}") from exc
         if got is None:
             refused.append(name)
         else:
@@ -476,9 +479,9 @@ def _unsafe(path: Path, refused: list[str], *, admit: _Admitter | None, detail: 
            f"({detail or 'unpickling them could run arbitrary code'}). Nothing from the file was run. ")
     modules_only = refused and all(_admit_module_global(n, probe=True) is not None for n in refused)
     if admit is None and modules_only:
-        msg += ("These are model classes and helper types that Ultralytics-native .pt files hold (e.g. "
-                "yolov8n.pt, or an Ultralytics last.pt): welde_det.checkpoint.safe_load(path, "
-                "allow_modules=True) reads such a file. ")
+        msg += ("These names come from the packages whose model classes welde_det.checkpoint.safe_load(path, "
+                "allow_modules=True) may rebuild, as in an Ultralytics-native .pt file (e.g. yolov8n.pt, or "
+                "an Ultralytics last.pt); it checks each against its allow-list. ")
         if purpose == "load":
             msg += f"It is not a welde_det checkpoint: {WHAT_IT_IS}. "
     elif admit is not None:
@@ -713,11 +716,18 @@ def _module_classes(package: str) -> dict[str, type]:
 
     if package in _WALKED:
         return _WALKED[package]
-    root = importlib.import_module(package)
+    try:
+        root = importlib.import_module(package)
+    except ImportError as exc:
+        raise ImportError(f"{package} cannot be imported ({exc}); reading this file needs it") from exc
     modules = [root]
     if hasattr(root, "__path__"):
         for info in pkgutil.walk_packages(root.__path__, package + "."):
-            modules.append(importlib.import_module(info.name))
+            try:
+                modules.append(importlib.import_module(info.name))
+            except ImportError as exc:
+                raise ImportError(f"importing {info.name} failed ({exc}) while listing the model classes "
+                                  f"of {package} that safe_load(allow_modules=True) admits") from exc
     found: dict[str, type] = {}
     for mod in modules:
         for obj in vars(mod).values():
