@@ -87,8 +87,11 @@ def _grey(path: Path) -> np.ndarray:
     return arr
 
 
-def _canonical(data: ResolvedData) -> dict[str, dict[str, tuple]]:
-    """Per split: pixel hash -> (width, height, array shape, sorted (class name, bbox))."""
+def _canonical(data: ResolvedData) -> dict[str, dict[str, list]]:
+    """Per split: pixel hash -> sorted [(width, height, array shape, sorted (class name, bbox))].
+
+    A list per hash, because the real set holds pixel-identical slices under two names.
+    """
     out = {}
     for split, path in data.splits.items():
         coco = load_coco(path)
@@ -96,13 +99,12 @@ def _canonical(data: ResolvedData) -> dict[str, dict[str, tuple]]:
         boxes: dict[int, list] = {img["id"]: [] for img in coco["images"]}
         for a in coco["annotations"]:
             boxes[a["image_id"]].append((names[a["category_id"]], tuple(a["bbox"])))
-        table = {}
+        table: dict[str, list] = {}
         for img in coco["images"]:
             arr = _grey(data.image_roots[split] / img["file_name"])
             key = hashlib.sha256(arr.tobytes()).hexdigest()
-            table[key] = (img["width"], img["height"], arr.shape, tuple(sorted(boxes[img["id"]])))
-        assert len(table) == len(coco["images"])
-        out[split] = table
+            table.setdefault(key, []).append((img["width"], img["height"], arr.shape, tuple(sorted(boxes[img["id"]]))))
+        out[split] = {k: sorted(v) for k, v in table.items()}
     return out
 
 
@@ -131,8 +133,8 @@ def test_yolo_folder_3channel_copy_and_convert_output_resolve_alike(sources, tmp
     # same ground truth (boxes, categories, image sizes) on the same pixel arrays
     canon = _canonical(grey)
     assert canon == _canonical(rgb) == _canonical(conv)
-    assert [len(canon[s]) for s in ("train", "val")] == [6, 4]
-    assert all(v[:3] == (384, 384, (384, 384)) for t in canon.values() for v in t.values())
+    assert [sum(len(v) for v in canon[s].values()) for s in ("train", "val")] == [6, 4]
+    assert all(e[:3] == (384, 384, (384, 384)) for t in canon.values() for v in t.values() for e in v)
     # nothing was written into any source folder
     assert {k: _tree(sources[k]) for k in ("grey", "rgb", "converted")} == before
 
@@ -308,6 +310,22 @@ def test_lumbar6_names_pair_one_t1_with_one_t2():
     pairs = [v for v in by_patient.values() if len(v) == 2]
     assert len(by_patient) == 511 and len(pairs) == 398
     assert all(sum("_T2_" in n for n in v) == 1 for v in pairs)
+
+
+@needs_lumbar6
+def test_pixel_identical_slices_share_a_patient():
+    """The set holds 8 pixel-identical pairs (3 across train/val); the rule puts each pair in one patient,
+    including a T1-named slice identical to a T2-named one, so carved splits keep copies together."""
+    seen: dict[str, list[str]] = {}
+    for split in ("train", "val"):
+        for p in sorted((LUMBAR6 / split / "images").iterdir()):
+            digest = hashlib.sha256(cv2.imread(str(p), cv2.IMREAD_UNCHANGED).tobytes()).hexdigest()
+            seen.setdefault(digest, []).append(f"{split}/{p.name}")
+    copies = [v for v in seen.values() if len(v) > 1]
+    assert len(copies) == 8 and all(len(v) == 2 for v in copies)
+    assert sum(a.split("/")[0] != b.split("/")[0] for a, b in copies) == 3
+    assert all(lumbar6_patient(a) == lumbar6_patient(b) for a, b in copies)
+    assert ["train/T1_0116_.png", "val/0117_T2_TSE_SAG_384_0002_0116_008_R.png"] in copies
 
 
 def _toy(patients: int, per_patient: int = 2, *, field: bool = True) -> dict:
