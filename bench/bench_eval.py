@@ -33,7 +33,7 @@ from welde_det.evaluation import evaluate_coco
 
 def workload(kind: str, n_img: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    n_cat, (g_lo, g_hi), (d_lo, d_hi) = (6, (8, 9), (100, 300)) if kind == "spine" else (80, (3, 12), (100, 100))
+    n_cat, (g_lo, g_hi), (d_lo, d_hi) = (6, (8, 9), (100, 200)) if kind == "spine" else (80, (3, 12), (100, 100))
     images = [{"id": i + 1, "width": 384, "height": 384} for i in range(n_img)]
     cats = [{"id": c + 1, "name": f"c{c}"} for c in range(n_cat)]
     anns, dets = [], []

@@ -27,14 +27,22 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
 import torch
 
 from welde_det.classes import ClassStats
+from welde_det.evaluation.flavours import (
+    filter_edges,
+    greedy_assign,
+    group_edges,
+    stable_lexsort,
+)
 from welde_det.utils.fileio import load_json
 
 __all__ = ["CocoEvaluator", "DetectionArrays", "evaluate_coco", "summary_lines"]
@@ -67,9 +75,12 @@ class DetectionArrays:
 
     @classmethod
     def from_any(cls, detections: Any) -> DetectionArrays:
-        """From a COCO results list/path, a dict of arrays/tensors, or a DetectionArrays."""
+        """From a COCO results list/path, a dict of arrays/tensors, an (N, 7) array/tensor
+        (:meth:`from_array`), or a DetectionArrays."""
         if isinstance(detections, DetectionArrays):
             return detections
+        if isinstance(detections, (np.ndarray, torch.Tensor)):
+            return cls.from_array(detections)
         if isinstance(detections, (str, os.PathLike)):
             detections = load_json(detections)
         if isinstance(detections, Mapping):
@@ -89,22 +100,62 @@ class DetectionArrays:
         n = len(detections)
         if n == 0:
             return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0))
+        if not isinstance(detections[0], Mapping):
+            return cls.from_array(detections)
+        # one C-level pass per field group (itemgetter + chain), no per-detection Python code
         try:
-            img = np.fromiter((d["image_id"] for d in detections), np.int64, n)
-            cat = np.fromiter((d["category_id"] for d in detections), np.int64, n)
-            score = np.fromiter((d["score"] for d in detections), np.float64, n)
-            box = np.array([d["bbox"] for d in detections], dtype=np.float64).reshape(n, 4)
+            head = np.fromiter(chain.from_iterable(map(itemgetter("image_id", "category_id", "score"), detections)),
+                               np.float64, 3 * n).reshape(n, 3)
+            boxes = list(map(itemgetter("bbox"), detections))
+            lengths = set(map(len, boxes))
         except KeyError as exc:
             raise ValueError(f"a detection lacks {exc.args[0]!r}; COCO results need image_id, category_id, bbox, score") from None
-        except ValueError as exc:
-            raise ValueError(f"malformed detection bbox or score ({exc}); bbox must be [x, y, w, h]") from None
-        return cls(img, cat, box, score)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"malformed detection ({exc}); COCO results are dicts with numeric image_id, "
+                             "category_id, score and a bbox [x, y, w, h]") from None
+        if lengths != {4}:
+            bad = next(i for i, b in enumerate(boxes) if len(b) != 4)
+            raise ValueError(f"malformed detection bbox {boxes[bad]!r} (detection {bad}); bbox must be [x, y, w, h]")
+        try:
+            box = np.fromiter(chain.from_iterable(boxes), np.float64, 4 * n).reshape(n, 4)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"malformed detection bbox ({exc}); bbox must be 4 numbers [x, y, w, h]") from None
+        return cls(_int_ids(head[:, 0], "image_id"), _int_ids(head[:, 1], "category_id"), box, head[:, 2].copy())
+
+    @classmethod
+    def from_array(cls, array: Any) -> DetectionArrays:
+        """From an (N, 7) array or tensor of rows [image_id, x, y, w, h, score, category_id].
+
+        Example:
+            >>> DetectionArrays.from_array([[1, 0.0, 0.0, 10.0, 10.0, 0.9, 3]]).category_id
+            array([3])
+        """
+        if isinstance(array, torch.Tensor):
+            array = array.detach().to("cpu", torch.float64).numpy()
+        try:
+            a = np.asarray(array, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"detections as an array must be numeric (N, 7) rows ({exc})") from None
+        if a.ndim != 2 or a.shape[1] != 7:
+            raise ValueError(f"detections as an array must have shape (N, 7) [image_id, x, y, w, h, score, "
+                             f"category_id], got {a.shape}")
+        return cls(_int_ids(a[:, 0], "image_id"), _int_ids(a[:, 6], "category_id"),
+                   np.ascontiguousarray(a[:, 1:5]), a[:, 5].copy())
 
     def concat(self, other: DetectionArrays) -> DetectionArrays:
         """Both sets, this one first (result order matters for ties, as in pycocotools)."""
         return DetectionArrays(np.concatenate([self.image_id, other.image_id]),
                                np.concatenate([self.category_id, other.category_id]),
                                np.concatenate([self.bbox, other.bbox]), np.concatenate([self.score, other.score]))
+
+
+def _int_ids(values: np.ndarray, name: str) -> np.ndarray:
+    """Float-carried ids back to int64, refusing non-integer values."""
+    ids = values.astype(np.int64)
+    if not np.array_equal(ids, values):
+        bad = int(np.nonzero(ids != values)[0][0])
+        raise ValueError(f"detection {bad} has {name} {values[bad]!r}; ids must be integers")
+    return ids
 
 
 def _load_gt(gt: Any) -> tuple[dict, str]:
@@ -184,155 +235,118 @@ def _check_dets(d: DetectionArrays, gt: _GroundTruth) -> tuple[DetectionArrays, 
     return d, dropped
 
 
-def _stable_order(keys: list[np.ndarray]) -> np.ndarray:
-    """np.lexsort with the last key primary (stable)."""
-    return np.lexsort(keys)
+def _pair_rank(group_sorted: np.ndarray) -> np.ndarray:
+    """Rank of each element within its run of equal ids (input grouped by id)."""
+    n = len(group_sorted)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    start = np.r_[True, group_sorted[1:] != group_sorted[:-1]]
+    return np.arange(n) - np.maximum.accumulate(np.where(start, np.arange(n), 0))
 
 
 def _bbox_iou(d: torch.Tensor, g: torch.Tensor, crowd: torch.Tensor) -> torch.Tensor:
-    """pycocotools' bbIou, operation for operation (float64). d (n, 4), g (n, G, 4) -> (n, G)."""
-    dx, dy, dw, dh = d[:, 0:1], d[:, 1:2], d[:, 2:3], d[:, 3:4]
-    gx, gy, gw, gh = g[..., 0], g[..., 1], g[..., 2], g[..., 3]
+    """pycocotools' bbIou, operation for operation (float64), edge by edge.
+
+    Shape:
+        d, g: (4, E) boxes as rows x, y, w, h; crowd: (E,) -> (E,).
+    """
+    dx, dy, dw, dh = d
+    gx, gy, gw, gh = g
     w = torch.minimum(dw + dx, gw + gx) - torch.maximum(dx, gx)
     h = torch.minimum(dh + dy, gh + gy) - torch.maximum(dy, gy)
     inter = w * h
     da = dw * dh
-    ga = gw * gh
-    union = torch.where(crowd, da.expand_as(ga), (da + ga) - inter)
+    union = torch.where(crowd, da, (da + gw * gh) - inter)
     iou = inter / union
-    return torch.where((w <= 0) | (h <= 0), torch.zeros_like(iou), iou)
+    return torch.where((w <= 0) | (h <= 0), torch.zeros((), dtype=iou.dtype, device=iou.device), iou)
+
+
+def _edge_ious(d_box: np.ndarray, g_box: np.ndarray, crowd: np.ndarray | None, device: torch.device
+               ) -> Callable[[np.ndarray, np.ndarray], torch.Tensor]:
+    """``(e_det, e_gt) -> IoU`` of those edges, boxes (N, 4) and (G, 4) [x, y, w, h]."""
+    d_t, g_t = np.ascontiguousarray(d_box.T), np.ascontiguousarray(g_box.T)
+
+    def iou(e_det: np.ndarray, e_gt: np.ndarray) -> torch.Tensor:
+        c = (torch.zeros(len(e_det), dtype=torch.bool, device=device) if crowd is None
+             else torch.as_tensor(np.take(crowd, e_gt), device=device))
+        return _bbox_iou(torch.as_tensor(np.take(d_t, e_det, axis=1), device=device),
+                         torch.as_tensor(np.take(g_t, e_gt, axis=1), device=device), c)
+
+    return iou
 
 
 def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device) -> dict[str, np.ndarray]:
     """Greedy matching for every (image, category) pair, IoU threshold and area range.
 
-    Returns per kept detection (rank < maxDets[-1] within its pair): image/category index,
-    rank, score, and tp/fp flags of shape (N, T, A).
+    All pairs at once: the (detection, GT) edges of each pair with IoU ≥ 0.5 are matched by
+    :func:`~welde_det.evaluation.flavours.greedy_assign`, one step per candidate rank.
+
+    Returns:
+        Per kept detection (rank < maxDets[-1] within its pair), rows ordered by (image,
+        category, rank): ``img`` / ``cat`` index (N,), ``rank`` (N,), ``score`` (N,), ``tp`` /
+        ``fp`` (N, T, A) bool, ``det`` (N,) row in ``det``; per category ``npig`` (K, A) non-ignored GT
+        counts and ``has_pair`` (K,); ``n_img``.
     """
-    img_index = {v: i for i, v in enumerate(gt.img_ids.tolist())}
-    cat_index = {v: i for i, v in enumerate(gt.cat_ids.tolist())}
     n_img, n_cat = len(gt.img_ids), len(gt.cat_ids)
-    g_pair = np.array([img_index[i] for i in gt.image_id.tolist()], dtype=np.int64) * n_cat + np.array(
-        [cat_index[c] for c in gt.category_id.tolist()], dtype=np.int64)
-    d_img = np.searchsorted(gt.img_ids, det.image_id)
-    d_cat = np.searchsorted(gt.cat_ids, det.category_id)
-    d_pair = d_img * n_cat + d_cat
-    # detections: stable by -score within pair, keep rank < maxDets[-1]
-    order = _stable_order([-det.score, d_pair])
+    T, A = len(IOU_THRS), len(AREA_RNG)
+    g_img = np.searchsorted(gt.img_ids, gt.image_id)
+    g_cat = np.searchsorted(gt.cat_ids, gt.category_id)
+    g_pair = g_img * n_cat + g_cat
+    d_pair = np.searchsorted(gt.img_ids, det.image_id) * n_cat + np.searchsorted(gt.cat_ids, det.category_id)
+    # detections: stable by -score within pair (pycocotools' mergesort), rank < maxDets[-1]
+    order = stable_lexsort([-det.score, d_pair])
     d_pair_s = d_pair[order]
-    starts = np.r_[0, np.nonzero(np.diff(d_pair_s))[0] + 1] if len(order) else np.zeros(0, np.int64)
-    counts = np.diff(np.r_[starts, len(order)])
-    rank = np.arange(len(order)) - np.repeat(starts, counts)
+    rank = _pair_rank(d_pair_s)
     keep = rank < MAX_DETS[-1]
     order, rank, d_pair_s = order[keep], rank[keep], d_pair_s[keep]
-    # pairs: union of pairs with GT or detections
-    pairs = np.union1d(np.unique(g_pair), np.unique(d_pair_s))
-    n_pairs = len(pairs)
-    pair_of_det = np.searchsorted(pairs, d_pair_s)
-    pair_of_gt = np.searchsorted(pairs, g_pair)
-    n_det_pair = np.bincount(pair_of_det, minlength=n_pairs)
-    n_gt_pair = np.bincount(pair_of_gt, minlength=n_pairs)
-    # GT slot within its pair, in file order (pycocotools' order)
-    g_order = np.argsort(pair_of_gt, kind="stable")
-    g_starts = np.r_[0, np.cumsum(n_gt_pair)[:-1]]
-    g_slot = np.empty(len(g_order), np.int64)
-    g_slot[g_order] = np.arange(len(g_order)) - np.repeat(g_starts, n_gt_pair)
-    # process pairs with most detections first, in chunks
-    by_dets = np.argsort(-n_det_pair, kind="stable")
-    T, A = len(IOU_THRS), len(AREA_RNG)
-    thr = torch.as_tensor(np.minimum(IOU_THRS, 1 - 1e-10), dtype=torch.float64, device=device)
-    rng = torch.as_tensor(np.array(AREA_RNG), dtype=torch.float64, device=device)
-    tp_out = np.zeros((len(order), T, A), dtype=bool)
-    fp_out = np.zeros((len(order), T, A), dtype=bool)
-    det_pos = np.empty(len(order), np.int64)  # position of each kept detection in its pair block
-    det_pos[:] = rank
-    det_row_of = np.full((n_pairs, MAX_DETS[-1]), -1, dtype=np.int64)
-    det_row_of[pair_of_det, rank] = np.arange(len(order))
-    for c0 in range(0, n_pairs, _PAIR_CHUNK):
-        chunk = by_dets[c0:c0 + _PAIR_CHUNK]
-        n = len(chunk)
-        dmax = int(n_det_pair[chunk].max()) if n else 0
-        if dmax == 0:
-            continue
-        gmax = max(1, int(n_gt_pair[chunk].max()))
-        local = np.full(n_pairs, -1, np.int64)
-        local[chunk] = np.arange(n)
-        # padded GT tensors (n, G)
-        sel = local[pair_of_gt] >= 0
-        gb = np.zeros((n, gmax, 4))
-        ga = np.zeros((n, gmax))
-        gc = np.zeros((n, gmax), bool)
-        gv = np.zeros((n, gmax), bool)
-        gid = np.zeros((n, gmax), np.int64)
-        rows, slots = local[pair_of_gt[sel]], g_slot[sel]
-        gb[rows, slots] = gt.bbox[sel]
-        ga[rows, slots] = gt.area[sel]
-        gc[rows, slots] = gt.crowd[sel]
-        gv[rows, slots] = True
-        gid[rows, slots] = gt.ann_id[sel]
-        g_box = torch.as_tensor(gb, device=device)
-        g_area = torch.as_tensor(ga, device=device)
-        g_crowd = torch.as_tensor(gc, device=device)
-        g_valid = torch.as_tensor(gv, device=device)
-        g_id = torch.as_tensor(gid, device=device)
-        # ignore per area range: crowd, or GT area outside [lo, hi] (inclusive bounds)
-        out_rng = (g_area[:, None, :] < rng[None, :, 0, None]) | (g_area[:, None, :] > rng[None, :, 1, None])
-        g_ig = g_crowd[:, None, :] | out_rng  # (n, A, G)
-        # regular GTs outrank ignored ones: key = rank + G for regular, rank for ignored
-        g_bonus = torch.where(g_ig, 0, gmax).to(torch.int16)[:, None, :, :]  # (n, 1, A, G)
-        gtm = torch.zeros((n, T, A, gmax), dtype=torch.bool, device=device)
-        det_rows = det_row_of[chunk, :dmax]  # (n, dmax) global kept-det index or -1
-        valid_rows = det_rows >= 0
-        db = np.zeros((n, dmax, 4))
-        db[valid_rows] = det.bbox[order[det_rows[valid_rows]]]
-        det_box = torch.as_tensor(db, device=device)
-        tp_chunk = torch.zeros((n, dmax, T, A), dtype=torch.bool, device=device)
-        fp_chunk = torch.zeros((n, dmax, T, A), dtype=torch.bool, device=device)
-        ar = torch.arange(gmax, device=device, dtype=torch.int16)
-        n_active = [int((n_det_pair[chunk] > d).sum()) for d in range(dmax)]  # chunk sorted: prefixes
-        for d in range(dmax):
-            active = n_active[d]
-            boxes = det_box[:active, d]
-            iou = _bbox_iou(boxes, g_box[:active], g_crowd[:active])  # (a, G)
-            iou = torch.where(g_valid[:active], iou, torch.full_like(iou, -1.0))
-            # rank of each GT by (IoU, index): the last GT among equal IoUs ranks highest
-            srt = torch.sort(iou, dim=-1, stable=True).indices
-            rnk = torch.empty((active, gmax), dtype=torch.int16, device=device)
-            rnk.scatter_(-1, srt, ar.expand(active, -1))
-            free = ~(gtm[:active] & ~g_crowd[:active, None, None, :])
-            elig = (iou[:, None, None, :] >= thr[None, :, None, None]) & free & g_valid[:active, None, None, :]
-            keyed = torch.where(elig, rnk[:, None, None, :] + g_bonus[:active], torch.full((), -1, dtype=torch.int16,
-                                                                                           device=device))
-            best, m = keyed.max(-1)  # (a, T, A)
-            found = best >= 0
-            matched_ig = found & (best < gmax)
-            gtm[:active] |= torch.zeros_like(gtm[:active]).scatter_(-1, m[..., None], found[..., None])
-            matched_id = torch.gather(g_id[:active, None, None, :].expand(-1, T, A, -1), -1, m[..., None])[..., 0]
-            dtm = found & (matched_id != 0)  # pycocotools marks matches by GT id (id 0 looks unmatched)
-            dt_ig = found & matched_ig
-            d_area = boxes[:, 2] * boxes[:, 3]
-            d_out = (d_area[:, None] < rng[None, :, 0]) | (d_area[:, None] > rng[None, :, 1])  # (a, A)
-            dt_ig = dt_ig | (~dtm & d_out[:, None, :])
-            tp_chunk[:active, d] = dtm & ~dt_ig
-            fp_chunk[:active, d] = ~dtm & ~dt_ig
-        vr = torch.as_tensor(valid_rows, device=device)
-        tp_out[det_rows[valid_rows]] = tp_chunk[vr].cpu().numpy()
-        fp_out[det_rows[valid_rows]] = fp_chunk[vr].cpu().numpy()
-        del gtm
-    g_ig_all = gt.crowd[:, None] | (gt.area[:, None] < np.array(AREA_RNG)[None, :, 0]) | (
-        gt.area[:, None] > np.array(AREA_RNG)[None, :, 1])
-    g_cat = np.searchsorted(gt.cat_ids, gt.category_id)
+    n = len(order)
+    box = np.take(det.bbox, order, axis=0)
+    rng = np.array(AREA_RNG)
+    d_area = box[:, 2] * box[:, 3]
+    d_out = (d_area[:, None] < rng[:, 0]) | (d_area[:, None] > rng[:, 1])  # (N, A)
+    g_ig = gt.crowd[:, None] | (gt.area[:, None] < rng[:, 0]) | (gt.area[:, None] > rng[:, 1])  # (G, A)
+    e_det, e_gt = group_edges(d_pair_s, g_pair)
+    if len(e_det):
+        thr = torch.as_tensor(np.minimum(IOU_THRS, 1 - 1e-10), dtype=torch.float64, device=device)
+        e_det, e_gt, iou = filter_edges(e_det, e_gt, _edge_ious(box, gt.bbox, gt.crowd, device), 0.5, device)
+        # step = rank among the pair's candidate detections; within a detection, edges in
+        # ascending (IoU, GT index): the last eligible one is pycocotools' choice
+        new = np.r_[True, e_det[1:] != e_det[:-1]] if len(e_det) else np.zeros(0, bool)
+        det_step = _pair_rank(d_pair_s[e_det[new]])
+        step = np.repeat(det_step, np.diff(np.r_[np.nonzero(new)[0], len(e_det)]))
+        srt = stable_lexsort([e_gt, iou.cpu().numpy(), e_det, step])
+        srt_t = torch.as_tensor(srt, device=device)
+        step, e_det, e_gt, iou = step[srt], e_det[srt], e_gt[srt], iou[srt_t]
+        dets, choice = greedy_assign(
+            step, e_det, e_gt, iou[:, None] >= thr[None, :], len(gt.crowd),
+            preferred=torch.as_tensor(~g_ig[e_gt], device=device),
+            sticky=torch.as_tensor(gt.crowd[e_gt], device=device),
+        )
+        choice = choice.cpu().numpy()
+    # rows without a candidate edge are unmatched: FP unless their area is out of range
+    tp = np.zeros((n, T, A), bool)
+    fp = np.broadcast_to(~d_out[:, None, :], (n, T, A)).copy()
+    if len(e_det):
+        g = np.where(choice >= 0, e_gt[np.maximum(choice, 0)], -1)
+        matched = g >= 0
+        safe = np.maximum(g, 0)
+        dtm = matched & (gt.ann_id[safe] != 0)  # pycocotools marks matches by GT id: id 0 looks unmatched
+        dt_ig = (matched & g_ig[safe, np.arange(A)]) | (~dtm & d_out[dets][:, None, :])
+        tp[dets] = dtm & ~dt_ig
+        fp[dets] = ~dtm & ~dt_ig
     npig = np.zeros((n_cat, A), np.int64)
-    np.add.at(npig, g_cat, (~g_ig_all).astype(np.int64))
+    np.add.at(npig, g_cat, (~g_ig).astype(np.int64))
     has_pair = np.zeros(n_cat, bool)
-    has_pair[pairs % n_cat if n_pairs else []] = True
+    has_pair[g_cat] = True
+    has_pair[d_pair_s % n_cat] = True
     return {
-        "img": (pairs[pair_of_det] // n_cat) if n_pairs else np.zeros(0, np.int64),
-        "cat": (pairs[pair_of_det] % n_cat) if n_pairs else np.zeros(0, np.int64),
-        "rank": det_pos,
+        "img": d_pair_s // n_cat,
+        "cat": d_pair_s % n_cat,
+        "rank": rank,
         "score": det.score[order],
-        "tp": tp_out,
-        "fp": fp_out,
+        "tp": tp,
+        "fp": fp,
+        "det": order,
         "npig": npig,
         "has_pair": has_pair,
         "n_img": n_img,
@@ -340,50 +354,68 @@ def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device) -> dict
 
 
 def _accumulate(m: dict[str, np.ndarray], n_cat: int, device: torch.device) -> dict[str, np.ndarray]:
+    """pycocotools' ``accumulate`` from :func:`_match`'s output (NumPy; ``device`` is unused here).
+
+    Per category and maxDets: detections in pycocotools' order (by score, stable over images
+    by id and rank). The recall thresholds are found on integer TP counts (``rc >= r`` ⟺
+    ``tp_sum >= v*(r)``, ``v*`` the first count whose ``v / npig`` reaches ``r``, with the same
+    float division), and precision is needed only where a TP count is first reached (it falls
+    between TPs), so the float work is per TP, not per detection; every value is pycocotools'.
+    """
+    del device
     T, R, A, M = len(IOU_THRS), len(REC_THRS), len(AREA_RNG), len(MAX_DETS)
+    C = T * A
     precision = -np.ones((T, R, n_cat, A, M))
     recall = -np.ones((T, n_cat, A, M))
     scores = -np.ones((T, R, n_cat, A, M))
-    rec_thrs = torch.as_tensor(REC_THRS, dtype=torch.float64, device=device).expand(T * A, R).contiguous()
     eps = np.spacing(1)
-    # E order in pycocotools: images by id, then rank; then a stable sort by -score
-    base = np.lexsort([m["rank"], m["img"], m["cat"]])
-    cat_sorted = m["cat"][base]
-    bounds = np.searchsorted(cat_sorted, np.arange(n_cat + 1))
-    tp_all = torch.as_tensor(m["tp"], device=device)
-    fp_all = torch.as_tensor(m["fp"], device=device)
+    cat, rank, score = m["cat"], m["rank"], m["score"]
+    order = stable_lexsort([rank, m["img"], -score, cat])
+    bounds = np.searchsorted(cat[order], np.arange(n_cat + 1))
+    # column-major (C, N) in sorted order: cumulative sums run along contiguous rows
+    tp_all = np.ascontiguousarray(np.take(m["tp"].reshape(len(cat), C), order, axis=0).T)
+    fp_all = np.ascontiguousarray(np.take(m["fp"].reshape(len(cat), C), order, axis=0).T)
+    rank_s, score_s = rank[order], score[order]
+    cols = np.arange(C)
     for k in range(n_cat):
         npig = m["npig"][k]
         if not m["has_pair"][k] or not (npig > 0).any():
             continue
-        idx_k = base[bounds[k]:bounds[k + 1]]
         areas = np.nonzero(npig > 0)[0]
-        npig_t = torch.as_tensor(np.maximum(npig, 1), dtype=torch.float64, device=device)[None, :, None]
+        # v*(r) per area: the first TP count v with v / npig >= r (same float division as rc)
+        vstar = np.zeros((A, R), np.int64)
+        for a in areas:
+            vstar[a] = np.searchsorted(np.arange(npig[a] + 1) / npig[a], REC_THRS, side="left")
+        vstar_c = np.tile(vstar, (T, 1))  # (C, R), column c = t * A + a
+        k0, k1 = bounds[k], bounds[k + 1]
+        rank_k = rank_s[k0:k1]
         for mi, max_det in enumerate(MAX_DETS):
-            sel = idx_k[m["rank"][idx_k] < max_det]
-            srt = sel[np.argsort(-m["score"][sel], kind="mergesort")]
-            nd = len(srt)
+            sel = rank_k < max_det if len(rank_k) and rank_k.max() >= max_det else slice(None)
+            tpk, fpk, sk = tp_all[:, k0:k1][:, sel], fp_all[:, k0:k1][:, sel], score_s[k0:k1][sel]
+            nd = len(sk)
             if nd == 0:
                 recall[:, k, areas, mi] = 0
                 precision[:, :, k, areas, mi] = 0
                 scores[:, :, k, areas, mi] = 0
                 continue
-            srt_t = torch.as_tensor(srt, device=device)
-            tp_sum = torch.cumsum(tp_all[srt_t].permute(1, 2, 0).to(torch.float64), -1)  # (T, A, nd)
-            fp_sum = torch.cumsum(fp_all[srt_t].permute(1, 2, 0).to(torch.float64), -1)
-            rc = tp_sum / npig_t
-            pr = tp_sum / (fp_sum + tp_sum + eps)
-            pr = torch.flip(torch.cummax(torch.flip(pr, [-1]), -1).values, [-1])
-            inds = torch.searchsorted(rc.reshape(T * A, nd).contiguous(), rec_thrs, side="left")
-            valid = inds < nd
-            safe = inds.clamp(max=nd - 1)
-            # pycocotools stops filling at the first index past the end: later entries stay 0
-            stop = torch.cumprod(valid.to(torch.int64), 1).bool()
-            q = torch.where(stop, torch.gather(pr.reshape(T * A, nd), 1, safe), torch.zeros((), dtype=torch.float64,
-                                                                                          device=device))
-            q = q.reshape(T, A, R).cpu().numpy()
-            ss = np.where(stop.cpu().numpy(), m["score"][srt][safe.cpu().numpy()], 0.0).reshape(T, A, R)
-            rc_last = rc[:, :, -1].cpu().numpy()
+            # precision only at TP rows: between two TPs it can only fall, so the envelope at
+            # the row where the TP count reaches v is the suffix max over TP counts >= v
+            c_idx, j_idx = np.nonzero(tpk)  # TP rows, column by column
+            n_tp = np.bincount(c_idx, minlength=C)  # = tp_sum[-1] per column
+            v = np.arange(1, len(c_idx) + 1) - np.repeat(np.cumsum(n_tp) - n_tp, n_tp)
+            fp_at = np.cumsum(fpk.view(np.uint8), 1, dtype=np.int32)[c_idx, j_idx]
+            prec = np.zeros((C, int(n_tp.max()) + 1))
+            pos = np.zeros((C, prec.shape[1]), np.int64)
+            t0, f0 = tpk[:, 0].astype(np.int64), fpk[:, 0].astype(np.int64)
+            prec[:, 0] = t0 / ((f0 + t0) + eps)  # row 0 (recall threshold 0 samples it)
+            prec[c_idx, v] = v / ((fp_at + v) + eps)
+            pos[c_idx, v] = j_idx
+            env = np.maximum.accumulate(prec[:, ::-1], axis=1)[:, ::-1]
+            valid = vstar_c <= n_tp[:, None]  # pycocotools: searchsorted index < nd
+            vs = np.minimum(vstar_c, n_tp[:, None])
+            q = np.where(valid, env[cols[:, None], vs], 0.0).reshape(T, A, R)
+            ss = np.where(valid, sk[pos[cols[:, None], vs]], 0.0).reshape(T, A, R)
+            rc_last = (n_tp / np.tile(np.maximum(npig, 1), T)).reshape(T, A)
             recall[:, k, areas, mi] = rc_last[:, areas]
             precision[:, :, k, areas, mi] = q[:, areas].transpose(0, 2, 1)
             scores[:, :, k, areas, mi] = ss[:, areas].transpose(0, 2, 1)
@@ -437,7 +469,7 @@ def confusion_matrix(gt: _GroundTruth, det: DetectionArrays, *, iou_thr: float =
 
     Per image, detections with score ≥ ``score_thr`` are taken in score order and matched to
     the unmatched non-crowd GT (of any class) with the highest IoU ≥ ``iou_thr`` (the last
-    such GT on ties). Vectorised over images, looping over detection rank.
+    such GT on ties). All images at once (:func:`~welde_det.evaluation.flavours.greedy_assign`).
     """
     device = device or torch.device("cpu")
     k = len(gt.cat_ids)
@@ -448,53 +480,26 @@ def confusion_matrix(gt: _GroundTruth, det: DetectionArrays, *, iou_thr: float =
     d_cls = np.searchsorted(gt.cat_ids, det.category_id[keep])
     g_img, g_box = gt.image_id[reg], gt.bbox[reg]
     g_cls = np.searchsorted(gt.cat_ids, gt.category_id[reg])
-    imgs = np.union1d(np.unique(d_img), np.unique(g_img))
-    if len(imgs) == 0:
-        return cm
-    di = np.searchsorted(imgs, d_img)
-    gi = np.searchsorted(imgs, g_img)
-    d_order = np.lexsort([-d_score, di])
-    d_cnt = np.bincount(di, minlength=len(imgs))
-    d_rank = np.arange(len(d_order)) - np.repeat(np.r_[0, np.cumsum(d_cnt)[:-1]], d_cnt)
-    g_order = np.argsort(gi, kind="stable")
-    g_cnt = np.bincount(gi, minlength=len(imgs))
-    g_slot = np.arange(len(g_order)) - np.repeat(np.r_[0, np.cumsum(g_cnt)[:-1]], g_cnt)
-    n, gmax, dmax = len(imgs), max(1, int(g_cnt.max())), int(d_cnt.max()) if len(d_cnt) else 0
-    gb = np.zeros((n, gmax, 4))
-    gb[gi[g_order], g_slot] = g_box[g_order]
-    gv = np.zeros((n, gmax), bool)
-    gv[gi[g_order], g_slot] = True
-    gc = np.full((n, gmax), k, np.int64)
-    gc[gi[g_order], g_slot] = g_cls[g_order]
-    db = np.zeros((n, max(dmax, 1), 4))
-    db[di[d_order], d_rank] = d_box[d_order]
-    dc = np.full((n, max(dmax, 1)), -1, np.int64)
-    dc[di[d_order], d_rank] = d_cls[d_order]
-    g_box_t = torch.as_tensor(gb, device=device)
-    used = ~torch.as_tensor(gv, device=device)  # padding counts as used
-    no_crowd = torch.zeros((n, gmax), dtype=torch.bool, device=device)
-    pairs = []
-    img_by_count = np.argsort(-d_cnt, kind="stable")
-    g_box_t, used, no_crowd = g_box_t[img_by_count], used[img_by_count], no_crowd[img_by_count]
-    db, dc, gc_sorted = db[img_by_count], dc[img_by_count], gc[img_by_count]
-    idx = torch.arange(gmax, device=device)
-    for d in range(dmax):
-        a = int((d_cnt[img_by_count] > d).sum())
-        iou = _bbox_iou(torch.as_tensor(db[:a, d], device=device), g_box_t[:a], no_crowd[:a])
-        cand = torch.where(~used[:a] & (iou >= iou_thr), iou, torch.full_like(iou, -1.0))
-        best_val = cand.max(-1, keepdim=True).values
-        last = torch.where(cand == best_val, idx, torch.full_like(idx, -1)).max(-1).values
-        hit = best_val[:, 0] >= 0
-        used[:a] |= (idx[None, :] == last[:, None]) & hit[:, None]
-        rows = np.arange(a)
-        g_of = np.where(hit.cpu().numpy(), gc_sorted[rows, last.clamp(min=0).cpu().numpy()], k)
-        pairs.append((g_of, dc[:a, d]))
-    if pairs:
-        g_all = np.concatenate([p[0] for p in pairs])
-        d_all = np.concatenate([p[1] for p in pairs])
-        np.add.at(cm, (g_all, d_all), 1)
-    unmatched = (~used).cpu().numpy()
-    np.add.at(cm, (gc_sorted[unmatched], np.full(int(unmatched.sum()), k)), 1)
+    order = stable_lexsort([-d_score, np.searchsorted(gt.img_ids, d_img)])
+    d_img, d_box, d_cls = d_img[order], d_box[order], d_cls[order]
+    g_of_det = np.full(len(d_img), k, np.int64)
+    taken = np.zeros(len(g_img), bool)
+    e_det, e_gt = group_edges(d_img, g_img)
+    if len(e_det):
+        e_det, e_gt, iou = filter_edges(e_det, e_gt, _edge_ious(d_box, g_box, None, device), iou_thr, device)
+    if len(e_det):
+        new = np.r_[True, e_det[1:] != e_det[:-1]]
+        step = np.repeat(_pair_rank(d_img[e_det[new]]), np.diff(np.r_[np.nonzero(new)[0], len(e_det)]))
+        srt = stable_lexsort([e_gt, iou.cpu().numpy(), e_det, step])
+        step, e_det, e_gt, iou = step[srt], e_det[srt], e_gt[srt], iou[torch.as_tensor(srt, device=device)]
+        dets, choice = greedy_assign(step, e_det, e_gt, (iou >= iou_thr)[:, None], len(g_img))
+        choice = choice[:, 0, 0].cpu().numpy()
+        hit = choice >= 0
+        g_hit = e_gt[choice[hit]]
+        g_of_det[dets[hit]] = g_cls[g_hit]
+        taken[g_hit] = True
+    np.add.at(cm, (g_of_det, d_cls), 1)
+    np.add.at(cm, (g_cls[~taken], np.full(int((~taken).sum()), k)), 1)
     return cm
 
 
@@ -626,11 +631,12 @@ class CocoEvaluator:
         """Forget processed detections."""
         self._parts: list[DetectionArrays] = []
 
-    def process(self, detections: Iterable[Mapping[str, Any]] | Mapping[str, Any] | DetectionArrays) -> None:
-        """Add a batch of detections (results list, dict of arrays/tensors)."""
+    def process(self, detections: Iterable[Mapping[str, Any]] | Mapping[str, Any] | DetectionArrays | np.ndarray
+                | torch.Tensor) -> None:
+        """Add a batch of detections (results list, dict of arrays/tensors, (N, 7) array/tensor)."""
+        direct = (Mapping, DetectionArrays, np.ndarray, torch.Tensor)
         self._parts.append(DetectionArrays.from_any(detections if not isinstance(detections, Iterable)
-                                                    or isinstance(detections, (Mapping, DetectionArrays))
-                                                    else list(detections)))
+                                                    or isinstance(detections, direct) else list(detections)))
 
     def evaluate(self) -> dict[str, Any]:
         """Evaluate everything processed; ``{"bbox": {name: value}, ...full result}``."""

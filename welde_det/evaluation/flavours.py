@@ -1,0 +1,372 @@
+"""Matching primitives shared by the evaluators, and the Ultralytics flavour of mAP.
+
+Two flavours of "mAP@0.5:0.95" are in use for the lumbar set: pycocotools' (``coco_eval``)
+and Ultralytics' (``DetectionValidator``), which papers on this data report. They differ in
+matching and integration, so the same boxes give figures a point or more apart:
+
+=====================  ==========================================  ======================================
+                       pycocotools (``coco_eval``)                  Ultralytics (:func:`ultralytics_map`)
+=====================  ==========================================  ======================================
+matching unit          (image, class) pair, ≤ 100 dets per pair      image (IoU zeroed across classes)
+greedy rule            best IoU ≥ t, last GT on ties; crowd/out-of-  best IoU ≥ t, first GT on ties
+                       range GTs ignored, matched only as fallback   (``np.argmax``); crowd GTs dropped
+IoU                    float64, ``iou = inter / union``             float32, ``inter / (union + 1e-7)``
+precision at recall r  envelope sampled at 101 recall points        envelope interpolated at 101 points,
+                       (``searchsorted``), averaged                  trapezoid-integrated (``np.trapezoid``)
+classes averaged       classes with GT (−1 excluded)                classes with GT (no GT: not in the mean)
+=====================  ==========================================  ======================================
+
+Shared primitives (vectorised over all groups at once, no Python loop over images):
+
+- :func:`group_edges`: every (detection, GT) index pair that shares a group id (an image,
+  or an (image, class) pair);
+- :func:`greedy_assign`: the sequential greedy matcher of both flavours. Detections are
+  processed in "steps" (the k-th candidate detection of every group at step k), each step
+  one tensor operation over all groups, thresholds and columns, on CPU or CUDA.
+
+Ultralytics conventions reproduced (``ultralytics`` 8.4, ``engine/validator.py``
+``match_predictions`` and ``utils/metrics.py`` ``box_iou``, ``ap_per_class``, ``compute_ap``):
+detections per image in descending score (stable on ties); each, in turn, takes the unclaimed
+same-class GT with the highest float32 IoU (the first on ties, as ``argmax``) if that IoU ≥ t;
+``ap_per_class`` sorts all detections by score, keeps classes with at least one GT label, and
+integrates ``np.interp`` of the precision envelope at 101 recall points with the trapezoid
+rule; a class with GT and no detection has AP 0. Differences from a ``DetectionValidator``
+run: no confidence threshold or ``max_det`` cap is applied here (pass its detections, which
+already went through NMS with ``conf=0.001, max_det=300``); ``ap_per_class`` sorts scores with
+an unstable ``np.argsort``, we sort stably, so exactly tied scores may be ordered differently
+(Ultralytics' order of ties is not defined either).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "UltralyticsResult", "filter_edges", "greedy_assign", "group_edges", "stable_lexsort", "ultralytics_map",
+    "ultralytics_match",
+]
+
+ULTRA_IOU_THRS = torch.linspace(0.5, 0.95, 10).numpy()  # float32, as DetectionValidator.iouv
+_AP_X = np.linspace(0, 1, 101)
+
+
+def _stable_argsort(key: np.ndarray) -> np.ndarray:
+    """Stable argsort; non-negative integer keys below 2**32 by 16-bit radix passes (NumPy's
+    stable sort is a radix sort only for 16-bit integers, timsort otherwise)."""
+    if key.dtype.kind in "iub" and len(key) and key.min() >= 0 and key.max() < 2**32:
+        key = key.astype(np.int64, copy=False)
+        perm = np.argsort((key & 0xFFFF).astype(np.uint16), kind="stable")
+        if key.max() >= 2**16:
+            perm = perm[np.argsort((key[perm] >> 16).astype(np.uint16), kind="stable")]
+        return perm
+    return np.argsort(key, kind="stable")
+
+
+def stable_lexsort(keys: list[np.ndarray]) -> np.ndarray:
+    """Same result as ``np.lexsort(keys)`` (last key primary, stable), faster on integer keys."""
+    perm = np.arange(len(keys[0]))
+    for key in keys:
+        perm = perm[_stable_argsort(key[perm])]
+    return perm
+
+
+def group_edges(d_group: np.ndarray, g_group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (detection, GT) pair whose group ids are equal.
+
+    Args:
+        d_group: (N,) int group id of each detection.
+        g_group: (G,) int group id of each GT.
+
+    Returns:
+        ``(e_det, e_gt)``, both (E,) int64: detection-major in detection order, and within a
+        detection the GTs in ascending index.
+    """
+    if len(d_group) == 0 or len(g_group) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    groups, g_idx = np.unique(g_group, return_inverse=True)
+    g_order = np.argsort(g_idx, kind="stable")
+    g_cnt = np.bincount(g_idx, minlength=len(groups))
+    g_start = np.cumsum(g_cnt) - g_cnt
+    pos = np.minimum(np.searchsorted(groups, d_group), len(groups) - 1)
+    has = groups[pos] == d_group
+    n_e = np.where(has, g_cnt[pos], 0)
+    e_det = np.repeat(np.arange(len(d_group), dtype=np.int64), n_e)
+    first = np.cumsum(n_e) - n_e
+    within = np.arange(len(e_det), dtype=np.int64) - np.repeat(first, n_e)
+    e_gt = g_order[np.repeat(g_start[pos], n_e) + within]
+    return e_det, e_gt
+
+
+def filter_edges(
+    e_det: np.ndarray, e_gt: np.ndarray, iou_fn: Callable[[np.ndarray, np.ndarray], torch.Tensor], min_iou: float,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """The edges whose IoU (``iou_fn(e_det, e_gt)``) is ≥ ``min_iou``, in their order.
+
+    Computed in chunks of 64k edges on CPU, so that the temporaries stay in cache (about 7x
+    faster than one pass over a few million edges on a busy machine).
+
+    Returns:
+        ``(e_det, e_gt, iou)``, iou a tensor on ``device``.
+    """
+    chunk = 1 << 16 if device.type == "cpu" else 1 << 24
+    parts_d, parts_g, parts_i = [], [], []
+    for s in range(0, len(e_det), chunk):
+        ed, eg = e_det[s:s + chunk], e_gt[s:s + chunk]
+        iou = iou_fn(ed, eg)
+        keep = iou >= min_iou
+        keep_np = keep.cpu().numpy()
+        parts_d.append(ed[keep_np])
+        parts_g.append(eg[keep_np])
+        parts_i.append(iou[keep])
+    if not parts_d:
+        return e_det[:0], e_gt[:0], torch.zeros(0, dtype=torch.float64, device=device)
+    return np.concatenate(parts_d), np.concatenate(parts_g), torch.cat(parts_i)
+
+
+def greedy_assign(
+    step: np.ndarray,
+    det: np.ndarray,
+    gt: np.ndarray,
+    thr_ok: torch.Tensor,
+    n_gt: int,
+    *,
+    preferred: torch.Tensor | None = None,
+    sticky: torch.Tensor | None = None,
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Sequential greedy matching, vectorised over groups, thresholds and columns.
+
+    Each detection, in step order, takes among its eligible edges (``thr_ok``, GT not yet
+    taken at that threshold and column, or ``sticky``) the one ranked highest: first any
+    ``preferred`` edge, then the last in edge order. Detections of one step belong to
+    different groups (GTs are never shared between groups), so a step is one operation.
+
+    Args:
+        step: (E,) int, non-decreasing: the step of each edge's detection.
+        det: (E,) int detection id, contiguous within a step; edges of a detection are in
+            ascending priority.
+        gt: (E,) int GT index in ``[0, n_gt)``.
+        thr_ok: (E, T) bool, the edge's IoU passes threshold t (on the compute device).
+        n_gt: number of GTs.
+        preferred: (E, A) bool or None (A = 1): per column, edges that outrank all others
+            (pycocotools: a regular GT beats an ignored one).
+        sticky: (E,) bool or None: the GT is never used up (pycocotools' crowd boxes).
+
+    Returns:
+        ``(dets, choice)``: (D,) the distinct detection ids in edge order, and (D, T, A)
+        int64 chosen edge index, −1 where none.
+    """
+    device = thr_ok.device
+    n_e, n_t = thr_ok.shape
+    n_a = 1 if preferred is None else preferred.shape[1]
+    if n_e == 0:
+        return np.zeros(0, np.int64), torch.zeros((0, n_t, n_a), dtype=torch.int64, device=device)
+    new_det = np.r_[True, (np.diff(det) != 0) | (np.diff(step) != 0)]
+    seq = np.cumsum(new_det) - 1  # detection sequence number over all steps
+    dets = det[new_det]
+    bounds = np.searchsorted(step, np.arange(int(step[-1]) + 2))
+    local = torch.as_tensor(seq - seq[np.minimum(bounds[step], n_e - 1)], device=device)
+    gt_t = torch.as_tensor(gt, device=device)
+    pos = torch.arange(n_e, device=device)
+    big = n_e
+    bonus = (preferred.to(torch.int64) * big) if preferred is not None else torch.zeros((n_e, 1), dtype=torch.int64,
+                                                                                      device=device)
+    used = torch.zeros((n_gt, n_t, n_a), dtype=torch.bool, device=device)
+    choice = torch.full((len(dets), n_t, n_a), -1, dtype=torch.int64, device=device)
+    none = torch.tensor(-1, dtype=torch.int64, device=device)
+    for s in range(len(bounds) - 1):
+        s0, s1 = int(bounds[s]), int(bounds[s + 1])
+        if s0 == s1:
+            continue
+        eg = gt_t[s0:s1]
+        free = ~used[eg]
+        if sticky is not None:
+            free |= sticky[s0:s1, None, None]
+        elig = thr_ok[s0:s1, :, None] & free
+        key = torch.where(elig, bonus[s0:s1, None, :] + pos[s0:s1, None, None], none)
+        d0, d1 = int(seq[s0]), int(seq[s1 - 1]) + 1
+        best = torch.full((d1 - d0, n_t, n_a), -1, dtype=torch.int64, device=device)
+        best.scatter_reduce_(0, local[s0:s1, None, None].expand_as(key), key, "amax")
+        found = best >= 0
+        edge = torch.where(found, best % big, none)
+        choice[d0:d1] = edge
+        i_det, i_t, i_a = torch.nonzero(found, as_tuple=True)
+        used[gt_t[edge[i_det, i_t, i_a]], i_t, i_a] = True
+    return dets, choice
+
+
+def _steps(group_of_det_sorted: np.ndarray) -> np.ndarray:
+    """Rank of each detection within its run of equal group ids (input sorted by group)."""
+    n = len(group_of_det_sorted)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    start = np.r_[True, group_of_det_sorted[1:] != group_of_det_sorted[:-1]]
+    first = np.maximum.accumulate(np.where(start, np.arange(n), 0))
+    return np.arange(n) - first
+
+
+def _box_iou32(d_xyxy: torch.Tensor, g_xyxy: torch.Tensor) -> torch.Tensor:
+    """Ultralytics' ``box_iou`` edge by edge, operation for operation (float32, eps 1e-7).
+
+    Shape:
+        d_xyxy, g_xyxy: (4, E) rows x1, y1, x2, y2 -> (E,).
+    """
+    gx1, gy1, gx2, gy2 = g_xyxy.float()
+    dx1, dy1, dx2, dy2 = d_xyxy.float()
+    w = (torch.minimum(gx2, dx2) - torch.maximum(gx1, dx1)).clamp_(0)
+    h = (torch.minimum(gy2, dy2) - torch.maximum(gy1, dy1)).clamp_(0)
+    inter = w * h
+    return inter / ((gx2 - gx1) * (gy2 - gy1) + (dx2 - dx1) * (dy2 - dy1) - inter + 1e-7)
+
+
+def ultralytics_match(
+    g_img: np.ndarray, g_cls: np.ndarray, g_xyxy: np.ndarray,
+    d_img: np.ndarray, d_cls: np.ndarray, d_xyxy: np.ndarray, d_score: np.ndarray,
+    *, device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Ultralytics' ``match_predictions`` for every image at once.
+
+    Args:
+        g_img, g_cls: (G,) int image and class of each GT (crowd boxes already dropped).
+        g_xyxy: (G, 4) GT boxes [x1, y1, x2, y2].
+        d_img, d_cls, d_score: (N,) image, class and score of each detection.
+        d_xyxy: (N, 4) detection boxes [x1, y1, x2, y2].
+        device: where the matching runs.
+
+    Returns:
+        (N, 10) bool ``tp``: detection i is correct at IoU threshold 0.50 + 0.05 j.
+    """
+    device = torch.device(device)
+    n = len(d_img)
+    tp = np.zeros((n, len(ULTRA_IOU_THRS)), bool)
+    if n == 0 or len(g_img) == 0:
+        return tp
+    # per image, by descending score, stable; a group is an (image, class) pair since the
+    # IoU of a cross-class pair is zeroed (never >= 0.5)
+    n_cls = int(max(g_cls.max(), d_cls.max())) + 1
+    order = stable_lexsort([-d_score, d_img])
+    d_pair = (d_img.astype(np.int64) * n_cls + d_cls)[order]
+    g_pair = g_img.astype(np.int64) * n_cls + g_cls
+    e_det, e_gt = group_edges(d_pair, g_pair)  # e_det indexes `order`
+    if len(e_det) == 0:
+        return tp
+    d_t, g_t = np.ascontiguousarray(d_xyxy[order].T), np.ascontiguousarray(g_xyxy.T)
+    thr = torch.as_tensor(ULTRA_IOU_THRS, device=device)
+    e_det, e_gt, iou = filter_edges(
+        e_det, e_gt, lambda ed, eg: _box_iou32(torch.as_tensor(np.take(d_t, ed, axis=1), device=device),
+                                               torch.as_tensor(np.take(g_t, eg, axis=1), device=device)),
+        float(ULTRA_IOU_THRS[0]), device)
+    if len(e_det) == 0:
+        return tp
+    # a detection's step = its rank among the candidate detections of its image (the images'
+    # detection order is the class pairs' order, and pairs never share GTs)
+    img_of = d_img[order][e_det]
+    new = np.r_[True, e_det[1:] != e_det[:-1]]
+    det_step = _steps(img_of[new])
+    step = np.repeat(det_step, np.diff(np.r_[np.nonzero(new)[0], len(e_det)]))
+    # argmax over GTs takes the highest IoU, the first GT on ties: ascending (IoU, -GT) order
+    iou_np = iou.cpu().numpy()
+    srt = stable_lexsort([len(g_img) - e_gt, iou_np, e_det, step])
+    step, e_det, e_gt = step[srt], e_det[srt], e_gt[srt]
+    thr_ok = iou[torch.as_tensor(srt, device=device)][:, None] >= thr[None, :]
+    dets, choice = greedy_assign(step, e_det, e_gt, thr_ok, len(g_img))
+    tp[order[dets]] = (choice[:, :, 0] >= 0).cpu().numpy()
+    return tp
+
+
+@dataclass(frozen=True)
+class UltralyticsResult:
+    """Ultralytics-style AP.
+
+    Attributes:
+        classes: (C,) class indices with at least one GT, ascending (``ap_per_class``'s
+            ``unique_classes``).
+        ap: (C, 10) AP per class at IoU 0.50:0.05:0.95.
+        tp: (N, 10) bool correctness of each detection (input order).
+    """
+
+    classes: np.ndarray
+    ap: np.ndarray
+    tp: np.ndarray
+
+    @property
+    def map(self) -> float:
+        """mAP@0.5:0.95 over classes with GT (0.0 when there are none, as Ultralytics)."""
+        return float(self.ap.mean()) if self.ap.size else 0.0
+
+    @property
+    def map50(self) -> float:
+        """mAP@0.5 over classes with GT."""
+        return float(self.ap[:, 0].mean()) if self.ap.size else 0.0
+
+
+def _compute_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """Ultralytics' ``compute_ap`` (8.4): envelope, 101-point ``np.interp``, trapezoid."""
+    mrec = np.concatenate(([0.0], recall, [recall[-1] if len(recall) else 1.0], [1.0]))
+    mpre = np.concatenate(([1.0], precision, [0.0], [0.0]))
+    mpre = np.flip(np.maximum.accumulate(np.flip(mpre)))
+    return float(np.trapezoid(np.interp(_AP_X, mrec, mpre), _AP_X))
+
+
+def ap_from_tp(tp: np.ndarray, score: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ultralytics' ``ap_per_class`` AP part: per class with GT, AP at each IoU threshold.
+
+    Args:
+        tp: (N, T) bool; score, pred_cls: (N,); target_cls: (G,) class of every GT.
+
+    Returns:
+        ``(classes, ap)``: (C,) classes with GT ascending, (C, T) AP.
+    """
+    classes, n_gt = np.unique(target_cls, return_counts=True)
+    ap = np.zeros((len(classes), tp.shape[1]))
+    by_cls = np.argsort(-score, kind="stable")
+    by_cls = by_cls[_stable_argsort(pred_cls[by_cls])]
+    bounds = np.searchsorted(pred_cls[by_cls], np.r_[classes, classes + 1] if len(classes) else [])
+    for ci in range(len(classes)):
+        rows = by_cls[bounds[ci]:bounds[len(classes) + ci]]
+        if len(rows) == 0:
+            continue
+        t = tp[rows]
+        tpc = t.cumsum(0)
+        fpc = (1 - t).cumsum(0)
+        recall = tpc / (n_gt[ci] + 1e-16)
+        precision = tpc / (tpc + fpc)
+        for j in range(t.shape[1]):
+            ap[ci, j] = _compute_ap(recall[:, j], precision[:, j])
+    return classes, ap
+
+
+def ultralytics_map(
+    g_img: np.ndarray, g_cls: np.ndarray, g_xywh: np.ndarray, g_crowd: np.ndarray,
+    d_img: np.ndarray, d_cls: np.ndarray, d_xywh: np.ndarray, d_score: np.ndarray,
+    *, device: torch.device | str = "cpu",
+) -> UltralyticsResult:
+    """The figures Ultralytics' ``DetectionValidator`` reports for the same boxes.
+
+    Args:
+        g_img, g_cls: (G,) int image and class index of each GT; g_crowd (G,) bool (dropped).
+        g_xywh: (G, 4) GT boxes [x, y, w, h] (COCO).
+        d_img, d_cls, d_score: (N,) image, class index and score of each detection.
+        d_xywh: (N, 4) detection boxes [x, y, w, h].
+        device: where the matching runs.
+
+    Returns:
+        :class:`UltralyticsResult` (``map``, ``map50``, per-class ``ap``).
+
+    Example:
+        >>> r = ultralytics_map(np.array([0]), np.array([0]), np.array([[0., 0, 10, 10]]), np.array([False]),
+        ...                     np.array([0]), np.array([0]), np.array([[0., 0, 10, 10]]), np.array([0.9]))
+        >>> round(r.map, 6)
+        1.0
+    """
+    keep = ~np.asarray(g_crowd, bool)
+    g_img, g_cls, g_xywh = g_img[keep], g_cls[keep], np.asarray(g_xywh, np.float64)[keep]
+    d_xywh = np.asarray(d_xywh, np.float64)
+    to_xyxy = lambda b: np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], 1)  # noqa: E731
+    tp = ultralytics_match(g_img, g_cls, to_xyxy(g_xywh), d_img, d_cls, to_xyxy(d_xywh), d_score, device=device)
+    classes, ap = ap_from_tp(tp, d_score, d_cls, g_cls)
+    return UltralyticsResult(classes=classes, ap=ap, tp=tp)
