@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 import pytest
@@ -477,20 +477,39 @@ def test_functions_and_non_module_classes_of_admitted_packages_are_refused(tmp_p
     assert info.value.refused == ("welde_det.integrations.yolo.WELDEDetectionTrainer",)
 
 
+def _rename_globals(src: Path, dst: Path, renames: dict[bytes, bytes]) -> None:
+    """Copy a torch.save zip archive, renaming pickled globals (protocol 2: ``c module\\n name\\n``)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename.endswith("/data.pkl"):
+                for old, new in renames.items():
+                    assert old in data, old
+                    data = data.replace(old, new)
+            zout.writestr(item.filename, data)
+
+
 def test_ultralytics_8_0_module_names_are_admitted(ultralytics_files, tmp_path):
     """Ultralytics 8.0 kept its layers in one module: old files name ultralytics.nn.modules.Conv."""
     ref = torch.load(ultralytics_files["yolov8n"], map_location="cpu", weights_only=False)
-    new = tmp_path / "new_layout.pt"
-    torch.save(ref, new)
     path = tmp_path / "old_layout.pt"
-    with zipfile.ZipFile(new) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
-        for item in src.infolist():
-            data = src.read(item)
-            if item.filename.endswith("/data.pkl"):  # protocol 2 GLOBAL: "c" module "\n" name "\n"
-                old = data.replace(b"cultralytics.nn.modules.conv\nConv\n", b"cultralytics.nn.modules\nConv\n")
-                assert old != data
-                data = old
-            dst.writestr(item.filename, data)
+    _rename_globals(ultralytics_files["yolov8n"], path,
+                    {b"cultralytics.nn.modules.conv\nConv\n": b"cultralytics.nn.modules\nConv\n"})
     assert "ultralytics.nn.modules.Conv" in torch.serialization.get_unsafe_globals_in_checkpoint(path)
     got = safe_load(path, allow_modules=True)
     _same_model(got["model"], ref["model"])
+
+
+def test_legacy_aliases_and_plain_helper_types(tmp_path):
+    new = tmp_path / "identity.pt"
+    torch.save({"m": nn.Sequential(nn.Identity())}, new)
+    path = tmp_path / "silence.pt"  # YOLOv9e pickles ultralytics.nn.modules.block.Silence, now nn.Identity
+    _rename_globals(new, path, {b"ctorch.nn.modules.linear\nIdentity\n": b"cultralytics.nn.modules.block\nSilence\n"})
+    assert type(safe_load(path, allow_modules=True)["m"][0]) is nn.Identity
+    plain = {"save_dir": Path("/runs/a"), "win": PureWindowsPath("C:/runs"), "fitness": np.float64(0.25),
+             "dtype": np.dtype("float32")}
+    path = tmp_path / "plain.pt"
+    torch.save(plain, path)
+    with pytest.raises(UnsafeCheckpointError, match="numpy"):
+        safe_load(path)
+    assert safe_load(path, allow_modules=True) == plain

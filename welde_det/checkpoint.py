@@ -23,8 +23,8 @@ bypass flag.
   are pickled ``DetectionModel`` objects): the ``nn.Module`` classes defined in
   ``torch.nn.modules``, ``ultralytics.nn.modules``, ``ultralytics.nn.tasks`` and welde_det's
   ``losses``/``welde``/``integrations`` packages (found by walking those packages), plus the
-  few plain types such files hold (``IterableSimpleNamespace``, ``datetime``, ``pathlib``
-  paths, NumPy scalars and dtypes) and a ``getattr`` restricted to ``Module.forward``. Module
+  few plain types such files hold (``IterableSimpleNamespace``, ``pathlib`` paths, NumPy
+  scalars and dtypes) and a ``getattr`` restricted to ``forward`` of an admitted class. Module
   classes are admitted *to be rebuilt only* (the pickle ``NEWOBJ`` path, ``cls.__new__`` then
   ``__setstate__``): a pickle that would *call* one (run its constructor) is refused.
   Only the globals a file names are registered, inside a
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import collections
 import datetime
-import enum
 import functools
 import importlib
 import os
@@ -54,7 +53,6 @@ import pkgutil
 import re
 import sys
 import threading
-import types
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -103,7 +101,7 @@ MODULE_PACKAGES: tuple[str, ...] = (
 )
 # packages that import Ultralytics when walked
 _NEEDS_ULTRALYTICS = ("ultralytics.", "welde_det.integrations")
-# pickled names of older Ultralytics releases, and of the other OS's paths
+# names older Ultralytics releases pickled for classes that now live elsewhere
 _LEGACY_ALIASES = {
     "ultralytics.nn.modules.block.Silence": "torch.nn.modules.linear.Identity",  # YOLOv9e
     "ultralytics.nn.tasks.YOLOv10DetectionModel": "ultralytics.nn.tasks.DetectionModel",
@@ -587,12 +585,6 @@ def _torch_default_names() -> frozenset[str]:
 _PLAIN_TYPES = (
     "ultralytics.utils.IterableSimpleNamespace",
     "ultralytics.yolo.utils.IterableSimpleNamespace",  # before Ultralytics 8.0.44
-    "types.SimpleNamespace",
-    "datetime.datetime",
-    "datetime.date",
-    "datetime.time",
-    "datetime.timedelta",
-    "datetime.timezone",
     "pathlib.PosixPath",
     "pathlib.WindowsPath",
     "pathlib.PurePosixPath",
@@ -619,12 +611,11 @@ def _plain_type(name: str) -> Any:
         return _restricted_getattr
     if name in ("pathlib.PosixPath", "pathlib.WindowsPath", "pathlib._local.PosixPath", "pathlib._local.WindowsPath"):
         return type(pathlib.Path())  # the other OS's concrete path cannot be built here
-    module, _, attr = name.rpartition(".")
-    return getattr({"types": types, "datetime": datetime, "pathlib": pathlib}[module], attr)
+    return getattr(pathlib, name.rpartition(".")[2])
 
 
 def _restricted_getattr(obj: Any, name: str) -> Any:
-    """``getattr`` as Ultralytics pickles use it (``Detect.forward``, enum members), nothing else."""
+    """``getattr`` as Ultralytics pickles use it (``Detect.forward`` of an admitted class), nothing else."""
     import torch
 
     if isinstance(obj, _RebuildOnly):  # a class the pickle named is pushed as its stand-in
@@ -635,8 +626,6 @@ def _restricted_getattr(obj: Any, name: str) -> Any:
             return getattr(obj, name)
         if isinstance(obj, torch.nn.Module) and type(obj) in admitted:
             return getattr(type(obj), name).__get__(obj)
-    if isinstance(obj, type) and issubclass(obj, enum.Enum) and obj in admitted and name in obj.__members__:
-        return obj[name]
     raise pickle.UnpicklingError(f"getattr({type(obj).__name__}, {name!r}) is not admitted")
 
 
@@ -677,7 +666,6 @@ def _entries_for(name: str, obj: Any) -> list[Any]:
         import numpy as np
 
         # np.dtype objects are rebuilt then given their state: torch checks their concrete class
-
         dtype_classes = {type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDGSUVOMm"}
         return [(obj, name)] + [(c, f"welde_det dtype\n{c.__qualname__}") for c in dtype_classes]
     return [(obj, name)]
@@ -688,22 +676,22 @@ def _admit_module_global(name: str, *, probe: bool = False) -> list[Any] | None:
 
     With ``probe=True`` only the name is judged (no import): used to word error messages.
     """
-    name = _LEGACY_ALIASES.get(name, name)
     if name in _PLAIN_TYPES:
         return [] if probe else _entries_for(name, _plain_type(name))
-    module = name.rpartition(".")[0]
+    current = _LEGACY_ALIASES.get(name, name)
+    module = current.rpartition(".")[0]
     package = next((p for p in MODULE_PACKAGES if module == p or module.startswith(p + ".")), None)
-    if package is None and module == "ultralytics.nn.modules":
-        package = "ultralytics.nn.modules"  # Ultralytics 8.0's single-file modules: ultralytics.nn.modules.Conv
     if package is None:
         return None
     if probe:
         return []
     classes = _module_classes(package)
-    obj = classes.get(name)
+    obj = classes.get(current)
     if obj is None and module == "ultralytics.nn.modules":
-        short = name.rpartition(".")[2]
-        obj = next((c for n, c in classes.items() if n.rpartition(".")[2] == short), None)
+        # Ultralytics 8.0 kept its layers in one module (ultralytics.nn.modules.Conv); the
+        # package still exports each under that name
+        obj = getattr(importlib.import_module(module), current.rpartition(".")[2], None)
+        obj = obj if obj in classes.values() else None
     return None if obj is None else _entries_for(name, obj)
 
 
