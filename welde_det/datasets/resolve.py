@@ -54,6 +54,7 @@ from welde_det.datasets.coco import (
     yolo_to_coco,
 )
 from welde_det.datasets.splits import assign_groups, subset_coco
+from welde_det.utils.fileio import load_json
 
 __all__ = [
     "LUMBAR6_PATIENT_PATTERN",
@@ -373,6 +374,12 @@ def _convert_output(base: Path, names: Sequence[str] | None) -> ResolvedData:
         )
     roots = {s: base / "images" for s in splits}
     found = _load_split_files(splits, str(base), names, roots)
+    report = base / "report.json"
+    if report.is_file():
+        grouping = str(load_json(report).get("patient_grouping", ""))
+        if grouping.startswith("one patient per image"):
+            logger.warning("%s was converted with one patient per image (no --patient-pattern): its patient_id "
+                           "fields do not group a patient's slices, so splits carved from it are image-level", base)
     yaml_path = base / "yolo" / "data.yaml"
     return ResolvedData("convert", splits, roots, found, yaml_path if yaml_path.is_file() else None)
 
