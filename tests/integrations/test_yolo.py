@@ -1,5 +1,6 @@
-"""Ultralytics YOLO integration: criterion equals Ultralytics' own for K=1 ce, stage-2 trainable
-set, fused scores through Ultralytics' NMS, checkpoint round trip, short runs of every config."""
+"""Ultralytics YOLO integration: criterion equals Ultralytics' own for K=1 ce (with and without its
+cls_pw class weights), stage-2 trainable set, fused scores through Ultralytics' NMS, the WELDE spec's
+kwargs, the trainer's repeat-factor loader, and a DDP worker rebuilt by import."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils.nms import non_max_suppression
 
 from welde_det.integrations.yolo import WELDEDetectionModel, stage2_freeze_names
-from welde_det.welde import fuse
+from welde_det.welde import WELDESpec, build_spec, fuse
 
 ROOT = Path(__file__).resolve().parents[2]
 COUNTS = [10, 20, 30, 5, 3, 1]
@@ -83,117 +84,48 @@ def test_fused_scores_go_through_ultralytics_nms_unchanged():
     assert out.shape[1] == 6 and (out[:, 4] <= 1).all()
 
 
-def test_short_runs_every_config_and_checkpoint_reload(tmp_path):
-    """tools/train.py on a tiny phantom for each yolo_* config; the checkpoint reloads (ours and
-    Ultralytics' YOLO) and gives the same detections as the saved detections.json."""
-    from welde_det.engine.train import run_training
-    from welde_det.engine.train_yolo import load_yolo_detector
-
-    common = ["epochs=1", "imgsz=64", "n_images=6", "batch=4", "workers=0", "warmup_steps=1",
-              f"output={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'gen'}", "conf=0.0"]
-    for name in ("ce", "focal", "cb", "ldam", "lmf", "ce_ensemble", "welde"):
-        extra = ["stage1_epochs=1"] if name in ("ce_ensemble", "welde") else []
-        run = run_training(ROOT / "configs" / f"yolo_{name}.yaml", [*common, *extra])
-        rep = json.loads((run / "report.json").read_text())
-        assert len(rep["stats"]) == 12 and rep["num_detections"] > 0
-        assert rep["tail_classes"] == ["DDD", "TDB", "Spondylolisthesis"]
-        assert (run / "weights" / "best.pt").is_file() and (run / "report.md").is_file()
-    det = load_yolo_detector(run / "weights" / "best.pt")
-    assert det.names == ["DDD", "LDB", "Normal_IVD", "SS", "TDB", "Spondylolisthesis"]
-    assert len(det.model.head.components) == 4
-    from welde_det.integrations.yolo import predict_coco_yolo
-
-    split = json.loads((run / "eval_split.json").read_text())
-    again = predict_coco_yolo(det.model, split["coco"], split["images"], det.class_stats, imgsz=det.imgsz,
-                              channels=det.channels, conf=0.0)
-    saved = json.loads((run / "detections.json").read_text())
-    assert len(again) == len(saved) > 0
-    for a, b in zip(again, saved):
-        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
-        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3) and a["score"] == pytest.approx(b["score"], abs=1e-5)
-    terms = (run / "stage2" / "terms.csv").read_text().splitlines()[0].split(",")
-    assert {"weight_ce", "weight_ldam", "diversity"} <= set(terms)
-    from ultralytics import YOLO
-
-    y = YOLO(str(run / "weights" / "best.pt"))
-    assert type(y.model).__name__ == "WELDEDetectionModel"
-
-
-def test_bad_input(tmp_path):
-    from welde_det.engine.config import ConfigError
-    from welde_det.engine.train import run_training
-
-    common = [f"output={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'gen'}", "n_images=6", "imgsz=64"]
-    with pytest.raises(ConfigError, match="not dense"):
-        run_training(ROOT / "configs" / "yolo_ce.yaml", [*common, "loss.name=nope_loss"])
-    with pytest.raises(ConfigError, match="download"):
-        run_training(ROOT / "configs" / "yolo_ce.yaml", [*common, "model.arch=yolov8n.pt"])
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(ConfigError, match="no labels"):
-        run_training(ROOT / "configs" / "yolo_ce.yaml", [*common, f"data.source={empty}"])
-    # a welde_det checkpoint trained on other classes cannot initialise this dataset's model
-    other = tmp_path / "other.pt"
-    torch.save({"welde_det": {"framework": "yolo", "class_stats": {"names": ["disc", "vertebra"]}}}, other)
-    with pytest.raises(ConfigError, match=r"another class list.*\['disc', 'vertebra'\].*Normal_IVD"):
-        run_training(ROOT / "configs" / "yolo_ce.yaml", [*common, f"model.weights={other}"])
-    runs = tmp_path / "runs"
-    assert not runs.exists() or not any(runs.iterdir())  # nothing half-written: no run folders left behind
-
-
-def test_cli_prints_run_folder_last(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), "--config",
-                          str(ROOT / "configs" / "yolo_ce.yaml"), "epochs=1", "imgsz=64", "n_images=6", "batch=4",
-                          "workers=0", f"output={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'gen'}"],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
-    last = out.stdout.strip().splitlines()[-1]
-    assert Path(last).is_dir() and (Path(last) / "report.json").is_file()
-
-
 def test_ddp_worker_rebuilds_the_trainer_by_import(tmp_path):
     """Ultralytics' DDP launcher pickles the trainer class, args, model and callbacks into a script
     that each worker runs in a fresh process (``generate_ddp_file``). On CPU the script runs as one
     process: it must rebuild a WELDEDetectionTrainer by import, read the spec from the environment it
-    inherits, train, and log each WELDE term once per epoch (callbacks not registered twice)."""
+    inherits, train through the repeat-factor loader, and log each WELDE term once per epoch
+    (callbacks not registered twice)."""
     import csv
     import os
 
     from ultralytics.utils.dist import generate_ddp_file
 
-    from welde_det.engine.config import load_config
-    from welde_det.engine.train_yolo import (
-        _stages,
-        _ultralytics_args,
-        resolve_yolo_data,
-        spec_env,
-        stage_spec,
-    )
-    from welde_det.integrations.yolo import WELDEDetectionTrainer
+    from welde_det.checkpoint import safe_load
+    from welde_det.integrations.yolo import SPEC_ENV, WELDEDetectionTrainer
 
-    cfg = load_config(ROOT / "configs" / "yolo_welde.yaml",
-                      ["stage1_epochs=0", "epochs=2", "imgsz=64", "n_images=6", "batch=4", "workers=0",
-                       "warmup_steps=1", f"cache_dir={tmp_path / 'gen'}"])
-    run = tmp_path / "run"
-    data_yaml, splits, roots, stats = resolve_yolo_data(cfg, run)
-    (stage,) = _stages(cfg)
-    spec = stage_spec(cfg, stage, stats, cfg.model.arch, splits["val"], roots)
-    with spec_env(spec):
-        parent = WELDEDetectionTrainer(overrides=_ultralytics_args(cfg, data_yaml, run, stage, cfg.model.arch, None))
-        script = Path(generate_ddp_file(parent))
-        env = {**os.environ, "WELDE_DET_YOLO_SPEC": os.environ["WELDE_DET_YOLO_SPEC"], "OMP_NUM_THREADS": "1"}
+    data_yaml, _ = _tiny_yolo_folder(tmp_path / "data")
+    spec = build_spec(components=("ce", "focal", "cb", "ldam"), mode="welde", activation="sigmoid",
+                      objective_kw={"warmup_steps": 1})
+    env_spec = json.dumps({"welde": spec.to_dict(), "class_counts": [11.0, 2.0], "sampler": "repeat_factor",
+                           "repeat_threshold": 0.5})
+    args = {"model": "yolov8n.yaml", "data": str(data_yaml), "epochs": 2, "imgsz": 64, "batch": 4, "workers": 0,
+            "device": "cpu", "project": str(tmp_path / "runs"), "name": "stage", "exist_ok": True, "plots": False,
+            "seed": 0, "verbose": False, "warmup_epochs": 0.0, "close_mosaic": 0}
+    os.environ[SPEC_ENV] = env_spec
     try:
-        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+        parent = WELDEDetectionTrainer(overrides=args)
+        script = Path(generate_ddp_file(parent))
+    finally:
+        del os.environ[SPEC_ENV]
+    env = {**os.environ, SPEC_ENV: env_spec, "OMP_NUM_THREADS": "1"}
+    try:
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     finally:
         script.unlink(missing_ok=True)
         script.with_suffix(".pt").unlink(missing_ok=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    ckpt = torch.load(run / "stage2" / "weights" / "last.pt", map_location="cpu", weights_only=False)
-    assert ckpt["welde_det"]["components"] == ["ce", "focal", "cb", "ldam"]
+    run = tmp_path / "runs" / "stage"
+    ckpt = safe_load(run / "weights" / "last.pt", allow_modules=True)
+    assert ckpt["welde_det"]["welde"] == spec.to_dict()
     assert type(ckpt["ema"]).__name__ == "WELDEDetectionModel" and ckpt["ema"].head.num_heads == 4
-    assert ckpt["train_args"]["freeze"] == spec["freeze"]  # the stage-2 freeze list reached the worker
-    rows = list(csv.DictReader((run / "stage2" / "terms.csv").open()))
+    rows = list(csv.DictReader((run / "terms.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert {"weight_ce", "weight_ldam", "diversity"} <= set(rows[0])
 
 
 def test_stage1_head_starts_every_stage2_head():
@@ -223,3 +155,132 @@ def test_stage1_head_starts_every_stage2_head():
         torch.testing.assert_close(z, ref, atol=0.05, rtol=0)
     downs = [a.down.weight for a in k4.head.welde_heads[0].adapters]
     assert all(not torch.equal(downs[0], d) for d in downs[1:])
+
+
+def test_spec_kwargs_build_the_model_and_refuse_heads_that_cannot_work():
+    spec = build_spec(components=("ce", "ldam"), mode="welde", activation="sigmoid",
+                      objective_kw={"warmup_steps": 0})
+    m = WELDEDetectionModel("yolov8n.yaml", ch=1, nc=6, class_counts=COUNTS, **spec.model_kwargs())
+    assert WELDESpec.from_dict({k: v for k, v in m.welde_spec.items() if k != "class_counts"}) == spec
+    assert m.head.objective.losses[1].s == 1.0 and m.head.welde_heads[0].head_types == ("linear", "linear")
+    with pytest.raises(ValueError, match="prior bias"):
+        WELDEDetectionModel("yolov8n.yaml", ch=1, nc=6, class_counts=COUNTS, components=("ldam",), heads=("cosine",))
+    with pytest.raises(ValueError, match="activation='softmax'"):
+        WELDEDetectionModel("yolov8n.yaml", ch=1, nc=6, class_counts=COUNTS, activation="softmax")
+    with pytest.raises(ValueError, match="needs class_counts"):
+        WELDEDetectionModel("yolov8n.yaml", ch=1, nc=6, components=("cb",))
+
+
+def test_cls_pw_class_weights_equal_ultralytics_in_single_ce_mode():
+    """Ultralytics' trainer sets ``model.class_weights`` from cls_pw; v8DetectionLoss multiplies each
+    class column of the BCE by them. K = 1 ``ce`` gives the same loss, and a different one than without."""
+    weights = torch.tensor([0.5, 0.8, 1.0, 1.2, 1.5, 1.0])
+    plain, ours = _pair()
+    batch = _batch()
+    unweighted = ours.loss(batch)[0]
+    plain, ours = _pair()
+    plain.class_weights = ours.class_weights = weights
+    l1, _ = plain.loss(batch)
+    l2, _ = ours.loss(batch)
+    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-5)
+    assert ours.criterion.class_weights is not None
+    assert not torch.allclose(l2[1], unweighted[1])  # the cls term moved; box and dfl did not
+    torch.testing.assert_close(l2[[0, 2]], unweighted[[0, 2]])
+
+
+@pytest.mark.parametrize(("components", "mode"), [(("ce", "focal"), "welde"), (("ce", "ce"), "ce_ensemble"),
+                                                  (("focal",), "single")])
+def test_cls_pw_class_weights_are_refused_where_they_mean_nothing(components, mode):
+    _, ours = _pair(components, mode)
+    ours.class_weights = torch.ones(6)
+    with pytest.raises(ValueError, match=f"no meaning for mode '{mode}'"):
+        ours.loss(_batch())
+
+
+def _tiny_yolo_folder(root: Path) -> tuple[Path, list[list[int]]]:
+    """12 grayscale 64 px images: class 0 in 10 of them, class 1 in 2 (f = 1/6), one without boxes."""
+    import cv2
+    import numpy as np
+
+    classes = [[0]] * 9 + [[0, 1], [1], []]
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, cls in enumerate(classes):
+        cv2.imwrite(str(root / "images" / "train" / f"im {i}.png"), rng.integers(0, 255, (64, 64), dtype=np.uint8))
+        rows = [f"{c} {0.3 + 0.3 * k} 0.5 0.2 0.2" for k, c in enumerate(cls)]
+        (root / "labels" / "train" / f"im {i}.txt").write_text("\n".join(rows) + ("\n" if rows else ""))
+    cv2.imwrite(str(root / "images" / "val" / "v.png"), np.zeros((64, 64), np.uint8))
+    (root / "labels" / "val" / "v.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (root / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\nchannels: 1\n"
+                                    "names:\n  0: common\n  1: rare\n")
+    return root / "data.yaml", classes
+
+
+def _trainer(tmp_path, monkeypatch, *, sampler="repeat_factor", cls_pw=0.0, mode="single", components=("ce",),
+             overrides=None):
+    from welde_det.integrations.yolo import SPEC_ENV, WELDEDetectionTrainer
+
+    data_yaml, classes = _tiny_yolo_folder(tmp_path / "data")
+    spec = build_spec(components=components, mode=mode, activation="sigmoid", cls_pw=cls_pw)
+    monkeypatch.setenv(SPEC_ENV, json.dumps({"welde": spec.to_dict(), "class_counts": [11.0, 2.0],
+                                             "sampler": sampler, "repeat_threshold": 0.5}))
+    args = {"model": "yolov8n.yaml", "data": str(data_yaml), "imgsz": 64, "batch": 4, "workers": 0, "device": "cpu",
+            "project": str(tmp_path / "runs"), "name": "t", "plots": False, "seed": 3, "verbose": False,
+            **(overrides or {})}
+    trainer = WELDEDetectionTrainer(overrides=args)
+    trainer.model = trainer.get_model(cfg="yolov8n.yaml", verbose=False)
+    return trainer, classes
+
+
+def test_yolo_trainer_dataloader_draws_repeat_factors(tmp_path, monkeypatch):
+    """The trainer's training loader samples images with frequency r_i / Σ r (LVIS repeat factors)."""
+    import itertools
+
+    import numpy as np
+
+    from welde_det.losses.samplers import RepeatFactorSampler
+
+    trainer, classes = _trainer(tmp_path, monkeypatch)
+    loader = trainer.get_dataloader(trainer.data["train"], batch_size=4, rank=-1, mode="train")
+    sampler = loader.sampler
+    assert isinstance(sampler, RepeatFactorSampler) and sampler.threshold == 0.5 and sampler.seed == 3
+    files = [Path(f).stem for f in loader.dataset.im_files]
+    per_image = [classes[int(name.split()[-1])] for name in files]  # the dataset's own order
+    r = np.array([max((np.sqrt(0.5 / (2 / 12)) if c == 1 else 1.0 for c in cls), default=1.0) for cls in per_image])
+    np.testing.assert_allclose(sampler.factors, r)
+    # Ultralytics' InfiniteDataLoader re-iterates its sampler pass after pass (each a new draw)
+    passes = 3000
+    drawn = np.concatenate(list(itertools.islice(iter(loader.batch_sampler), passes * 4)))
+    share = np.bincount(drawn, minlength=len(r)) / len(drawn)
+    # tolerance: 5 binomial standard deviations of each image's share over the draws
+    expected = r / r.sum()
+    assert np.all(np.abs(share - expected) <= 5 * np.sqrt(expected * (1 - expected) / len(drawn)))
+    batch = next(iter(loader))
+    assert batch["img"].shape[1] == 1 and batch["img"].shape[0] == 4
+    val = trainer.get_dataloader(trainer.data["val"], batch_size=2, rank=-1, mode="val")
+    assert not isinstance(val.sampler, RepeatFactorSampler)
+
+
+def test_yolo_trainer_sampler_and_cls_pw_settings(tmp_path, monkeypatch):
+    trainer, _ = _trainer(tmp_path, monkeypatch, sampler=None, cls_pw=0.5)
+    assert trainer.args.cls_pw == 0.5
+    loader = trainer.get_dataloader(trainer.data["train"], batch_size=4, rank=-1, mode="train")
+    assert type(loader.sampler).__name__ == "RandomSampler"  # no sampler asked: Ultralytics' own shuffling
+    trainer.train_loader = loader
+    trainer.set_class_weights()  # Ultralytics' own: (1 / n_c)^cls_pw from the training labels, mean 1
+    w = trainer.model.class_weights
+    n = torch.tensor([10.0, 2.0])
+    ref = n.pow(-0.5) / n.pow(-0.5).mean()
+    torch.testing.assert_close(w.float().cpu(), ref)
+    trainer.model.args = trainer.args
+    crit = trainer.model.init_criterion()
+    torch.testing.assert_close(crit.class_weights.reshape(-1).float(), ref)
+
+
+def test_yolo_trainer_refuses_bad_sampler_and_conflicting_cls_pw(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="not a detection sampler"):
+        _trainer(tmp_path / "a", monkeypatch, sampler="class")
+    with pytest.raises(ValueError, match=r"cls_pw=0\.3 in Ultralytics' arguments but 0\.0"):
+        _trainer(tmp_path / "b", monkeypatch, sampler=None, overrides={"cls_pw": 0.3})

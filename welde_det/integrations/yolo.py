@@ -9,7 +9,8 @@ by import) and ``YOLO(path)`` (which unpickles the model) find them.
   on the output of the branch's stem, beside the unchanged box branch. The original last
   1×1 classifier of each level is kept (so plain Ultralytics weights load) and copied into
   every head (all classifiers are linear with Ultralytics' prior bias; LDAM/LMF run on raw
-  logits with ``s = 1`` by default, METHOD.md §2). ``preds["scores"]`` are the logits of the **fused** per-class
+  logits with ``s = 1``, which :func:`~welde_det.welde.build_spec` enforces for sigmoid
+  heads, METHOD.md §2). ``preds["scores"]`` are the logits of the **fused** per-class
   probabilities (Σ_k ŵ_k σ(z_k)), so Ultralytics' own decoding, NMS, predictor and
   validator see the fused scores unchanged; ``preds["scores_heads"]`` holds the K logit
   tensors for the criterion. With K = 1 the scores are the single head's logits.
@@ -48,6 +49,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from ultralytics.data.augment import Compose, Mosaic, RandomHSV
 from ultralytics.data.dataset import YOLODataset
@@ -58,8 +60,9 @@ from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils import RANK, colorstr
 from ultralytics.utils.loss import v8DetectionLoss
 
-from welde_det.losses import build_loss
-from welde_det.welde import WELDEHeads, WELDEObjective, fuse, single_loss_objective
+from welde_det.losses import build_detection_sampler
+from welde_det.losses.samplers import DETECTION_SAMPLERS
+from welde_det.welde import WELDEHeads, WELDEObjective, WELDESpec, build_spec, fuse
 from welde_det.welde.transfer import load_matching, loaded_heads
 
 __all__ = [
@@ -69,41 +72,15 @@ __all__ = [
     "WELDEDetectionLoss",
     "WELDEDetectionModel",
     "WELDEDetectionTrainer",
-    "build_objective",
     "predict_coco_yolo",
     "predict_yolo",
+    "sampled_dataloader",
     "stage2_freeze_names",
     "trainer_spec",
+    "yolo_image_classes",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def build_objective(
-    components: Sequence[str],
-    *,
-    class_counts: Sequence[int | float],
-    mode: str = "welde",
-    loss_params: Mapping[str, Mapping[str, Any]] | None = None,
-    **objective_kw: Any,
-) -> WELDEObjective:
-    """The sigmoid objective of a YOLO head: one dense loss (``mode="single"``) or WELDE.
-
-    Args:
-        components: registry names (``activation="sigmoid"``), one per head.
-        class_counts: training instances per class (``ClassStats.effective_counts``).
-        mode: ``"single"`` (plain loss, K = 1), ``"ce_ensemble"`` or ``"welde"``.
-        loss_params: extra keyword arguments per registry name.
-        **objective_kw: :class:`WELDEObjective` settings.
-    """
-    params = dict(loss_params or {})
-    losses = [(c, build_loss(c, class_counts=class_counts, activation="sigmoid", **params.get(c, {})))
-              for c in components]
-    if mode == "single":
-        if len(losses) != 1:
-            raise ValueError(f"mode 'single' takes one loss, got {list(components)}")
-        return single_loss_objective(*losses[0])
-    return WELDEObjective(losses, activation="sigmoid", **objective_kw)
 
 
 class WELDEDetect(Detect):
@@ -123,9 +100,19 @@ class WELDEDetect(Detect):
         objective: WELDEObjective,
         components: Sequence[str],
         *,
+        heads: Sequence[str] | None = None,
         hidden: int | None = None,
     ) -> WELDEDetect:
-        """Keep ``detect``'s box branch and classification stems; add K heads per level."""
+        """Keep ``detect``'s box branch and classification stems; add K heads per level.
+
+        Raises:
+            ValueError: an end-to-end or non-plain ``Detect`` head, or a head type other than
+                ``"linear"`` (dense heads need Ultralytics' prior bias).
+        """
+        heads = tuple(heads or ("linear",) * len(components))
+        if set(heads) != {"linear"} or len(heads) != len(components):
+            raise ValueError(f"YOLO's dense heads are linear (they need the prior bias); got heads {list(heads)} "
+                             f"for components {list(components)}")
         if getattr(detect, "one2one_cv2", None) is not None:
             raise ValueError("end-to-end (one-to-one) YOLO heads are not supported; use a yolov8/yolo11 model YAML")
         if type(detect) is not Detect and not isinstance(detect, WELDEDetect):
@@ -137,16 +124,16 @@ class WELDEDetect(Detect):
         new._buffers.update(detect._buffers)
         new._parameters.update(detect._parameters)
         c3 = detect.cv3[0][-1].in_channels
-        heads = []
+        levels = []
         for level in detect.cv3:
             # linear 1x1 classifiers for every component: dense heads need the prior bias
             # (99 % of anchors are background), so margin losses run on raw logits (s = 1)
-            h = WELDEHeads(c3, detect.nc, components, hidden=hidden, conv=True, heads=["linear"] * len(components))
+            h = WELDEHeads(c3, detect.nc, components, hidden=hidden, conv=True, heads=heads)
             for clf in h.classifiers:
                 if isinstance(clf, nn.Conv2d):
                     clf.load_state_dict(level[-1].state_dict())
-            heads.append(h)
-        new.welde_heads = nn.ModuleList(heads)
+            levels.append(h)
+        new.welde_heads = nn.ModuleList(levels)
         new.objective = objective
         k = len(components)
         new.register_buffer("fusion_weight", torch.full((k,), 1.0 / k))
@@ -207,17 +194,22 @@ class WELDEDetectionModel(DetectionModel):
         cfg: model YAML (``"yolov8n.yaml"``) or dict.
         ch: input channels (1 for grayscale slices).
         nc: number of classes.
-        components: registry names of the K heads (``("ce",)`` for the plain baseline).
-        class_counts: training instances per class.
-        mode: ``"single"``, ``"ce_ensemble"`` or ``"welde"``.
-        loss_params: extra keyword arguments per registry name.
-        hidden: adapter bottleneck width.
-        objective_kw: :class:`WELDEObjective` settings.
+        class_counts: training instances per class (``ClassStats.effective_counts``; None
+            only when no component weights by counts).
+        components, mode, activation, heads, loss_params, objective_kw, hidden: a
+            :class:`~welde_det.welde.WELDESpec`'s ``model_kwargs()`` (checked by
+            :func:`~welde_det.welde.build_spec`; ``activation`` must be ``"sigmoid"``, every
+            head linear with s = 1).
         verbose: print the model summary.
 
+    Attributes:
+        welde_spec: the spec as a plain dict (``WELDESpec.to_dict()`` plus ``class_counts``):
+            Ultralytics pickles the model, and plain values load with ``weights_only=True``.
+
     Example:
+        >>> spec = build_spec(components=("ce", "focal", "cb", "ldam"), mode="welde", activation="sigmoid")
         >>> m = WELDEDetectionModel("yolov8n.yaml", nc=6, class_counts=[5] * 6,
-        ...                         components=("ce", "focal", "cb", "ldam"))  # doctest: +SKIP
+        ...                         **spec.model_kwargs())  # doctest: +SKIP
     """
 
     def __init__(
@@ -226,27 +218,31 @@ class WELDEDetectionModel(DetectionModel):
         ch: int = 3,
         nc: int | None = None,
         *,
-        components: Sequence[str] = ("ce",),
         class_counts: Sequence[int | float] | None = None,
+        components: Sequence[str] = ("ce",),
         mode: str = "single",
+        activation: str = "sigmoid",
+        heads: Sequence[str] | None = None,
         loss_params: Mapping[str, Mapping[str, Any]] | None = None,
-        hidden: int | None = None,
         objective_kw: Mapping[str, Any] | None = None,
+        hidden: int | None = None,
         verbose: bool = False,
     ) -> None:
+        spec = build_spec(components=components, mode=mode, activation=activation, head=heads or "auto",
+                          loss_params=loss_params, objective_kw=objective_kw, hidden=hidden)
+        if spec.activation != "sigmoid":
+            raise ValueError(f"YOLO's classification branch is dense sigmoid (one-vs-all per anchor); the WELDE spec "
+                             f"says activation={spec.activation!r}; build the spec with activation='sigmoid'")
         super().__init__(cfg, ch=ch, nc=nc, verbose=verbose)
         detect = self.model[-1]
-        counts = list(class_counts) if class_counts is not None else [1] * detect.nc
-        if len(counts) != detect.nc:
+        counts = [float(c) for c in class_counts] if class_counts is not None else None
+        if counts is not None and len(counts) != detect.nc:
             raise ValueError(f"{len(counts)} class counts for a model with nc={detect.nc}")
-        objective = build_objective(components, class_counts=counts, mode=mode, loss_params=loss_params,
-                                    **dict(objective_kw or {}))
-        head = WELDEDetect.from_detect(detect, objective, components, hidden=hidden)
+        head = WELDEDetect.from_detect(detect, spec.build_objective(counts), spec.components, heads=spec.heads,
+                                       hidden=spec.hidden)
         head.bias_init()
         self.model[-1] = head
-        self.welde_spec = {"components": list(components), "class_counts": counts, "mode": mode,
-                           "loss_params": {k: dict(v) for k, v in (loss_params or {}).items()},
-                           "hidden": hidden, "objective_kw": dict(objective_kw or {})}
+        self.welde_spec = {**spec.to_dict(), "class_counts": counts}
 
     @property
     def head(self) -> WELDEDetect:
@@ -304,6 +300,14 @@ class WELDEDetectionLoss(v8DetectionLoss):
     Ultralytics' own; the classification term is ``objective(K logits, target_scores,
     normalizer=Σ target_scores)["loss"] · cls``. The detached WELDE terms of the last step
     are in :attr:`last_terms`.
+
+    Ultralytics' ``cls_pw`` class weights (``model.class_weights``, set by its trainer from
+    the training labels: (1/n_c)^cls_pw, mean 1) multiply each class column of the BCE, as in
+    ``v8DetectionLoss``, for one plain ``ce`` head (mode ``single``) — the only case where
+    they have a meaning.
+
+    Raises:
+        ValueError: class weights on a model whose objective is not one plain ``ce`` loss.
     """
 
     def __init__(self, model: WELDEDetectionModel, tal_topk: int = 10, tal_topk2: int | None = None) -> None:
@@ -311,6 +315,12 @@ class WELDEDetectionLoss(v8DetectionLoss):
         self.head = model.model[-1]
         self.assigner = _RecordingAssigner(self.assigner)
         self.last_terms: dict[str, torch.Tensor] = {}
+        spec = model.welde_spec
+        if self.class_weights is not None and (spec["mode"], list(spec["components"])) != ("single", ["ce"]):
+            raise ValueError(
+                f"cls_pw={getattr(self.hyp, 'cls_pw', '?')}: Ultralytics' class weights weight the plain BCE of one "
+                f"'ce' head; they have no meaning for mode {spec['mode']!r} with components {list(spec['components'])}"
+                ". Set cls_pw=0, or use a class-weighted loss component ('wce', 'cb') instead")
 
     def get_assigned_targets_and_loss(self, preds, batch, **assign_kwargs):
         assigned, loss, _ = super().get_assigned_targets_and_loss(preds, batch, **assign_kwargs)
@@ -319,7 +329,9 @@ class WELDEDetectionLoss(v8DetectionLoss):
         nc = self.nc
         logits = [z.permute(0, 2, 1).reshape(-1, nc) for z in preds["scores_heads"]]
         objective = self.head.objective
-        out = objective(logits, target_scores.reshape(-1, nc).to(logits[0].dtype), normalizer=target_scores_sum)
+        weights = {"class_weight": self.class_weights.reshape(-1)} if self.class_weights is not None else {}
+        out = objective(logits, target_scores.reshape(-1, nc).to(logits[0].dtype), normalizer=target_scores_sum,
+                        **weights)
         if objective.training:
             with torch.no_grad():
                 self.head.fusion_weight.copy_(objective.fusion_weights())
@@ -442,6 +454,11 @@ def trainer_spec() -> dict[str, Any]:
     Ultralytics checks its ``overrides`` against its own argument list and its DDP launcher
     rebuilds the trainer in new processes from those arguments alone, so the model/loss
     settings travel in the environment, which the DDP workers inherit.
+
+    Keys read by :class:`WELDEDetectionTrainer`: ``welde`` (``WELDESpec.to_dict()``, ``cls_pw`` included),
+    ``class_counts``, ``sampler`` (None, ``"none"`` or ``"repeat_factor"``),
+    ``repeat_threshold`` (t, default 0.1), ``stage2``/``freeze``, ``val_coco``/``val_images``,
+    ``class_stats``, ``config``, ``conf``, ``bit_depth``, ``init_weights``.
     """
     raw = os.environ.get(SPEC_ENV)
     if not raw:
@@ -460,6 +477,12 @@ class WELDEDetectionTrainer(DetectionTrainer):
       ``freeze`` is set to :func:`stage2_freeze_names`, so only adapters, heads and θ train
       (Ultralytics also keeps the frozen layers' BatchNorm statistics fixed);
     - θ gets its own optimiser group without weight decay;
+    - Ultralytics' ``cls_pw`` is the spec's (``welde["cls_pw"]``; a different ``cls_pw`` in the
+      overrides is an error), honoured by :class:`WELDEDetectionLoss`;
+    - ``get_dataloader`` draws training images with the spec's ``sampler``
+      (``"repeat_factor"``: :class:`~welde_det.losses.samplers.RepeatFactorSampler` over the
+      dataset's labels, threshold ``repeat_threshold``, seeded by ``seed``; sharded under DDP)
+      in Ultralytics' own ``InfiniteDataLoader``. Mosaic's three extra tiles stay uniform;
     - ``validate`` evaluates the EMA model with welde_det's pycocotools-exact evaluator on
       the COCO validation split (fitness = mAP@[.5:.95]) instead of Ultralytics' validator,
       and ``final_eval`` leaves the final report to the runner;
@@ -474,7 +497,20 @@ class WELDEDetectionTrainer(DetectionTrainer):
         from ultralytics.cfg import DEFAULT_CFG
 
         self.welde_spec = trainer_spec()
+        if "welde" not in self.welde_spec:
+            raise ValueError(f"${SPEC_ENV} has no 'welde' entry (a WELDESpec.to_dict()); keys found: "
+                             f"{sorted(self.welde_spec)}")
+        self.welde = WELDESpec.from_dict(self.welde_spec["welde"])
+        self.sampler_name = self.welde_spec.get("sampler")
+        self.repeat_threshold = float(self.welde_spec.get("repeat_threshold", 0.1))
+        if self.sampler_name not in (None, *DETECTION_SAMPLERS):
+            raise ValueError(f"sampler {self.sampler_name!r} in ${SPEC_ENV} is not a detection sampler; choose one "
+                             f"of {list(DETECTION_SAMPLERS)} (or None)")
         overrides = dict(overrides or {})
+        if float(overrides.get("cls_pw", self.welde.cls_pw)) != self.welde.cls_pw:
+            raise ValueError(f"cls_pw={overrides['cls_pw']} in Ultralytics' arguments but {self.welde.cls_pw} in the "
+                             "WELDE spec: set it once, in the spec (loss.cls_pw)")
+        overrides["cls_pw"] = self.welde.cls_pw
         if self.welde_spec.get("stage2") and not overrides.get("resume"):
             overrides["freeze"] = self.welde_spec["freeze"]
         super().__init__(cfg or DEFAULT_CFG, overrides, _callbacks)
@@ -490,10 +526,7 @@ class WELDEDetectionTrainer(DetectionTrainer):
     def get_model(self, cfg=None, weights=None, verbose: bool = True):
         spec = self.welde_spec
         model = WELDEDetectionModel(cfg, ch=self.data["channels"], nc=self.data["nc"],
-                                    components=spec["components"], class_counts=spec["class_counts"],
-                                    mode=spec["mode"], loss_params=spec.get("loss_params"),
-                                    hidden=spec.get("hidden"), objective_kw=spec.get("objective_kw"),
-                                    verbose=False)
+                                    class_counts=spec["class_counts"], verbose=False, **self.welde.model_kwargs())
         model = self.set_model_names_for_load(model)
         if weights is None and spec.get("init_weights") and not self.args.resume:
             # the previous stage / model.weights, read with weights_only=True (never Ultralytics' loader)
@@ -515,6 +548,28 @@ class WELDEDetectionTrainer(DetectionTrainer):
             classes=self.args.classes, data=self.data,
             fraction=get_split_fraction(self.args.fraction, "train" if mode == "train" else self.args.split),
             bit_depth=bit_depth)
+
+    def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train"):
+        """Ultralytics' loader, or for training with ``sampler="repeat_factor"`` one drawing repeat factors.
+
+        Raises:
+            ValueError: ``rect`` training (batches ordered by aspect ratio) with a sampler.
+        """
+        if mode != "train" or self.sampler_name in (None, "none"):
+            return super().get_dataloader(dataset_path, batch_size, rank, mode)
+        from ultralytics.utils.torch_utils import torch_distributed_zero_first
+
+        with torch_distributed_zero_first(rank):  # the label cache is written once under DDP
+            dataset = self.build_dataset(dataset_path, mode, batch_size)
+        if getattr(dataset, "rect", False):
+            raise ValueError(f"rect=True orders training batches by aspect ratio; it cannot be combined with "
+                             f"sampler={self.sampler_name!r}")
+        world, global_rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        sampler = build_detection_sampler(self.sampler_name, yolo_image_classes(dataset),
+                                          threshold=self.repeat_threshold, seed=int(self.args.seed),
+                                          num_replicas=world, rank=global_rank)
+        return sampled_dataloader(dataset, sampler, batch=batch_size, workers=self.args.workers, device=self.device,
+                                  seed=int(self.args.seed), drop_last=bool(self.args.compile))
 
     def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
         """Ultralytics' optimiser, with θ in a group of its own without weight decay."""
@@ -577,7 +632,8 @@ class WELDEDetectionTrainer(DetectionTrainer):
             self.last, self.best = last, best
         from welde_det.checkpoint import safe_load
 
-        meta = {k: self.welde_spec[k] for k in ("class_stats", "config", "components", "mode") if k in self.welde_spec}
+        meta = {k: self.welde_spec[k] for k in ("class_stats", "config") if k in self.welde_spec}
+        meta.update(components=list(self.welde.components), mode=self.welde.mode, welde=self.welde.to_dict())
         meta["framework"] = "yolo"
         for tmp, final in ((tmp_last, last), (tmp_best, best)):
             if tmp.exists():
@@ -586,6 +642,34 @@ class WELDEDetectionTrainer(DetectionTrainer):
                 torch.save(ckpt, tmp)
                 os.replace(tmp, final)
         return ok
+
+
+def yolo_image_classes(dataset: YOLODataset) -> list[list[int]]:
+    """Per image, in dataset order, the class indices of its boxes (Ultralytics' ``labels[i]["cls"]``)."""
+    return [np.asarray(lb["cls"]).reshape(-1).astype(np.int64).tolist() for lb in dataset.labels]
+
+
+def sampled_dataloader(dataset: Any, sampler: Any, *, batch: int, workers: int, device: Any, seed: int = 0,
+                       drop_last: bool = False) -> Any:
+    """Ultralytics' ``InfiniteDataLoader`` over ``dataset`` in the order of ``sampler``.
+
+    The settings follow ``ultralytics.data.build.build_dataloader`` (workers per device, worker
+    seeding, pinned memory on accelerators, the dataset's collate function); only the sampler
+    is ours, which that function does not take.
+    """
+    from ultralytics.data.build import InfiniteDataLoader, seed_worker
+
+    batch = max(1, min(batch, len(sampler)))
+    device_type = getattr(device, "type", str(device).split(":")[0])
+    nd = torch.cuda.device_count() if device_type == "cuda" else 0
+    batches = math.ceil(len(sampler) / batch)
+    nw = min((os.cpu_count() or 1) // max(nd, 1), workers, 0 if batches <= 1 else batches)
+    generator = torch.Generator()
+    generator.manual_seed((6148914691236517205 + RANK + seed) % (1 << 64))
+    return InfiniteDataLoader(dataset=dataset, batch_size=batch, shuffle=False, num_workers=nw, sampler=sampler,
+                              prefetch_factor=4 if nw > 0 else None, pin_memory=nd > 0,
+                              collate_fn=getattr(dataset, "collate_fn", None), worker_init_fn=seed_worker,
+                              generator=generator, drop_last=drop_last)
 
 
 def _on_epoch_start(trainer: WELDEDetectionTrainer) -> None:
@@ -706,11 +790,9 @@ def model_from_checkpoint(ckpt: Any) -> WELDEDetectionModel:
         raise ValueError(f"{ckpt.path}: not a welde_det YOLO checkpoint (framework {ckpt.framework!r})")
     names = list(ckpt.class_stats.names)
     counts = [float(c) for c in ckpt.class_stats.effective_counts]
-    w = dict(ckpt.welde or {})
+    spec = WELDESpec.from_dict(ckpt.welde or {})
     model = WELDEDetectionModel(copy.deepcopy(extra["yaml"]), ch=int(extra.get("channels", 3)), nc=len(names),
-                                components=w["components"], class_counts=counts, mode=w["mode"],
-                                loss_params=w.get("loss_params"), hidden=w.get("hidden"),
-                                objective_kw=w.get("objective_kw"), verbose=False)
+                                class_counts=counts, verbose=False, **spec.model_kwargs())
     model.load_state_dict(ckpt.model_state)
     model.names = dict(enumerate(names))
     return model.float()

@@ -58,9 +58,11 @@ class _DenseLoss(ClassLoss):
         return super().forward(logits, target, normalizer=normalizer)
 
     def _loss(self, logits, target, normalizer=None):
-        t = dense_targets(target, logits.shape[1])
-        total = self._total(logits, t)
-        norm = logits.shape[0] if normalizer is None else normalizer
+        return self._normalise(self._total(logits, dense_targets(target, logits.shape[1])), logits.shape[0],
+                               normalizer)
+
+    def _normalise(self, total: torch.Tensor, rows: int, normalizer) -> torch.Tensor:
+        norm = rows if normalizer is None else normalizer
         if isinstance(norm, torch.Tensor):
             norm = norm.float().clamp_min(1e-12)
         elif norm <= 0:
@@ -79,11 +81,27 @@ class _DenseLoss(ClassLoss):
 class BCELoss(_DenseLoss):
     """Binary cross-entropy summed over rows and classes, divided by the normalizer.
 
-    Background rows contribute only negative terms.
+    Background rows contribute only negative terms. ``forward(..., class_weight=w)`` multiplies
+    column c (its positive and negative terms) by w_c, as Ultralytics' ``v8DetectionLoss``
+    applies its ``cls_pw`` class weights.
     """
 
     def __init__(self, class_counts=None, *, validate: bool = True) -> None:
         super().__init__(class_counts, validate=validate)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, normalizer=None,
+                class_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The BCE of logits (N, C) against ``target``; ``class_weight`` (C,) scales each column (None: 1)."""
+        if class_weight is not None and class_weight.numel() != logits.shape[-1]:
+            raise ValueError(f"BCELoss: {class_weight.numel()} class weights for {logits.shape[-1]} classes")
+        return ClassLoss.forward(self, logits, target, normalizer=normalizer, class_weight=class_weight)
+
+    def _loss(self, logits, target, normalizer=None, class_weight=None):
+        if class_weight is None:
+            return super()._loss(logits, target, normalizer=normalizer)
+        t = dense_targets(target, logits.shape[1])
+        total = (self._elementwise(logits, t) * class_weight.reshape(1, -1).to(logits)).sum()
+        return self._normalise(total, logits.shape[0], normalizer)
 
     def _elementwise(self, logits, t):
         return F.binary_cross_entropy_with_logits(logits, t, reduction="none")
