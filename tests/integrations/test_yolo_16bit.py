@@ -20,7 +20,6 @@ from ultralytics.data.dataset import YOLODataset
 
 from welde_det.integrations.yolo import HighBitMosaic, HighBitYOLODataset
 
-ROOT = Path(__file__).resolve().parents[2]
 SIZE = 64
 
 
@@ -98,28 +97,19 @@ def test_three_channels_without_hsv_and_no_8bit_blends(tmp_path):
         _make(HighBitYOLODataset, images, augment=True, mixup=0.5)
 
 
-def test_phantom_16bit_trains_through_the_runner(tmp_path):
-    """data.bit_depth=16: the phantom writes 16-bit PNGs, the trainer's dataset is a HighBitYOLODataset
-    giving float32 slices, and a run trains and writes its report."""
-    from welde_det.engine.config import load_config
-    from welde_det.engine.train import run_training
-    from welde_det.engine.train_yolo import _stages, resolve_yolo_data, spec_env, stage_spec
-    from welde_det.integrations.yolo import WELDEDetectionTrainer
+def test_trainer_builds_the_high_bit_dataset_from_its_spec(tmp_path, monkeypatch):
+    """``bit_depth: 16`` in the trainer spec: the trainer's training dataset is a HighBitYOLODataset
+    giving float32 slices finer than 8-bit steps (the runner's end-to-end run is an engine test)."""
+    from welde_det.integrations.yolo import SPEC_ENV, WELDEDetectionTrainer
+    from welde_det.welde import build_spec
 
-    overrides = ["epochs=1", "imgsz=64", "n_images=4", "batch=4", "workers=0", "data.bit_depth=16",
-                 f"output={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'gen'}", "conf=0.0"]
-    run = run_training(ROOT / "configs" / "yolo_ce.yaml", overrides)
-    phantom = next((tmp_path / "gen").glob("phantom-n4-*"))
-    png = cv2.imread(str(next((phantom / "images").glob("*.png"))), cv2.IMREAD_UNCHANGED)
-    assert png.dtype == np.uint16 and png.max() > 255
-    assert len(json.loads((run / "report.json").read_text())["stats"]) == 12
-
-    cfg = load_config(ROOT / "configs" / "yolo_ce.yaml", overrides)
-    data_yaml, splits, roots, stats = resolve_yolo_data(cfg, tmp_path / "probe")
-    (stage,) = _stages(cfg)
-    with spec_env(stage_spec(cfg, stage, stats, cfg.model.arch, splits["val"], roots)):
-        trainer = WELDEDetectionTrainer(overrides={"model": "yolov8n.yaml", "data": str(data_yaml), "imgsz": 64,
-                                                   "device": "cpu", "project": str(tmp_path / "probe")})
+    _dataset(tmp_path / "data")
+    (tmp_path / "data" / "data.yaml").write_text(f"path: {tmp_path / 'data'}\ntrain: images/train\n"
+                                                 "val: images/train\nchannels: 1\nnames:\n  0: a\n")
+    spec = build_spec(components=("ce",), mode="single", activation="sigmoid")
+    monkeypatch.setenv(SPEC_ENV, json.dumps({"welde": spec.to_dict(), "class_counts": [4.0], "bit_depth": 16}))
+    trainer = WELDEDetectionTrainer(overrides={"model": "yolov8n.yaml", "data": str(tmp_path / "data" / "data.yaml"),
+                                               "imgsz": SIZE, "device": "cpu", "project": str(tmp_path / "probe")})
     trainer.model = trainer.get_model(cfg="yolov8n.yaml", verbose=False)
     ds = trainer.build_dataset(trainer.data["train"], mode="train", batch=4)
     assert isinstance(ds, HighBitYOLODataset) and ds.bit_depth == 16
