@@ -513,3 +513,21 @@ def test_legacy_aliases_and_plain_helper_types(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="numpy"):
         safe_load(path)
     assert safe_load(path, allow_modules=True) == plain
+
+
+def test_registrations_made_by_others_survive(tmp_path):
+    """Ultralytics' own restricted loader registers globals for good; a safe_load must not remove them."""
+    from ultralytics.utils import IterableSimpleNamespace
+
+    theirs = (IterableSimpleNamespace, "ultralytics.yolo.utils.IterableSimpleNamespace")
+    new = tmp_path / "ns.pt"
+    torch.save({"args": IterableSimpleNamespace(a=1)}, new)
+    path = tmp_path / "old_ns.pt"
+    _rename_globals(new, path, {b"cultralytics.utils\nIterableSimpleNamespace\n":
+                                b"cultralytics.yolo.utils\nIterableSimpleNamespace\n"})
+    with torch.serialization.safe_globals([theirs]):  # someone else's registration, still in force
+        assert safe_load(path, allow_modules=True)["args"].a == 1
+        assert theirs in torch.serialization.get_safe_globals()
+        # and what they registered does not widen what load_checkpoint admits
+        with pytest.raises(UnsafeCheckpointError, match=r"ultralytics\.yolo\.utils\.IterableSimpleNamespace"):
+            load_checkpoint(path)
