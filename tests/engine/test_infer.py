@@ -14,17 +14,18 @@ import pytest
 import torch
 
 from tests.io.dicom_factory import ORIENTATIONS, affine_from_dirs, write_series
+from welde_det.checkpoint import CheckpointError, UnsafeCheckpointError, save_checkpoint
 from welde_det.classes import LUMBAR_CLASSES, LUMBAR_COUNTS, ClassStats
-from welde_det.engine.config import load_config
+from welde_det.engine.config import config_to_dict, load_config
 from welde_det.engine.infer import (
     Detector,
     InferenceInputError,
-    RCNNDetector,
     collect_inputs,
     load_detector,
     read_input,
     run_inference,
 )
+from welde_det.integrations.detectors import RCNNDetector
 from welde_det.io import mid_sagittal, read_volume
 from welde_det.viz import class_colour, draw_detections
 
@@ -56,15 +57,18 @@ FIXED = FixedDetector([((0.25, 0.3, 0.6, 0.7), 2, 0.9), ((0.1, 0.1, 0.3, 0.2), 5
 
 @pytest.fixture(scope="module")
 def rcnn_ckpt(tmp_path_factory):
-    """A random-init Faster R-CNN checkpoint written by the training runner's own saver."""
-    from welde_det.engine.train_rcnn import _build, _save
+    """A random-init Faster R-CNN checkpoint in the one schema, built as the rcnn backend builds it."""
+    from welde_det.engine.backends.base import welde_spec
+    from welde_det.engine.backends.rcnn import build_rcnn_model
 
     cfg = load_config(ROOT / "configs" / "rcnn_ce.yaml", ["imgsz=128"])
+    spec = welde_spec(cfg, cfg.components, "single", "softmax")
     torch.manual_seed(0)
-    model = _build(cfg, STATS, cfg.model.arch)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    path = tmp_path_factory.mktemp("ckpt") / "last.pt"
-    _save(path, model, opt, 0, STATS, cfg, cfg.model.arch)
+    model = build_rcnn_model(cfg.model.arch, list(STATS.effective_counts), spec.to_dict(), channels=1, imgsz=128)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(path, framework="rcnn", arch=cfg.model.arch, model_state=model.state_dict(),
+                    class_stats=STATS.to_dict(), config=config_to_dict(cfg), stage="train", welde=spec.to_dict(),
+                    epoch=0, extra={"channels": 1, "imgsz": 128})
     return path
 
 
@@ -98,6 +102,8 @@ def test_detector_interface_and_rcnn_predictions(rcnn_ckpt):
     assert isinstance(det, RCNNDetector)
     assert det.names == list(LUMBAR_CLASSES) and det.tail == list(STATS.tail_names)
     assert (det.channels, det.imgsz, det.weights) == (1, 128, rcnn_ckpt)
+    batch = det.predict_batch([np.zeros((96, 112), np.uint16), np.zeros((96, 112), np.uint16)], conf=0.0)
+    assert len(batch) == 2 and batch[0] == batch[1]
     image = (np.random.default_rng(1).random((96, 112)) * 65535).astype(np.uint16)
     dets = det.predict(image, conf=0.0)
     assert dets, "a random model still proposes boxes at conf 0"
@@ -119,24 +125,53 @@ def test_checkpoint_dispatch_errors(tmp_path, rcnn_ckpt):
         load_detector(rcnn_ckpt, "cpu", expected_names=other)
     assert str(other) in str(exc.value) and str(list(LUMBAR_CLASSES)) in str(exc.value)
     torch.save({"model": {}, "epoch": 1}, tmp_path / "plain.pt")
-    with pytest.raises(ValueError, match=r"not a welde_det checkpoint.*tools/train\.py"):
+    with pytest.raises(CheckpointError, match=r"not a welde_det checkpoint"):
         load_detector(tmp_path / "plain.pt", "cpu")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match="not a welde_det checkpoint"):
+    with pytest.raises(CheckpointError):
         load_detector(tmp_path / "junk.pt", "cpu")
     with pytest.raises(FileNotFoundError):
         load_detector(tmp_path / "missing.pt")
 
 
-def test_yolo_checkpoint_goes_to_the_yolo_loader(tmp_path, monkeypatch):
-    try:
-        import welde_det.engine.train_yolo as train_yolo
-    except ImportError:
-        pytest.skip("welde_det.engine.train_yolo not available yet")
-    calls = []
-    monkeypatch.setattr(train_yolo, "load_yolo_detector", lambda p, d: calls.append((p, d)) or FIXED)
-    torch.save({"model": None, "welde_det": {"framework": "yolo"}}, tmp_path / "y.pt")
-    assert load_detector(tmp_path / "y.pt", "cpu") is FIXED and calls == [(tmp_path / "y.pt", "cpu")]
+class _Payload:
+    """Unpickling this runs ``os.system``: the classic planted checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_checkpoint_is_refused_by_every_loader_and_never_runs(tmp_path):
+    """load_detector, tools/infer.py, tools/evaluate.py --weights, model.weights (YOLO and Faster R-CNN)."""
+    from welde_det.engine.evaluate import evaluate_checkpoint
+    from welde_det.engine.run import run_training
+    from welde_det.integrations.yolo import load_init_model
+
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "model.pt"
+    torch.save({"schema": "welde_det.checkpoint/1", "framework": "rcnn", "model_state": _Payload(marker)}, bad)
+    with pytest.raises(UnsafeCheckpointError, match="system"):
+        load_detector(bad, "cpu")
+    with pytest.raises(UnsafeCheckpointError):
+        evaluate_checkpoint(bad, tmp_path, tmp_path / "rep")
+    with pytest.raises(UnsafeCheckpointError):
+        load_init_model(bad)
+    for config in ("rcnn_ce", "yolo_ce"):
+        with pytest.raises(UnsafeCheckpointError):
+            run_training(ROOT / "configs" / f"{config}.yaml", [
+                f"model.weights={bad}", "epochs=1", "n_images=6", "imgsz=64", "class_floor=1", "workers=0",
+                f"output={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'gen'}"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WELDE_NO_PROGRESS": "1", "MPLBACKEND": "Agg"}
+    png = tmp_path / "s.png"
+    cv2.imwrite(str(png), np.zeros((32, 32), np.uint8))
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "infer.py"), "--weights", str(bad), "--source",
+                          str(png), "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 2 and "system" in res.stderr, res.stderr[-2000:]
+    assert not marker.exists()  # the payload never ran
 
 
 def test_inputs_of_a_folder_and_their_slices(sources):

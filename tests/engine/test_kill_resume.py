@@ -17,7 +17,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
+
+from welde_det.checkpoint import load_checkpoint, safe_load
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
@@ -49,16 +50,16 @@ def test_yolo_welde_kill9_in_stage2_then_resume(tmp_path):
                 os.kill(os.getpid(), signal.SIGKILL)
 
         default_callbacks["on_train_batch_end"].append(crash)
-        from welde_det.engine.train import run_training
+        from welde_det.engine.run import run_training
         run_training("configs/yolo_welde.yaml", ["stage1_epochs=1", "epochs=3", "imgsz=64", "n_images=6",
-                     "batch=4", "workers=0", "warmup_steps=1", "output={tmp_path / 'runs'}",
+                     "batch=4", "workers=0", "warmup_steps=1", "class_floor=1", "output={tmp_path / 'runs'}",
                      "cache_dir={tmp_path / 'gen'}"])
     """, tmp_path)
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "stage1" / "done.json").is_file() and not (run / "stage2" / "done.json").exists()
     last = run / "stage2" / "weights" / "last.pt"
-    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 0  # epoch 1 of 3 is saved
+    assert safe_load(last, allow_modules=True)["epoch"] == 0  # epoch 1 of 3 is saved
     assert not list(run.rglob(".*.tmp"))  # atomic writes: no half-written file survived the kill
     stage1_rows = (run / "stage1" / "results.csv").read_text()
 
@@ -75,36 +76,41 @@ def test_yolo_welde_kill9_in_stage2_then_resume(tmp_path):
 def test_rcnn_kill9_mid_epoch_then_resume(tmp_path):
     out = _child(f"""
         import os, signal
-        import welde_det.engine.train_rcnn as tr
+        import welde_det.checkpoint as ck
+        import welde_det.engine.backends.rcnn as rb
 
         saved, batches = [], []
-        save, collate = tr._save, tr._collate
+        save, collate = ck.save_checkpoint, rb._collate
 
-        def _save(*a, **k):
-            save(*a, **k)
-            saved.append(1)
+        def save_checkpoint(path, **k):
+            out = save(path, **k)
+            if path.parent.parent.name == "stage2" and path.name == "last.pt":
+                saved.append(1)
+            return out
 
-        def _collate(b):  # SIGKILL on the 2nd batch after the first checkpoint: mid-way through epoch 2
+        def _collate(b):  # SIGKILL on the 2nd batch after stage 2's first checkpoint: mid-way through its epoch 2
             if saved:
                 batches.append(1)
                 if len(batches) == 2:
                     os.kill(os.getpid(), signal.SIGKILL)
             return collate(b)
 
-        tr._save, tr._collate = _save, _collate
-        from welde_det.engine.train import run_training
+        ck.save_checkpoint, rb._collate = save_checkpoint, _collate
+        from welde_det.engine.run import run_training
         run_training("configs/rcnn_welde.yaml", ["stage1_epochs=1", "epochs=2", "imgsz=96", "n_images=6",
-                     "batch=2", "warmup_steps=1", "output={tmp_path / 'runs'}", "cache_dir={tmp_path / 'gen'}"])
+                     "batch=1", "warmup_steps=1", "class_floor=1", "output={tmp_path / 'runs'}",
+                     "cache_dir={tmp_path / 'gen'}"])
     """, tmp_path)
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
     (run,) = (tmp_path / "runs").iterdir()
-    assert torch.load(run / "weights" / "last.pt", map_location="cpu", weights_only=False)["epoch"] == 0
-    assert not (run / "report.json").exists()
+    assert load_checkpoint(run / "stage2" / "weights" / "last.pt").epoch == 0
+    assert (run / "stage1" / "done.json").is_file() and not (run / "report.json").exists()
+    assert not list(run.rglob(".*.tmp"))
 
     res = _resume(run)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = list(csv.DictReader((run / "terms.csv").open()))
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2] and [r["stage"] for r in rows] == ["1", "2", "2"]
+    assert [(r["stage"], int(r["epoch"])) for r in rows] == [("stage1", 0), ("stage2", 1), ("stage2", 2)]
     assert json.loads((run / "report.json").read_text())["stats"]
 
 
@@ -120,13 +126,14 @@ def test_yolo_kill9_after_the_last_epoch_checkpoint_then_resume(tmp_path):
                 os.kill(os.getpid(), signal.SIGKILL)
 
         default_callbacks["on_model_save"].append(crash)
-        from welde_det.engine.train import run_training
+        from welde_det.engine.run import run_training
         run_training("configs/yolo_ce.yaml", ["epochs=2", "imgsz=64", "n_images=6", "batch=4", "workers=0",
+                     "class_floor=1",
                      "output={tmp_path / 'runs'}", "cache_dir={tmp_path / 'gen'}"])
     """, tmp_path)
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
     (run,) = (tmp_path / "runs").iterdir()
-    assert torch.load(run / "train" / "weights" / "last.pt", map_location="cpu", weights_only=False)["epoch"] == 1
+    assert safe_load(run / "train" / "weights" / "last.pt", allow_modules=True)["epoch"] == 1
     res = _resume(run)
     assert res.returncode == 0, res.stderr[-3000:]
     assert _epochs(run / "train" / "results.csv") == [1, 2]

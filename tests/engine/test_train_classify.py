@@ -11,8 +11,10 @@ import pytest
 
 from tests.integrations.test_classify import write_npz
 from welde_det.engine.config import ConfigError
-from welde_det.engine.train import run_training
-from welde_det.engine.train_classify import evaluate_classifier
+from welde_det.engine.run import run_training
+from welde_det.evaluation.classification import classification_metrics
+from welde_det.integrations.classify import load_classification_data
+from welde_det.integrations.registry import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["model.arch=small_cnn", "batch=16", "lr=0.01"]
@@ -24,9 +26,11 @@ def test_train_classify_end_to_end_and_reload(tmp_path, config):
     run = run_training(ROOT / "configs" / f"{config}.yaml",
                        [f"data.source={npz}", f"output={tmp_path / 'runs'}", "epochs=2", "stage1_epochs=1", *FAST])
     rep = json.loads((run / "report.json").read_text())
-    for name in ("weights/last.pt", "report.md", "config.yaml", "class_stats.json", "terms.csv"):
+    for name in ("weights/model.pt", "report.md", "config.yaml", "class_stats.json", "terms.csv"):
         assert (run / name).is_file(), name
-    again = evaluate_classifier(run / "weights" / "last.pt", npz)
+    clf = load_model(run / "weights" / "model.pt", "cpu")
+    x, y = load_classification_data(npz, channels=1).splits[rep["metrics"]["split"]]
+    again = classification_metrics(y, clf.predict_proba(x), class_stats=clf.class_stats)
     for key in ("accuracy", "macro_f1", "balanced_accuracy", "mcc", "map", "map_tail"):
         assert again[key] == pytest.approx(rep["metrics"][key], abs=1e-9), key
     if config == "cls_welde":

@@ -1,4 +1,4 @@
-"""Faster R-CNN runner: smoke runs, reload, resume, DDP launch (gloo, 2 processes), bad input."""
+"""Faster R-CNN backend: smoke runs, reload, resume, DDP launch (gloo, 2 processes), bad input."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from welde_det.checkpoint import load_checkpoint, save_checkpoint
 from welde_det.engine.config import ConfigError
-from welde_det.engine.train import run_training
-from welde_det.engine.train_rcnn import CocoDetectionDataset, load_rcnn, predict_coco
+from welde_det.engine.evaluate import predict_split
+from welde_det.engine.run import check_weights_classes, run_training
+from welde_det.integrations.registry import load_detector
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["n_images=6", "imgsz=96", "batch=2", "warmup_steps=1"]
@@ -34,29 +37,42 @@ def _tiny(tmp_path, cache, config="rcnn_welde", extra=()):
 
 def test_welde_run_reload_and_resume(tmp_path, cache):
     run = _tiny(tmp_path, cache)
-    for name in ("weights/last.pt", "report.json", "report.md", "detections.json", "terms.csv", "config.yaml"):
+    for name in ("weights/model.pt", "stage1/weights/last.pt", "stage2/weights/last.pt", "report.json", "report.md",
+                 "detections.json", "ground_truth.json", "terms.csv", "config.yaml"):
         assert (run / name).is_file(), name
     rows = list(csv.DictReader((run / "terms.csv").open()))
-    assert [r["stage"] for r in rows] == ["1", "2"]
+    assert [r["stage"] for r in rows] == ["stage1", "stage2"]
     # stage 1 is ordinary training with one ce head; the four WELDE heads arrive in stage 2
     assert rows[0]["loss_ce"] and not rows[0]["weight_ldam"] and rows[1]["weight_ldam"] and rows[1]["diversity"]
-    model, ckpt = load_rcnn(run / "weights" / "last.pt")
-    assert len(model.roi_heads.box_predictor.heads) == 4 and not ckpt["stage1_model"]
-    from welde_det.classes import ClassStats
-
-    stats = ClassStats.from_dict(ckpt["class_stats"])
-    cfg_split = json.loads((run / "report.json").read_text())
-    assert cfg_split["tail_classes"] == list(stats.tail_names)
-    val = sorted((cache).rglob("annotations/val.json"))[0]
-    again = predict_coco(model, CocoDetectionDataset(val, val.parent.parent / "images", stats, 1), stats)
+    ckpt = load_checkpoint(run / "weights" / "model.pt")
+    assert (ckpt.framework, ckpt.stage, ckpt.epoch) == ("rcnn", "stage2", 0)
+    det = load_detector(run / "weights" / "model.pt", "cpu")
+    assert len(det.model.roi_heads.box_predictor.heads) == 4
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["tail_classes"] == list(ckpt.class_stats.tail_names)
+    assert "selected on the last epoch" in (run / "report.md").read_text()
+    # the saved detections are the reloaded model's on the measured split
+    split = json.loads((run / "eval_split.json").read_text())
+    assert split["split"] == "val" and not Path(split["images"]).is_absolute()
+    again, _ = predict_split(det, run / "ground_truth.json", run / split["images"], conf=0.001, batch=2)
     saved = json.loads((run / "detections.json").read_text())
-    assert len(again) == len(saved)
-    for a, b in zip(again, saved):
-        assert a["category_id"] == b["category_id"] and a["bbox"] == pytest.approx(b["bbox"], abs=1e-4)
-    # resume with one more epoch: continues at epoch 2, keeps the earlier rows
+    assert again == saved
+    # resume with one more epoch: continues stage 2 at its epoch 2, keeps the earlier rows
     run_training(None, ["epochs=2"], resume=run)
     rows = list(csv.DictReader((run / "terms.csv").open()))
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert [(r["stage"], int(r["epoch"])) for r in rows] == [("stage1", 0), ("stage2", 1), ("stage2", 2)]
+    assert load_checkpoint(run / "weights" / "model.pt").epoch == 1
+
+
+def test_selection_on_a_holdout_keeps_the_best_epoch(tmp_path, cache):
+    run = _tiny(tmp_path, cache, "rcnn_ce", ["stage1_epochs=0", "epochs=2", "n_images=12", "select=holdout",
+                                             "select_fraction=0.3"])
+    rows = list(csv.DictReader((run / "terms.csv").open()))
+    fit = [float(r["select_map"]) for r in rows]
+    best = load_checkpoint(run / "weights" / "model.pt")
+    assert best.epoch == int(np.argmax(fit))  # first best epoch by holdout mAP
+    assert "holdout carved from train" in (run / "report.md").read_text()
+    assert json.loads((run / "eval_split.json").read_text())["split"] == "val"
 
 
 def test_single_loss_baseline_run(tmp_path, cache):
@@ -68,23 +84,26 @@ def test_bad_config(tmp_path, cache):
     with pytest.raises(ConfigError, match="not registry losses"):
         _tiny(tmp_path, cache, "rcnn_ce", ["loss.name=focall"])
     (tmp_path / "nolabels").mkdir()
-    with pytest.raises(ConfigError, match="expected a COCO dataset folder"):
-        _tiny(tmp_path, cache, "rcnn_ce", [f"data.source={tmp_path / 'nolabels'}"])
+    with pytest.raises(ConfigError, match=r"data\.source"):
+        run_training(ROOT / "configs" / "rcnn_ce.yaml", [f"output={tmp_path / 'runs'}", "epochs=1", *TINY[1:],
+                                                         f"data.source={tmp_path / 'nolabels'}"])
     reordered = tmp_path / "reordered.pt"
+    from welde_det.classes import ClassStats
+
     names = ["LDB", "DDD", "Normal_IVD", "SS", "TDB", "Spondylolisthesis"]
-    torch.save({"framework": "rcnn", "model": {}, "class_stats": {"names": names}}, reordered)
+    save_checkpoint(reordered, framework="rcnn", arch="fasterrcnn_mobilenet_v3_large_fpn", model_state={},
+                    class_stats=ClassStats.from_counts(names, [5] * 6).to_dict(), config={}, stage="train")
     with pytest.raises(ConfigError, match="another class list"):
         _tiny(tmp_path, cache, "rcnn_ce", [f"model.weights={reordered}"])
     assert not any((tmp_path / "runs").iterdir())  # every failed run removed its (checkpoint-less) folder
 
 
 def test_plain_weights_carry_no_class_list(tmp_path):
-    from welde_det.engine.infer import checkpoint_class_names
-    from welde_det.engine.train import check_weights_classes
+    from welde_det.checkpoint import class_names
 
     plain = tmp_path / "plain.pt"
     torch.save({"backbone.body.conv1.weight": torch.zeros(1)}, plain)
-    assert checkpoint_class_names(plain) is None
+    assert class_names(plain) is None
     check_weights_classes(plain, ["a", "b"])  # transferable: no error
 
 
@@ -101,5 +120,5 @@ def test_ddp_launch_gloo_two_processes(tmp_path, cache):
     assert out.returncode == 0, out.stderr[-3000:]
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1  # both ranks used one run folder
-    assert (runs[0] / "report.json").is_file() and (runs[0] / "weights" / "last.pt").is_file()
-    assert torch.load(runs[0] / "weights" / "last.pt", weights_only=False)["framework"] == "rcnn"
+    assert (runs[0] / "report.json").is_file() and (runs[0] / "weights" / "model.pt").is_file()
+    assert load_checkpoint(runs[0] / "weights" / "model.pt").framework == "rcnn"

@@ -78,15 +78,14 @@ def _train_all(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def _checkpoint(run: Path) -> Path:
-    """The checkpoint a run ends with (YOLO: best validation mAP; Faster R-CNN: the last epoch)."""
-    best = run / "weights" / "best.pt"
-    return best if best.is_file() else run / "weights" / "last.pt"
+    """The model a run ends with (the one schema; chosen by the run's ``train.select``)."""
+    return run / "weights" / "model.pt"
 
 
 def _val_split(run: Path) -> tuple[Path, Path]:
-    """The COCO validation file and image root a run was evaluated on."""
+    """The COCO ground truth a run was measured on and its image folder."""
     meta = json.loads((run / "eval_split.json").read_text())
-    return Path(meta["coco"]), Path(meta["images"])
+    return run / "ground_truth.json", (run / meta["images"]).resolve()
 
 
 def summary_markdown(reports: dict[str, dict[str, Any]], title: str, seconds: float) -> str:
@@ -107,7 +106,8 @@ def summary_markdown(reports: dict[str, dict[str, Any]], title: str, seconds: fl
         aps = " | ".join("—" if reports[n]["per_class"][k]["ap"] < 0 else f"{100 * reports[n]['per_class'][k]['ap']:.1f}"
                          for n in names)
         lines.append(f"| {cls} | {row['num_gt']} | {aps} |")
-    lines += ["", f"AP in %, pycocotools-exact, on the validation split ({first['num_images']} slices). "
+    lines += ["", f"AP in %, pycocotools-exact. Every run is the last epoch of its fixed schedule (nothing "
+              f"measured chose it); measured on the validation split ({first['num_images']} slices). "
               f"Wall time {seconds / 60:.1f} min.", ""]
     return "\n".join(lines)
 

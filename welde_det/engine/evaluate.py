@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from welde_det.classes import ClassStats
-from welde_det.evaluation import evaluate_coco
-from welde_det.evaluation.report import write_report
+from welde_det.evaluation import DetectionArrays, evaluate_coco
+from welde_det.evaluation.report import detection_analysis, write_report
+from welde_det.utils.fileio import load_json
 
 __all__ = ["write_detection_report"]
 
@@ -32,6 +33,10 @@ def write_detection_report(
     title: str = "",
     device: str | None = None,
     plots: bool = True,
+    selection: str | None = None,
+    analysis: bool = True,
+    n_resamples: int = 1000,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Evaluate and write a report folder.
 
@@ -45,16 +50,29 @@ def write_detection_report(
         title: report title.
         device: evaluation device (default CUDA when available).
         plots: write the PNG plots.
+        selection: what chose the model and what measures it (``"selected on …; measured on …"``),
+            printed at the top of the report.
+        analysis: add bootstrap intervals, TIDE errors, FROC, per-image counts, the worst
+            slices, GT co-location and (with ``compare``) the paired difference.
+        n_resamples, seed: bootstrap resamples and seed.
 
     Returns:
-        The ``evaluate_coco`` result of ``detections`` (with ``report_dir`` added).
+        The ``evaluate_coco`` result of ``detections`` (with ``report_dir`` added, and
+        ``analysis``: :func:`~welde_det.evaluation.report.detection_analysis`'s output).
     """
     if class_stats is not None and not isinstance(class_stats, ClassStats):
         class_stats = ClassStats.load(class_stats)
+    gt = load_json(gt) if isinstance(gt, (str, os.PathLike)) else gt
+    detections = DetectionArrays.from_any(detections)
+    compare = DetectionArrays.from_any(compare) if compare is not None else None
     result = evaluate_coco(gt, detections, class_stats=class_stats, device=device)
     other = evaluate_coco(gt, compare, class_stats=class_stats, device=device) if compare is not None else None
+    extra = (detection_analysis(gt, detections, result, compare=compare, n_resamples=n_resamples, seed=seed,
+                                device=device) if analysis else None)
     out = write_report(result, out_dir, title=title, label=label, compare=other, compare_label=compare_label,
-                       plots=plots)
+                       plots=plots, analysis=extra, selection=selection)
+    if extra is not None:
+        result["analysis"] = extra
     logger.info("mAP %.3f  mAP_tail %.3f  (tail: %s) -> %s", result["stats"][0], result["map_tail"],
                 ", ".join(result["tail_classes"]), out)
     result["report_dir"] = str(Path(out))

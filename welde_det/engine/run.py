@@ -322,8 +322,10 @@ def finish_detection_run(backend: Any, cfg: ExperimentConfig, run_dir: Path, dat
                              batch=cfg.train.batch)
     atomic_write_json(run_dir / "detections.json", dets)
     atomic_write_json(run_dir / "ground_truth.json", gt)
-    atomic_write_json(run_dir / "eval_split.json", {"split": split, "selected_on": data.select or "last",
-                                                    "selection": data.selection})
+    atomic_write_json(run_dir / "eval_split.json", {
+        "split": split, "selected_on": data.select or "last", "selection": data.selection,
+        # relative to the run folder: outputs hold no absolute paths
+        "images": os.path.relpath(Path(data.image_roots[split]).resolve(), run_dir.resolve())})
     title = f"{cfg.name}: {backend.title(cfg)}, {cfg.loss.mode}"
     res = write_detection_report(gt, dets, run_dir, class_stats=stats, title=title,
                                  selection=f"selected on {data.selection}; measured on the {split} split")

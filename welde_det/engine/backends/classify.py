@@ -28,7 +28,7 @@ from welde_det.engine.backends.base import Backend, device_for, welde_spec
 from welde_det.engine.config import ConfigError, ExperimentConfig, config_to_dict
 from welde_det.engine.stages import plan_stages, selection_label
 from welde_det.evaluation.classification import classification_metrics
-from welde_det.integrations.classifier import OBJECTIVE_PREFIX, TrainedClassifier, build_classifier
+from welde_det.integrations.classifier import TrainedClassifier, build_classifier
 from welde_det.integrations.classify import ClassificationData, load_classification_data
 from welde_det.losses import available_losses
 from welde_det.losses.samplers import build_sampler
@@ -132,9 +132,8 @@ class ClassifyBackend(Backend):
              metrics: dict[str, Any] | None = None) -> Path:
         from welde_det.checkpoint import save_checkpoint
 
-        state = {**trained.model.cpu().state_dict(),
-                 **{OBJECTIVE_PREFIX + k: v for k, v in trained.objective.cpu().state_dict().items()}}
-        return save_checkpoint(path, framework="classify", arch=cfg.model.arch, model_state=state,
+        return save_checkpoint(path, framework="classify", arch=cfg.model.arch,
+                               model_state=trained.model.cpu().state_dict(),
                                class_stats=stats.to_dict(), config=config_to_dict(cfg), stage="final",
                                welde=trained.spec,
                                extra={"in_channels": trained.model.in_channels, "metrics": metrics or {}})
@@ -154,28 +153,26 @@ class ClassifyBackend(Backend):
         prev: TrainedClassifier | None = None
         for stage in plan_stages(cfg):
             spec = welde_spec(cfg, stage.components, stage.mode, "softmax")
-            model, objective = build_classifier(cfg.model.arch, list(stats.effective_counts), spec.to_dict(),
-                                                in_channels=data.channels,
-                                                weights=cfg.model.weights if prev is None else None)
+            model = build_classifier(cfg.model.arch, list(stats.effective_counts), spec.to_dict(),
+                                     in_channels=data.channels, weights=cfg.model.weights if prev is None else None)
             if prev is not None:  # the backbone, and every head as the previous stage's head
                 model.backbone.load_state_dict(prev.model.backbone.state_dict())
                 load_matching(model.heads, prev.model.heads.state_dict())
                 if len(model.heads) > 1:
                     model.heads.spread_first_head()
-            model, objective = model.to(device), objective.to(device)
+            model = model.to(device)
             if stage.frozen:
                 model.freeze_backbone()
-                params = [*model.heads.parameters(), *objective.parameters()]
+                params = [*model.heads.parameters(), *model.objective.parameters()]
             else:
-                params = [*model.parameters(), *objective.parameters()]
-            prev = self._epochs(cfg, data, stage, model, objective, params, device, log, select, stats)
-            prev.spec = spec.to_dict()
+                params = list(model.parameters())
+            prev = self._epochs(cfg, data, stage, model, params, device, log, select, stats)
         assert prev is not None
         return prev, stats
 
-    def _epochs(self, cfg: ExperimentConfig, data: ClassificationData, stage: Any, model: torch.nn.Module,
-                objective: torch.nn.Module, params: list, device: torch.device, log: list | None,
-                select: str | None, stats: ClassStats) -> TrainedClassifier:
+    def _epochs(self, cfg: ExperimentConfig, data: ClassificationData, stage: Any, model: Any, params: list,
+                device: torch.device, log: list | None, select: str | None,
+                stats: ClassStats) -> TrainedClassifier:
         xtr, ytr = data.splits["train"]
         ds = TensorDataset(torch.from_numpy(xtr), torch.from_numpy(ytr))
         if cfg.data.sampler:
@@ -191,12 +188,12 @@ class ClassifyBackend(Backend):
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, stage.epochs * len(loader)))
         gen = torch.Generator().manual_seed(cfg.train.seed)
         amp = cfg.train.amp and device.type == "cuda"
-        best: tuple[float, dict, dict] | None = None
+        best: tuple[float, dict] | None = None
         since_best = 0
         for epoch in range(stage.epochs):
             gepoch = stage.epoch_offset + epoch
             model.train()
-            objective.train()
+            objective = model.objective
             objective.set_epoch(gepoch)
             if hasattr(loader.sampler, "set_epoch"):
                 loader.sampler.set_epoch(gepoch)
@@ -224,12 +221,12 @@ class ClassifyBackend(Backend):
             row = {"stage": stage.name, "epoch": gepoch, **{k: v / max(steps, 1) for k, v in sums.items()}}
             if select is not None:
                 xs, ys = data.splits[select]
-                f1 = classification_metrics(ys, TrainedClassifier(model, objective, stats, str(device))
-                                            .predict_proba(xs), class_stats=stats)["macro_f1"]
+                f1 = classification_metrics(ys, TrainedClassifier(model, stats, str(device)).predict_proba(xs),
+                                            class_stats=stats)["macro_f1"]
+                model.train()
                 row["select_macro_f1"] = f1
                 if best is None or f1 > best[0]:
-                    best, since_best = (f1, copy.deepcopy(model.state_dict()),
-                                        copy.deepcopy(objective.state_dict())), 0
+                    best, since_best = (f1, copy.deepcopy(model.state_dict())), 0
                 else:
                     since_best += 1
             if log is not None:
@@ -238,5 +235,4 @@ class ClassifyBackend(Backend):
                 break
         if best is not None:
             model.load_state_dict(best[1])
-            objective.load_state_dict(best[2])
-        return TrainedClassifier(model, objective, stats, str(device))
+        return TrainedClassifier(model, stats, str(device))
