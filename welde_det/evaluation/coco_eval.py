@@ -42,6 +42,7 @@ from welde_det.evaluation.flavours import (
     greedy_assign,
     group_edges,
     stable_lexsort,
+    ultralytics_map,
 )
 from welde_det.utils.fileio import load_json
 
@@ -522,8 +523,9 @@ def evaluate_coco(
 
     Args:
         gt: COCO ground-truth dict or JSON path.
-        detections: COCO results list or JSON path, or a dict of arrays/tensors
-            (``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``).
+        detections: COCO results list or JSON path, a dict of arrays/tensors
+            (``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``), or an (N, 7)
+            array/tensor of rows [image_id, x, y, w, h, score, category_id].
         class_stats: training-split statistics that define the tail set (METHOD.md §1);
             None derives them from this ground truth (the result says so).
         device: ``"cuda"``, ``"cpu"``, ... (default: CUDA when available).
@@ -535,7 +537,12 @@ def evaluate_coco(
         ``per_class_ap`` / ``per_class_ap50`` / ``per_class_ar100`` (−1 where a class has no
         GT), ``num_gt``, ``map_tail``, ``map50_tail``, ``tail_classes``, ``tail_rule``,
         ``tail_excluded`` (tail classes without GT here), ``confusion``, ``pr_curves``
-        (precision at IoU 0.5 per class over ``rec_thrs``), ``dropped_detections``.
+        (precision at IoU 0.5 per class over ``rec_thrs``), ``dropped_detections``;
+        ``map`` / ``map50`` (= ``stats[0]`` / ``stats[1]``), ``per_class`` ({name: {"ap",
+        "ap50", "ar100", "num_gt"}}); ``ultralytics``: the same boxes scored as Ultralytics'
+        ``DetectionValidator`` does (:func:`~welde_det.evaluation.flavours.ultralytics_map`):
+        ``{"map", "map50", "per_class": {name: AP50-95}, "per_class_ap50": {name: AP50}}``
+        over classes with (non-crowd) GT, as Ultralytics averages.
 
     Raises:
         ValueError: detections for images not in the GT, NaN/negative-size boxes, a GT
@@ -575,9 +582,23 @@ def evaluate_coco(
         vals = [values[cat_pos[c]] for c in ids if values[cat_pos[c]] > -1]
         return float(np.mean(vals)) if vals else -1.0
 
+    ultra = ultralytics_map(
+        np.searchsorted(g.img_ids, g.image_id), np.searchsorted(g.cat_ids, g.category_id), g.bbox, g.crowd,
+        np.searchsorted(g.img_ids, dets.image_id), np.searchsorted(g.cat_ids, dets.category_id), dets.bbox,
+        dets.score, device=dev)
     return {
         "stats": stats.tolist(),
         "stat_names": list(STAT_NAMES),
+        "map": float(stats[0]),
+        "map50": float(stats[1]),
+        "per_class": {name: {"ap": per_ap[k], "ap50": per_ap50[k], "ar100": per_ar[k], "num_gt": int(num_gt[k])}
+                      for k, name in enumerate(g.cat_names)},
+        "ultralytics": {
+            "map": ultra.map,
+            "map50": ultra.map50,
+            "per_class": {g.cat_names[c]: float(a) for c, a in zip(ultra.classes, ultra.ap.mean(1))},
+            "per_class_ap50": {g.cat_names[c]: float(a) for c, a in zip(ultra.classes, ultra.ap[:, 0])},
+        },
         "precision": acc["precision"],
         "recall": acc["recall"],
         "scores": acc["scores"],

@@ -254,7 +254,7 @@ def ultralytics_match(
     e_det, e_gt = group_edges(d_pair, g_pair)  # e_det indexes `order`
     if len(e_det) == 0:
         return tp
-    d_t, g_t = np.ascontiguousarray(d_xyxy[order].T), np.ascontiguousarray(g_xyxy.T)
+    d_t, g_t = np.ascontiguousarray(np.take(d_xyxy, order, axis=0).T), np.ascontiguousarray(g_xyxy.T)
     thr = torch.as_tensor(ULTRA_IOU_THRS, device=device)
     e_det, e_gt, iou = filter_edges(
         e_det, e_gt, lambda ed, eg: _box_iou32(torch.as_tensor(np.take(d_t, ed, axis=1), device=device),
