@@ -442,8 +442,11 @@ def _load(path: Path, map_location: Any, *, admit: _Admitter | None, mmap: bool,
                 name = _refused_global(str(exc))
                 more = admit(name) if (admit is not None and found is None and name) else None
                 if more is None:
+                    detail = _torch_reason(str(exc))
+                    if found is None and "persistent_load" in detail:
+                        detail += "; the pre-1.6 torch.save format stores a pickled model's source code"
                     raise _unsafe(path, [name] if name else [], admit=admit, purpose=purpose,
-                                  detail=_torch_reason(str(exc))) from None
+                                  detail=detail) from None
                 entries += more
             except (RuntimeError, EOFError, OSError, ValueError) as exc:
                 raise CheckpointError(
@@ -474,9 +477,12 @@ def _refusal(path: Path, names: set[str], *, admit: _Admitter | None, purpose: s
 def _unsafe(path: Path, refused: list[str], *, admit: _Admitter | None, detail: str = "",
             purpose: str = "load") -> UnsafeCheckpointError:
     shown = ", ".join(refused[:8]) + (f", ... ({len(refused)} in all)" if len(refused) > 8 else "")
-    what = f"Python global(s) {shown}" if refused else "an object torch's weights_only loader refused"
-    msg = (f"{path}: refused to load: it needs {what}, which loading with weights_only=True does not admit "
-           f"({detail or 'unpickling them could run arbitrary code'}). Nothing from the file was run. ")
+    if refused:
+        msg = (f"{path}: refused to load: it needs Python global(s) {shown}, which loading with "
+               f"weights_only=True does not admit ({detail or 'unpickling them could run arbitrary code'}). ")
+    else:
+        msg = f"{path}: refused to load: torch.load(weights_only=True) refused it ({detail}). "
+    msg += "Nothing from the file was run. "
     modules_only = refused and all(_admit_module_global(n, probe=True) is not None for n in refused)
     if admit is None and modules_only:
         msg += ("These names come from the packages whose model classes welde_det.checkpoint.safe_load(path, "
@@ -484,7 +490,7 @@ def _unsafe(path: Path, refused: list[str], *, admit: _Admitter | None, detail: 
                 "an Ultralytics last.pt); it checks each against its allow-list. ")
         if purpose == "load":
             msg += f"It is not a welde_det checkpoint: {WHAT_IT_IS}. "
-    elif admit is not None:
+    elif admit is not None and refused:
         msg += ("They are outside the allow-list of torch.nn / ultralytics.nn / welde_det model classes "
                 "that safe_load(allow_modules=True) admits. ")
     return UnsafeCheckpointError(msg + _IF_TRUSTED, path=path, refused=refused)
