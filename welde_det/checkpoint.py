@@ -14,7 +14,8 @@ Loading. Every ``torch.load`` here uses ``weights_only=True``. Before anything i
 the archive's pickle is disassembled (:mod:`pickletools`) and every Python global it names
 is checked; a file that names one outside what may be admitted is refused with
 :class:`UnsafeCheckpointError`, which lists the globals and says what to do. There is no
-bypass flag.
+bypass flag. (A pre-1.6, non-zip ``torch.save`` file cannot be disassembled ahead; torch's
+own loader then refuses the first global outside what is admitted, before calling anything.)
 
 * :func:`load_checkpoint` / :func:`read_metadata` admit nothing beyond torch's own defaults:
   our schema needs none.
@@ -121,7 +122,7 @@ class UnsafeCheckpointError(ValueError):
         refused: the Python globals (``module.name``) that were refused.
     """
 
-    def __init__(self, message: str, *, path: Path, refused: Iterable[str] = ()) -> None:
+    def __init__(self, message: str, *, path: Path | None = None, refused: Iterable[str] = ()) -> None:
         super().__init__(message)
         self.path = path
         self.refused = tuple(refused)
