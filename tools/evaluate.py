@@ -5,14 +5,15 @@ Usage:
     python tools/evaluate.py --weights runs/<run>/weights/model.pt --data ../shared/datasets/lumbar6 \
         --split val --out reports/run1 [--batch 16] [--conf 0.001]
     python tools/evaluate.py --gt val.json --dets dets.json --out reports/run1 \
-        [--class-stats class_stats.json] [--compare dets_ce.json --compare-label CE]
+        [--class-stats class_stats.json] [--compare dets_ce.json --compare-label CE] [--resamples 1000]
 
 With --weights, writes detections.json, ground_truth.json (file_name relative to the split's
 image folder) and the report; --data takes a COCO folder, tools/convert.py output or a YOLO
 folder / data.yaml.
 
-Writes report.json, report.md, pr_curves.png, per_class_ap.png and confusion.png, prints
-the pycocotools summary and, last, the report folder.
+Writes report.json, report.md, per_image.csv and the plots (PR curves, per-class AP,
+confusion, TIDE errors, FROC), prints the pycocotools summary, with --compare the paired
+bootstrap difference of mAP and mAP_tail with its 95 % interval, and, last, the report folder.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--title", default="")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--resamples", type=int, default=1000,
+                        help="with --gt/--dets: bootstrap resamples of the 95%% intervals (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="with --gt/--dets: seed of the bootstrap")
     args = parser.parse_args(argv)
     if args.weights and (args.gt or args.dets):
         parser.error("give either --weights with --data, or --gt with --dets")
@@ -62,9 +66,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     res = write_detection_report(args.gt, args.dets, args.out, class_stats=args.class_stats, compare=args.compare,
                                  compare_label=args.compare_label, label=args.label, title=args.title,
-                                 device=args.device, plots=not args.no_plots)
+                                 device=args.device, plots=not args.no_plots, n_resamples=args.resamples,
+                                 seed=args.seed)
     print("\n".join(summary_lines(res["stats"])))
     print(f"mAP_tail {res['map_tail']:.3f} (tail: {', '.join(res['tail_classes'])})")
+    diff = res["analysis"].get("difference")
+    if diff is not None:
+        for key, name in (("map", "mAP"), ("map_tail", "mAP_tail")):
+            iv = diff[key]
+            print(f"{name} difference ({args.label} - {args.compare_label}): {100 * iv['value']:+.2f} "
+                  f"[{100 * diff['confidence']:.0f}% CI {100 * iv['low']:+.2f}, {100 * iv['high']:+.2f}]")
     print(res["report_dir"])
     return 0
 

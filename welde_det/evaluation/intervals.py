@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import sparse
 
 from welde_det.classes import ClassStats
 from welde_det.evaluation.coco_eval import REC_THRS, _resolve_device
@@ -89,6 +90,35 @@ def _sequences(matching: Matching, max_copies: int) -> list[_ClassSequence]:
     return out
 
 
+def _unit_weights(seq: _ClassSequence, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge runs of consecutive entries with the same flags at every threshold into one weighted entry.
+
+    Such a run is all true positives (precision rises along it, so its end carries the
+    envelope for every recall point inside it), all false positives (precision falls and
+    recall stays, so no recall point lands inside it) or all ignored: one entry with the
+    run's total weight samples the same curve. For a good detector most of a class's
+    detections fall into a few long runs.
+
+    Returns:
+        tp, fp (U, T) of the runs and their weights (B, U) under image weights (B, n_img).
+    """
+    flags = np.concatenate([seq.tp, seq.fp], axis=1)
+    new = np.r_[True, (flags[1:] != flags[:-1]).any(1)]
+    unit = np.cumsum(new) - 1
+    n_units = int(unit[-1]) + 1
+    single = seq.copy < 0
+    # weight of a run: Σ w_img over its single entries + Σ [copy < w_img] over its copy entries
+    counts = sparse.csr_matrix((np.ones(int(single.sum())), (unit[single], seq.img[single])),
+                               shape=(n_units, weights.shape[1]))
+    v = np.asarray((counts @ weights.T.astype(np.float64)).T)
+    if not single.all():
+        cp = np.nonzero(~single)[0]
+        present = (seq.copy[cp][None, :] < weights[:, seq.img[cp]]).astype(np.float64)
+        np.add.at(v.T, unit[cp], present.T)
+    first = np.nonzero(new)[0]
+    return seq.tp[first], seq.fp[first], v
+
+
 def _class_ap(seq: _ClassSequence, weights: np.ndarray, npig: np.ndarray, device: torch.device,
               return_precision: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """AP (B,) and AP at the first IoU threshold (B,) of one class under image weights (B, n_img).
@@ -101,23 +131,24 @@ def _class_ap(seq: _ClassSequence, weights: np.ndarray, npig: np.ndarray, device
     ap50 = np.full(n_b, np.nan)
     prec = np.full((n_b, n_t, n_r), -1.0) if return_precision else None
     has_gt = npig > 0
-    s = len(seq.img)
-    if s == 0:
+    if len(seq.img) == 0:
         ap[has_gt], ap50[has_gt] = 0.0, 0.0
         if prec is not None:
             prec[has_gt] = 0.0
         return ap, ap50, prec
-    rec_thrs = torch.as_tensor(REC_THRS, dtype=torch.float64, device=device)
-    tp = torch.as_tensor(seq.tp.T, dtype=torch.float64, device=device)  # (T, S)
-    fp = torch.as_tensor(seq.fp.T, dtype=torch.float64, device=device)
     rows = np.nonzero(has_gt)[0]
+    rec_thrs = torch.as_tensor(REC_THRS, dtype=torch.float64, device=device)
+    # the run layout depends only on the flags; its weights are computed per chunk of resamples
+    tp_u, fp_u, _ = _unit_weights(seq, weights[:1])
+    s = len(tp_u)
+    tp = torch.as_tensor(tp_u.T, dtype=torch.float64, device=device)  # (T, U)
+    fp = torch.as_tensor(fp_u.T, dtype=torch.float64, device=device)
     step = max(1, _CHUNK_ELEMENTS // (n_t * s))
     for c0 in range(0, len(rows), step):
         b = rows[c0:c0 + step]
-        w_img = weights[b][:, seq.img]  # (b, S)
-        v = np.where(seq.copy[None, :] < 0, w_img, (seq.copy[None, :] < w_img).astype(np.int64))
-        v_t = torch.as_tensor(v, dtype=torch.float64, device=device)[:, None, :]  # (b, 1, S)
-        tp_sum = torch.cumsum(v_t * tp, -1)  # (b, T, S)
+        v = _unit_weights(seq, weights[b])[2]
+        v_t = torch.as_tensor(v, dtype=torch.float64, device=device)[:, None, :]  # (b, 1, U)
+        tp_sum = torch.cumsum(v_t * tp, -1)  # (b, T, U)
         fp_sum = torch.cumsum(v_t * fp, -1)
         npig_t = torch.as_tensor(npig[b], dtype=torch.float64, device=device)[:, None, None]
         rc = tp_sum / npig_t
