@@ -19,7 +19,10 @@ from hypothesis import strategies as st
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from welde_det.evaluation import CocoEvaluator, evaluate_coco
+from welde_det.evaluation import CocoEvaluator, DetectionArrays, evaluate_coco
+from welde_det.evaluation.coco_eval import _GroundTruth, _match, confusion_matrix
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def pycoco(gt, dets):
@@ -196,9 +199,142 @@ def test_bad_input():
     assert res["stats"] == evaluate_coco(gt, dets)["stats"]
 
 
+def as_rows(dets):
+    return np.array([[d["image_id"], *d["bbox"], d["score"], d["category_id"]] for d in dets], dtype=np.float64)
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_array_input_is_exact(seed):
+    gt, dets = make_dataset(seed, many_dets=True)
+    ref = evaluate_coco(gt, dets, device="cpu")
+    rows = as_rows(dets)
+    for arr in (rows, torch.from_numpy(rows), rows.tolist()):
+        ours = evaluate_coco(gt, arr, device="cpu")
+        assert ours["stats"] == ref["stats"]
+        np.testing.assert_array_equal(ours["precision"], ref["precision"])
+        np.testing.assert_array_equal(ours["scores"], ref["scores"])
+        assert ours["ultralytics"] == ref["ultralytics"]
+        np.testing.assert_array_equal(ours["confusion"], ref["confusion"])
+    # float32 tensors: exact against pycocotools fed the same float32-rounded values
+    rows32 = torch.from_numpy(rows).float()
+    dets32 = [{"image_id": int(r[0]), "bbox": [float(v) for v in r[1:5]], "score": float(r[5]),
+               "category_id": int(r[6])} for r in rows32.double().numpy()]
+    assert_exact(gt, dets32)
+    assert evaluate_coco(gt, rows32, device="cpu")["stats"] == evaluate_coco(gt, dets32, device="cpu")["stats"]
+    ev = CocoEvaluator(gt, device="cpu")
+    ev.process(torch.from_numpy(rows[: len(rows) // 2]))
+    ev.process(rows[len(rows) // 2:])
+    assert ev.evaluate()["stats"] == ref["stats"]
+
+
+def test_array_input_errors():
+    with pytest.raises(ValueError, match=r"shape \(N, 7\)"):
+        DetectionArrays.from_any(np.zeros((3, 6)))
+    with pytest.raises(ValueError, match="ids must be integers"):
+        DetectionArrays.from_any(np.array([[1.5, 0, 0, 1, 1, 0.5, 1]]))
+    with pytest.raises(ValueError, match="bbox must be"):
+        DetectionArrays.from_any([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1], "score": 0.5}])
+    with pytest.raises(ValueError, match="lacks 'score'"):
+        DetectionArrays.from_any([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}])
+    with pytest.raises(ValueError, match="malformed"):
+        DetectionArrays.from_any([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": "high"}])
+    d = DetectionArrays.from_any(torch.tensor([[7, 1.0, 2.0, 3.0, 4.0, 0.25, 9]]))
+    assert d.image_id.tolist() == [7] and d.category_id.tolist() == [9]
+    assert d.bbox.tolist() == [[1.0, 2.0, 3.0, 4.0]] and d.score.tolist() == [0.25]
+
+
+def test_match_output_contract():
+    """Keys other modules build on: one row per kept detection, linked to the input rows."""
+    gt, dets = make_dataset(9, many_dets=True)
+    g = _GroundTruth(gt, "gt")
+    d = DetectionArrays.from_any(dets)
+    m = _match(g, d, torch.device("cpu"))
+    n = len(m["score"])
+    assert n == sum(min(c, 100) for c in np.unique(d.image_id * 1000 + d.category_id, return_counts=True)[1])
+    assert m["tp"].shape == m["fp"].shape == (n, 10, 4)
+    assert not (m["tp"] & m["fp"]).any()
+    np.testing.assert_array_equal(m["score"], d.score[m["det"]])
+    np.testing.assert_array_equal(g.img_ids[m["img"]], d.image_id[m["det"]])
+    np.testing.assert_array_equal(g.cat_ids[m["cat"]], d.category_id[m["det"]])
+    assert m["rank"].max() == 99
+
+
+def reference_confusion(gt, dets, iou_thr, score_thr):
+    """Plain loops: per image, detections by score, best unmatched non-crowd GT (last on ties)."""
+    cats = sorted(c["id"] for c in gt["categories"])
+    k = len(cats)
+    cm = np.zeros((k + 1, k + 1), np.int64)
+
+    def iou(a, b):
+        w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+        h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+        if w <= 0 or h <= 0:
+            return 0.0
+        inter = w * h
+        return inter / ((a[2] * a[3] + b[2] * b[3]) - inter)
+
+    for img in gt["images"]:
+        g = [a for a in gt["annotations"] if a["image_id"] == img["id"] and not a["iscrowd"]]
+        used = [False] * len(g)
+        ds = sorted((d for d in dets if d["image_id"] == img["id"] and d["score"] >= score_thr),
+                    key=lambda d: -d["score"])
+        for d in ds:
+            best, m = -1.0, -1
+            for j, a in enumerate(g):
+                v = iou(d["bbox"], a["bbox"])
+                if not used[j] and v >= iou_thr and v >= best:
+                    best, m = v, j
+            row = k if m < 0 else cats.index(g[m]["category_id"])
+            if m >= 0:
+                used[m] = True
+            cm[row, cats.index(d["category_id"])] += 1
+        for j, a in enumerate(g):
+            if not used[j]:
+                cm[cats.index(a["category_id"]), k] += 1
+    return cm
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_confusion_matrix_against_loops(seed):
+    gt, dets = make_dataset(seed, crowd_p=0.2)
+    rng = np.random.default_rng(seed)  # distinct scores: Python's sort and ours agree only up to ties
+    for d, s in zip(dets, rng.permutation(len(dets))):
+        d["score"] = (s + 1) / (len(dets) + 1)
+    g = _GroundTruth(gt, "gt")
+    for iou_thr, score_thr in ((0.5, 0.25), (0.3, 0.0)):
+        cm = confusion_matrix(g, DetectionArrays.from_any(dets), iou_thr=iou_thr, score_thr=score_thr)
+        np.testing.assert_array_equal(cm, reference_confusion(gt, dets, iou_thr, score_thr))
+
+
+def test_result_keys():
+    gt, dets = make_dataset(6)
+    res = evaluate_coco(gt, dets, device="cpu")
+    assert res["map"] == res["stats"][0] and res["map50"] == res["stats"][1]
+    assert list(res["per_class"]) == res["class_names"]
+    for k, name in enumerate(res["class_names"]):
+        assert res["per_class"][name] == {"ap": res["per_class_ap"][k], "ap50": res["per_class_ap50"][k],
+                                          "ar100": res["per_class_ar100"][k], "num_gt": res["num_gt"][k]}
+
+
 @pytest.mark.gpu
+@needs_cuda
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10**6))
 def test_property_matches_pycocotools_on_cuda(seed):
     gt, dets = make_dataset(seed, crowd_p=0.2)
     assert_exact(gt, dets, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cuda_equals_cpu_everywhere(seed):
+    gt, dets = make_dataset(seed, many_dets=True, crowd_p=0.2)
+    cpu = evaluate_coco(gt, dets, device="cpu")
+    rows = torch.from_numpy(as_rows(dets)).cuda()
+    gpu = evaluate_coco(gt, rows, device="cuda")
+    assert gpu["device"].startswith("cuda")
+    assert gpu["stats"] == cpu["stats"]
+    np.testing.assert_array_equal(gpu["precision"], cpu["precision"])
+    np.testing.assert_array_equal(gpu["confusion"], cpu["confusion"])
+    assert gpu["ultralytics"] == cpu["ultralytics"]
