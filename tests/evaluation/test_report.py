@@ -47,7 +47,7 @@ def test_report_files_and_numbers(tmp_path):
     assert rep["per_image"]["file"] == "per_image.csv"
     md = (tmp_path / "rep" / "report.md").read_text()
     assert f"{100 * res['stats'][0]:.1f} (" in md  # value with its interval
-    assert "**Model selection:** Selected on the val split; measured on the test split." in md
+    assert "**Model selection:** selected on the val split; measured on the test split." in md
     assert "mAP_tail" in md and "(tail)" in md and "| CE |" in md
     assert "Excluded from mAP_tail" in md  # the last category has no GT
     assert "## FROC" in md and "## Why boxes are missed" in md and "## Confusion matrix" in md

@@ -233,8 +233,7 @@ def _markdown(rep: dict[str, Any], label: str, compare_label: str) -> str:
     ivs, ultra = rep.get("intervals"), rep.get("ultralytics")
     lines = [f"# {rep['title'] or 'Detection report'}", ""]
     if rep.get("selection"):
-        sel = rep["selection"]
-        lines += [f"**Model selection:** {sel[0].upper()}{sel[1:]}.", ""]
+        lines += [f"**Model selection:** {rep['selection']}.", ""]
     lines += [f"{rep['num_images']} slices, {sum(r['num_gt'] for r in rep['per_class'])} annotated boxes, "
               f"{rep['num_detections']} detections"
               + (f" ({rep['dropped_detections']} dropped: unknown category)" if rep["dropped_detections"] else "")
@@ -386,7 +385,8 @@ def _worst_md(rep: dict[str, Any]) -> list[str]:
     if not rep["worst_slices"]:
         return [*lines, "No tail box is missed at this score threshold."]
     lines += [f"At IoU ≥ {pi.get('iou', 0.5):.2f} and score ≥ {pi.get('score_threshold', 0):g}.", "",
-              "| slice | image id | missed tail boxes | of | by class | false detections on the slice |",
+              "| slice | image id | tail boxes missed | tail boxes on the slice | missed, by class | "
+              "false detections on the slice |",
               "|---|---:|---:|---:|---|---:|"]
     for w in rep["worst_slices"]:
         by = ", ".join(f"{k} {v}" for k, v in w["missed"].items())
@@ -501,6 +501,8 @@ def _froc_plot(froc: dict[str, Any], tail: set[str], out: Path, plt) -> None:
         if not c["num_gt"]:
             continue
         f, s = np.asarray(c["curve"]["fppi"]), np.asarray(c["curve"]["sensitivity"])
+        # the last operating point holds for any larger allowance: draw it to the right edge
+        f, s = np.r_[f, max(f[-1], rates.max() * 1.5)], np.r_[s, s[-1]]
         ax.step(np.maximum(f, rates.min() / 2), s, where="post", lw=2.2 if name in tail else 1.2,
                 ls="-" if name in tail else "--", label=f"{name}{' (tail)' if name in tail else ''}")
     ax.plot(rates, froc["mean"]["sensitivity"], "ko", ms=5, label="mean over classes")
