@@ -168,7 +168,10 @@ def resolve_run_data(cfg: ExperimentConfig, run_dir: Path) -> RunData:
     if t.select == "last":
         select = None
     elif t.select == "holdout":
-        kept, carved = carve_split(splits["train"], t.select_fraction, cfg.data.seed)
+        try:
+            kept, carved = carve_split(splits["train"], t.select_fraction, cfg.data.seed)
+        except DataError as exc:
+            raise ConfigError(f"train.select=holdout: {exc}") from exc
         splits["train"], splits["holdout"] = work / "train_kept.json", work / "holdout.json"
         atomic_write_json(splits["train"], kept)
         atomic_write_json(splits["holdout"], carved)

@@ -146,7 +146,7 @@ class YOLOBackend(DetectionBackend):
                     logger.info("resuming stage %s from %s", stage.name, last)
                     trainer = WELDEDetectionTrainer(overrides={"resume": str(last)})
                 else:
-                    data_yaml = yolo_view(data.resolved, run_dir / "data", channels=cfg.data.channels)
+                    data_yaml = yolo_view(self.view(data), run_dir / "data", channels=cfg.data.channels)
                     trainer = WELDEDetectionTrainer(overrides=ultralytics_args(
                         cfg, data_yaml, run_dir, stage, validate=data.select is not None))
                 trainer.train()
@@ -155,6 +155,19 @@ class YOLOBackend(DetectionBackend):
         chosen = sdir / "weights" / ("best.pt" if data.select and (sdir / "weights" / "best.pt").is_file()
                                      else "last.pt")
         return self.convert(chosen, cfg, stage, stats, spec, sdir / "weights" / "model.pt")
+
+    @staticmethod
+    def view(data: Any) -> Any:
+        """The splits Ultralytics sees: the run's train part (after a holdout carve) and, as ``val``, the
+        selection split — never the measured one. With ``select=last`` nothing is validated while training
+        (the trainer's ``validate`` returns at once); ``val`` then names the train part only because
+        Ultralytics insists on a ``val`` entry."""
+        import dataclasses
+
+        val = data.select or "train"
+        return dataclasses.replace(data.resolved,
+                                   splits={"train": data.splits["train"], "val": data.splits[val]},
+                                   image_roots={"train": data.image_roots["train"], "val": data.image_roots[val]})
 
     def convert(self, src: Path, cfg: ExperimentConfig, stage: Any, stats: ClassStats, spec: dict[str, Any],
                 out: Path) -> Path:
