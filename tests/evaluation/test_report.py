@@ -52,6 +52,11 @@ def test_report_files_and_numbers(tmp_path):
     assert "Excluded from mAP_tail" in md  # the last category has no GT
     assert "## FROC" in md and "## Why boxes are missed" in md and "## Confusion matrix" in md
     assert "## Slices with the most missed tail boxes" in md
+    # per class: the paired difference beside the comparison's AP
+    name = res["class_names"][k0]
+    dk = rep["difference"]["per_class"][name]
+    row_md = next(ln for ln in md.splitlines() if ln.startswith(f"| {name} ") or ln.startswith(f"| **{name}**"))
+    assert row_md.rstrip(" |").endswith(f"{100 * dk['value']:+.1f} ({100 * dk['low']:+.1f} to {100 * dk['high']:+.1f})")
     d = rep["difference"]["map"]
     assert f"{100 * d['value']:+.1f} ({100 * d['low']:+.1f} to {100 * d['high']:+.1f})" in md
     assert not list((tmp_path / "rep").glob(".*tmp"))
@@ -61,7 +66,8 @@ def test_ultralytics_flavour_is_shown_beside_pycocotools(tmp_path):
     gt, dets = make_dataset(2, n_cat=3)
     res = evaluate_coco(gt, dets, device="cpu")
     names = res["class_names"]
-    res["ultralytics"] = {"map": 0.4321, "map50": 0.6543, "per_class": {n: 0.1 * (i + 1) for i, n in enumerate(names)}}
+    res["ultralytics"] = {"map": 0.4321, "map50": 0.6543, "per_class": {n: 0.1 * (i + 1) for i, n in enumerate(names)},
+                          "per_class_ap50": {n: 0.2 * (i + 1) for i, n in enumerate(names)}}
     write_report(res, tmp_path, plots=False)
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["ultralytics"]["map"] == 0.4321
@@ -74,6 +80,8 @@ def test_ultralytics_flavour_is_shown_beside_pycocotools(tmp_path):
     tail = [names.index(t) for t in res["tail_classes"] if t not in res["tail_excluded"]]
     tail_line = next(ln for ln in md.splitlines() if ln.startswith("| mAP_tail@[.5:.95] |"))
     assert tail_line.split("|")[3].strip() == f"{100 * np.mean([0.1 * (i + 1) for i in tail]):.1f}"
+    tail50 = next(ln for ln in md.splitlines() if ln.startswith("| mAP_tail@.5 |"))
+    assert tail50.split("|")[3].strip() == f"{100 * np.mean([0.2 * (i + 1) for i in tail]):.1f}"
     assert "selection" not in md.lower()  # no selection line unless given
     assert report_dict(res)["selection"] is None
 

@@ -206,16 +206,16 @@ def _headline(rep: dict[str, Any], label: str, compare_label: str) -> list[str]:
         head += f" {compare_label} | difference" + (" (95 % interval, paired)" if diff else "") + " |"
         sep += "---:|---:|"
     lines = [head, sep]
-    ultra_tail = None
-    if ultra:
-        vals = [ultra["per_class"][r["class"]] for r in rep["per_class"]
-                if r["tail"] and r["num_gt"] > 0 and r["class"] in ultra["per_class"]]
-        ultra_tail = float(np.mean(vals)) if vals else None
+    ultra_tail: dict[str, float | None] = {}
+    for key, per in (("map_tail", "per_class"), ("map50_tail", "per_class_ap50")):
+        vals = [ultra[per][r["class"]] for r in rep["per_class"]
+                if ultra and r["tail"] and r["num_gt"] > 0 and r["class"] in ultra.get(per, {})]
+        ultra_tail[key] = float(np.mean(vals)) if vals else None
     for key, name, ukey in (("map", "mAP@[.5:.95]", "map"), ("map50", "mAP@.5", "map50"),
                             ("map_tail", "mAP_tail@[.5:.95]", None), ("map50_tail", "mAP_tail@.5", None)):
         row = f"| {name} | " + (_fmt_ci(ivs[key]) if ivs else _fmt(rep[key])) + " |"
         if ultra:
-            uval = ultra.get(ukey) if ukey else (ultra_tail if key == "map_tail" else None)
+            uval = ultra.get(ukey) if ukey else ultra_tail[key]
             row += f" {_fmt(uval)} |"
         if cmp:
             if diff:
@@ -285,14 +285,15 @@ def _per_class_md(rep: dict[str, Any], compare_label: str) -> list[str]:
     if ultra:
         hdr += " AP@[.5:.95] Ultralytics |"
         sep += "---:|"
-    hdr += " recall (≤100 per slice) |"
+    hdr += " AR@[.5:.95] |"
     sep += "---:|"
     if one:
         hdr += " sensitivity at 1 FP/slice |"
         sep += "---:|"
+    diff = rep.get("difference")
     if cmp:
-        hdr += f" AP ({compare_label}) |"
-        sep += "---:|"
+        hdr += f" AP ({compare_label}) |" + (" difference (95 %, paired) |" if diff else "")
+        sep += "---:|" + ("---:|" if diff else "")
     lines = ["", "## Per class", "", hdr, sep]
     for row in rep["per_class"]:
         name = f"**{row['class']}** (tail)" if row["tail"] else row["class"]
@@ -309,8 +310,12 @@ def _per_class_md(rep: dict[str, Any], compare_label: str) -> list[str]:
             line += f" {_fmt(row['froc_sensitivity'][one])} |"
         if cmp:
             line += f" {_fmt(row[f'ap_{compare_label}'])} |"
+            if diff:
+                line += f" {_fmt_delta(diff['per_class'][row['class']])} |"
         lines.append(line)
-    lines += ["", "A class with few boxes has a wide interval: its AP rests on a handful of slices."]
+    lines += ["", "A class with few boxes has a wide interval: its AP rests on a handful of slices. "
+              "AR@[.5:.95]: share of boxes found at all (up to 100 detections per slice and class), "
+              "averaged over the ten overlap requirements."]
     return lines
 
 
