@@ -169,3 +169,14 @@ def test_the_refused_pair_is_capped_below_confidence():
     p = _fit(heads, objective, x, y)
     assert float(p) < 1 / (1 + 2 * math.exp(-1.5)) + 1e-6 < 0.99
     assert MIN_COSINE_SCALE >= 10
+
+
+def test_per_class_loss_values_are_checked_when_the_counts_are_known():
+    """The spec checks loss parameter names; values that depend on C are checked at build time."""
+    spec = build_spec(components=("focal",), mode="single", activation="softmax",
+                      loss_params={"focal": {"alpha": [0.2, 0.3, 0.5]}})
+    torch.testing.assert_close(spec.build_objective(COUNTS).losses[0].alpha, torch.tensor([0.2, 0.3, 0.5]))
+    with pytest.raises(ValueError, match="focal alpha has 3 values but there are 2 classes"):
+        spec.build_objective([5.0, 1.0])
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['class_counts'\]"):
+        build_spec(components=("cb",), mode="single", activation="softmax", loss_params={"cb": {"class_counts": [1]}})

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 
 from welde_det.losses.weighting import check_class_counts
 
-__all__ = ["ACTIVATIONS", "available_losses", "build_loss", "loss_parameters", "register_loss"]
+__all__ = ["ACTIVATIONS", "available_losses", "build_loss", "check_loss_kwargs", "loss_parameters", "register_loss"]
 
 ACTIVATIONS = ("softmax", "sigmoid")
 _REGISTRY: dict[tuple[str, str], Callable[..., nn.Module]] = {}
@@ -64,6 +64,22 @@ def loss_parameters(name: str, activation: str = "softmax") -> dict[str, Any]:
             if k not in ("self", "class_counts") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
 
+def check_loss_kwargs(name: str, activation: str, kw: Mapping[str, Any]) -> Callable[..., nn.Module]:
+    """Check that a registered loss takes the keyword names in ``kw`` (not their values); return its class.
+
+    Raises:
+        ValueError: unknown name or activation, or an argument the loss does not take.
+    """
+    cls = _lookup(name, activation)
+    params = inspect.signature(cls.__init__).parameters
+    accepts_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in kw if k not in params or k in ("self", "class_counts")] if not accepts_var_kw else []
+    if unknown:
+        allowed = sorted(p for p in params if p not in ("self", "class_counts"))
+        raise ValueError(f"loss {name!r} ({activation}) got unknown argument(s) {unknown}; it accepts {allowed}")
+    return cls
+
+
 def _lookup(name: str, activation: str) -> Callable[..., nn.Module]:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
@@ -100,12 +116,6 @@ def build_loss(
         ValueError: unknown name (with the valid names and the closest match), unknown
             keyword, or invalid ``class_counts``.
     """
-    cls = _lookup(name, activation)
-    params = inspect.signature(cls.__init__).parameters
-    accepts_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    unknown = [k for k in kw if k not in params] if not accepts_var_kw else []
-    if unknown:
-        allowed = sorted(p for p in params if p not in ("self", "class_counts"))
-        raise ValueError(f"loss {name!r} ({activation}) got unknown argument(s) {unknown}; it accepts {allowed}")
+    cls = check_loss_kwargs(name, activation, kw)
     counts = check_class_counts(class_counts, name=f"loss {name!r}")
     return cls(class_counts=counts, **kw)

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from welde_det.losses import build_loss, loss_parameters
-from welde_det.losses.registry import ACTIVATIONS
+from welde_det.losses.registry import ACTIVATIONS, check_loss_kwargs
 from welde_det.welde.heads import WELDEHeads
 from welde_det.welde.objective import WELDEObjective, single_loss_objective
 
@@ -134,8 +134,8 @@ class WELDESpec:
             raise ValueError(f"WELDE spec: loss_params names {unknown}, which are not among the components "
                              f"{list(comps)}")
         for name, head in zip(comps, self.heads):
-            # builds the loss once: unknown names and bad hyper-parameters fail here, not mid-run
-            build_loss(name, class_counts=[1.0, 1.0], activation=act, **self.loss_params.get(name, {}))
+            # names here; the values are checked when the losses are built (they may need the class counts)
+            check_loss_kwargs(name, act, self.loss_params.get(name, {}))
             _check_head(name, head, act, self.loss_params.get(name, {}))
         bad = sorted(set(self.objective_kw) - set(OBJECTIVE_KEYS))
         if bad:
