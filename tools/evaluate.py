@@ -64,10 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mAP_tail {res['map_tail']:.3f} (tail: {', '.join(res['tail_classes'])})")
         print(res["report_dir"])
         return 0
-    res = write_detection_report(args.gt, args.dets, args.out, class_stats=args.class_stats, compare=args.compare,
-                                 compare_label=args.compare_label, label=args.label, title=args.title,
-                                 device=args.device, plots=not args.no_plots, n_resamples=args.resamples,
-                                 seed=args.seed)
+    try:
+        res = write_detection_report(args.gt, args.dets, args.out, class_stats=args.class_stats,
+                                     compare=args.compare, compare_label=args.compare_label, label=args.label,
+                                     title=args.title, device=args.device, plots=not args.no_plots,
+                                     n_resamples=args.resamples, seed=args.seed)
+    except (ValueError, FileNotFoundError) as exc:  # user input: the message names the file and value
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print("\n".join(summary_lines(res["stats"])))
     print(f"mAP_tail {res['map_tail']:.3f} (tail: {', '.join(res['tail_classes'])})")
     diff = res["analysis"].get("difference")

@@ -134,3 +134,18 @@ def test_cli_compare_prints_the_paired_difference(tmp_path):
                            "--dets", a, "--compare", a, "--out", str(tmp_path / "s"), "--no-plots",
                            "--resamples", "100"], capture_output=True, text=True, check=True)
     assert "mAP difference (this run - baseline): +0.00 [95% CI +0.00, +0.00]" in same.stdout.splitlines()
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    gt, dets = make_dataset(1, n_cat=3)
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    bad = _write(tmp_path, gt, [{**dets[0], "image_id": 99999}], "bad.json")
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), "--gt", str(tmp_path / "gt.json"),
+                          "--dets", bad, "--out", str(tmp_path / "r"), "--no-plots"], capture_output=True, text=True)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "99999" in lines[0]
+    missing = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), "--gt", str(tmp_path / "gt.json"),
+                              "--dets", str(tmp_path / "nope.json"), "--out", str(tmp_path / "r")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "nope.json: no such file" in missing.stderr
