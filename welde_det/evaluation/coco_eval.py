@@ -38,6 +38,7 @@ import torch
 
 from welde_det.classes import ClassStats
 from welde_det.evaluation.flavours import (
+    descending_rank,
     filter_edges,
     greedy_assign,
     group_edges,
@@ -276,7 +277,8 @@ def _edge_ious(d_box: np.ndarray, g_box: np.ndarray, crowd: np.ndarray | None, d
     return iou
 
 
-def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device) -> dict[str, np.ndarray]:
+def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device, *,
+           score_rank: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Greedy matching for every (image, category) pair, IoU threshold and area range.
 
     All pairs at once: the (detection, GT) edges of each pair with IoU ≥ 0.5 are matched by
@@ -285,7 +287,8 @@ def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device) -> dict
     Returns:
         Per kept detection (rank < maxDets[-1] within its pair), rows ordered by (image,
         category, rank): ``img`` / ``cat`` index (N,), ``rank`` (N,), ``score`` (N,), ``tp`` /
-        ``fp`` (N, T, A) bool, ``det`` (N,) row in ``det``; per category ``npig`` (K, A) non-ignored GT
+        ``fp`` (N, T, A) bool, ``det`` (N,) row in ``det``, ``score_rank`` (N,) dense rank of
+        the score (0 = highest; ``score_rank`` argument: the same for ``det``'s rows, if known); per category ``npig`` (K, A) non-ignored GT
         counts and ``has_pair`` (K,); ``n_img``.
     """
     n_img, n_cat = len(gt.img_ids), len(gt.cat_ids)
@@ -295,7 +298,8 @@ def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device) -> dict
     g_pair = g_img * n_cat + g_cat
     d_pair = np.searchsorted(gt.img_ids, det.image_id) * n_cat + np.searchsorted(gt.cat_ids, det.category_id)
     # detections: stable by -score within pair (pycocotools' mergesort), rank < maxDets[-1]
-    order = stable_lexsort([-det.score, d_pair])
+    srank = descending_rank(det.score) if score_rank is None else score_rank
+    order = stable_lexsort([srank, d_pair])
     d_pair_s = d_pair[order]
     rank = _pair_rank(d_pair_s)
     keep = rank < MAX_DETS[-1]
@@ -324,17 +328,16 @@ def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device) -> dict
             sticky=torch.as_tensor(gt.crowd[e_gt], device=device),
         )
         choice = choice.cpu().numpy()
-    # rows without a candidate edge are unmatched: FP unless their area is out of range
-    tp = np.zeros((n, T, A), bool)
-    fp = np.broadcast_to(~d_out[:, None, :], (n, T, A)).copy()
+    # outcome code per (row, t, a): bit 0 = matched to a GT whose id is not 0 (pycocotools
+    # marks matches by GT id, so id 0 looks unmatched), bit 1 = that GT is ignored.
+    # tp = code 1; fp = code 0 and the detection's area in range; anything else is ignored
+    code = np.zeros((n, T, A), np.uint8)
     if len(e_det):
-        g = np.where(choice >= 0, e_gt[np.maximum(choice, 0)], -1)
-        matched = g >= 0
-        safe = np.maximum(g, 0)
-        dtm = matched & (gt.ann_id[safe] != 0)  # pycocotools marks matches by GT id: id 0 looks unmatched
-        dt_ig = (matched & g_ig[safe, np.arange(A)]) | (~dtm & d_out[dets][:, None, :])
-        tp[dets] = dtm & ~dt_ig
-        fp[dets] = ~dtm & ~dt_ig
+        table = np.zeros((len(e_gt) + 1, A), np.uint8)  # last row: no match
+        table[:-1] = (gt.ann_id[e_gt] != 0)[:, None] | (g_ig[e_gt] << 1)
+        code[dets] = table[np.where(choice >= 0, choice, len(e_gt)), np.arange(A)]
+    tp = code == 1
+    fp = (code == 0) & ~d_out[:, None, :]
     npig = np.zeros((n_cat, A), np.int64)
     np.add.at(npig, g_cat, (~g_ig).astype(np.int64))
     has_pair = np.zeros(n_cat, bool)
@@ -348,6 +351,7 @@ def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device) -> dict
         "tp": tp,
         "fp": fp,
         "det": order,
+        "score_rank": srank[order],
         "npig": npig,
         "has_pair": has_pair,
         "n_img": n_img,
@@ -371,7 +375,7 @@ def _accumulate(m: dict[str, np.ndarray], n_cat: int, device: torch.device) -> d
     scores = -np.ones((T, R, n_cat, A, M))
     eps = np.spacing(1)
     cat, rank, score = m["cat"], m["rank"], m["score"]
-    order = stable_lexsort([rank, m["img"], -score, cat])
+    order = stable_lexsort([rank, m["img"], m.get("score_rank", -score), cat])
     bounds = np.searchsorted(cat[order], np.arange(n_cat + 1))
     # column-major (C, N) in sorted order: cumulative sums run along contiguous rows
     tp_all = np.ascontiguousarray(np.take(m["tp"].reshape(len(cat), C), order, axis=0).T)
@@ -465,23 +469,25 @@ def summary_lines(stats: Sequence[float]) -> list[str]:
 
 
 def confusion_matrix(gt: _GroundTruth, det: DetectionArrays, *, iou_thr: float = 0.5, score_thr: float = 0.25,
-                     device: torch.device | None = None) -> np.ndarray:
+                     device: torch.device | None = None, score_rank: np.ndarray | None = None) -> np.ndarray:
     """(K+1)×(K+1) confusion counts, rows = GT class (last = background), columns = predicted.
 
     Per image, detections with score ≥ ``score_thr`` are taken in score order and matched to
     the unmatched non-crowd GT (of any class) with the highest IoU ≥ ``iou_thr`` (the last
     such GT on ties). All images at once (:func:`~welde_det.evaluation.flavours.greedy_assign`).
+    ``score_rank``: ``descending_rank(det.score)`` if already known.
     """
     device = device or torch.device("cpu")
     k = len(gt.cat_ids)
     cm = np.zeros((k + 1, k + 1), np.int64)
     keep = det.score >= score_thr
     reg = ~gt.crowd
-    d_img, d_box, d_score = det.image_id[keep], det.bbox[keep], det.score[keep]
+    d_img, d_box = det.image_id[keep], det.bbox[keep]
     d_cls = np.searchsorted(gt.cat_ids, det.category_id[keep])
     g_img, g_box = gt.image_id[reg], gt.bbox[reg]
     g_cls = np.searchsorted(gt.cat_ids, gt.category_id[reg])
-    order = stable_lexsort([-d_score, np.searchsorted(gt.img_ids, d_img)])
+    srank = (descending_rank(det.score) if score_rank is None else score_rank)[keep]
+    order = stable_lexsort([srank, np.searchsorted(gt.img_ids, d_img)])
     d_img, d_box, d_cls = d_img[order], d_box[order], d_cls[order]
     g_of_det = np.full(len(d_img), k, np.int64)
     taken = np.zeros(len(g_img), bool)
@@ -552,7 +558,8 @@ def evaluate_coco(
     g = _GroundTruth(data, source)
     dets, dropped = _check_dets(DetectionArrays.from_any(detections), g)
     dev = _resolve_device(device)
-    matched = _match(g, dets, dev)
+    srank = descending_rank(dets.score)
+    matched = _match(g, dets, dev, score_rank=srank)
     acc = _accumulate(matched, len(g.cat_ids), dev)
     stats = _summarize(acc["precision"], acc["recall"])
     p_all = acc["precision"][:, :, :, 0, -1]  # T×R×K at area all, maxDets 100
@@ -585,7 +592,7 @@ def evaluate_coco(
     ultra = ultralytics_map(
         np.searchsorted(g.img_ids, g.image_id), np.searchsorted(g.cat_ids, g.category_id), g.bbox, g.crowd,
         np.searchsorted(g.img_ids, dets.image_id), np.searchsorted(g.cat_ids, dets.category_id), dets.bbox,
-        dets.score, device=dev)
+        dets.score, device=dev, score_rank=srank)
     return {
         "stats": stats.tolist(),
         "stat_names": list(STAT_NAMES),
@@ -616,7 +623,8 @@ def evaluate_coco(
         "tail_rule": class_stats.tail_rule + (" (derived from the evaluated ground truth)" if derived else ""),
         "tail_excluded": excluded,
         "class_stats": class_stats.to_dict(),
-        "confusion": confusion_matrix(g, dets, iou_thr=confusion_iou, score_thr=confusion_score, device=dev),
+        "confusion": confusion_matrix(g, dets, iou_thr=confusion_iou, score_thr=confusion_score, device=dev,
+                                      score_rank=srank),
         "confusion_iou": confusion_iou,
         "confusion_score": confusion_score,
         "pr_curves": {name: p_all[0, :, k].tolist() for k, name in enumerate(g.cat_names)},

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "UltralyticsResult", "filter_edges", "greedy_assign", "group_edges", "stable_lexsort", "ultralytics_map",
-    "ultralytics_match",
+    "UltralyticsResult", "descending_rank", "filter_edges", "greedy_assign", "group_edges", "stable_lexsort",
+    "ultralytics_map", "ultralytics_match",
 ]
 
 ULTRA_IOU_THRS = torch.linspace(0.5, 0.95, 10).numpy()  # float32, as DetectionValidator.iouv
@@ -64,6 +64,21 @@ def _stable_argsort(key: np.ndarray) -> np.ndarray:
             perm = perm[np.argsort((key[perm] >> 16).astype(np.uint16), kind="stable")]
         return perm
     return np.argsort(key, kind="stable")
+
+
+def descending_rank(score: np.ndarray) -> np.ndarray:
+    """Dense rank of each score, 0 for the highest; equal scores share a rank.
+
+    A stable sort by this integer key orders exactly as a stable sort by ``-score`` (the one
+    float sort is done here, the later ones are radix passes).
+    """
+    if len(score) == 0:
+        return np.zeros(0, np.int64)
+    order = np.argsort(-score, kind="stable")
+    s = score[order]
+    rank = np.empty(len(score), np.int64)
+    rank[order] = np.cumsum(np.r_[False, s[1:] != s[:-1]])
+    return rank
 
 
 def stable_lexsort(keys: list[np.ndarray]) -> np.ndarray:
@@ -226,7 +241,7 @@ def _box_iou32(d_xyxy: torch.Tensor, g_xyxy: torch.Tensor) -> torch.Tensor:
 def ultralytics_match(
     g_img: np.ndarray, g_cls: np.ndarray, g_xyxy: np.ndarray,
     d_img: np.ndarray, d_cls: np.ndarray, d_xyxy: np.ndarray, d_score: np.ndarray,
-    *, device: torch.device | str = "cpu",
+    *, device: torch.device | str = "cpu", score_rank: np.ndarray | None = None,
 ) -> np.ndarray:
     """Ultralytics' ``match_predictions`` for every image at once.
 
@@ -236,6 +251,7 @@ def ultralytics_match(
         d_img, d_cls, d_score: (N,) image, class and score of each detection.
         d_xyxy: (N, 4) detection boxes [x1, y1, x2, y2].
         device: where the matching runs.
+        score_rank: :func:`descending_rank` of ``d_score`` if already known.
 
     Returns:
         (N, 10) bool ``tp``: detection i is correct at IoU threshold 0.50 + 0.05 j.
@@ -248,7 +264,7 @@ def ultralytics_match(
     # per image, by descending score, stable; a group is an (image, class) pair since the
     # IoU of a cross-class pair is zeroed (never >= 0.5)
     n_cls = int(max(g_cls.max(), d_cls.max())) + 1
-    order = stable_lexsort([-d_score, d_img])
+    order = stable_lexsort([descending_rank(d_score) if score_rank is None else score_rank, d_img])
     d_pair = (d_img.astype(np.int64) * n_cls + d_cls)[order]
     g_pair = g_img.astype(np.int64) * n_cls + g_cls
     e_det, e_gt = group_edges(d_pair, g_pair)  # e_det indexes `order`
@@ -312,19 +328,20 @@ def _compute_ap(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(np.trapezoid(np.interp(_AP_X, mrec, mpre), _AP_X))
 
 
-def ap_from_tp(tp: np.ndarray, score: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def ap_from_tp(tp: np.ndarray, score: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray,
+               score_rank: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Ultralytics' ``ap_per_class`` AP part: per class with GT, AP at each IoU threshold.
 
     Args:
-        tp: (N, T) bool; score, pred_cls: (N,); target_cls: (G,) class of every GT.
+        tp: (N, T) bool; score, pred_cls: (N,); target_cls: (G,) class of every GT;
+        score_rank: :func:`descending_rank` of ``score`` if already known.
 
     Returns:
         ``(classes, ap)``: (C,) classes with GT ascending, (C, T) AP.
     """
     classes, n_gt = np.unique(target_cls, return_counts=True)
     ap = np.zeros((len(classes), tp.shape[1]))
-    by_cls = np.argsort(-score, kind="stable")
-    by_cls = by_cls[_stable_argsort(pred_cls[by_cls])]
+    by_cls = stable_lexsort([descending_rank(score) if score_rank is None else score_rank, pred_cls])
     bounds = np.searchsorted(pred_cls[by_cls], np.r_[classes, classes + 1] if len(classes) else [])
     for ci in range(len(classes)):
         rows = by_cls[bounds[ci]:bounds[len(classes) + ci]]
@@ -343,7 +360,7 @@ def ap_from_tp(tp: np.ndarray, score: np.ndarray, pred_cls: np.ndarray, target_c
 def ultralytics_map(
     g_img: np.ndarray, g_cls: np.ndarray, g_xywh: np.ndarray, g_crowd: np.ndarray,
     d_img: np.ndarray, d_cls: np.ndarray, d_xywh: np.ndarray, d_score: np.ndarray,
-    *, device: torch.device | str = "cpu",
+    *, device: torch.device | str = "cpu", score_rank: np.ndarray | None = None,
 ) -> UltralyticsResult:
     """The figures Ultralytics' ``DetectionValidator`` reports for the same boxes.
 
@@ -353,6 +370,7 @@ def ultralytics_map(
         d_img, d_cls, d_score: (N,) image, class index and score of each detection.
         d_xywh: (N, 4) detection boxes [x, y, w, h].
         device: where the matching runs.
+        score_rank: :func:`descending_rank` of ``d_score`` if already known.
 
     Returns:
         :class:`UltralyticsResult` (``map``, ``map50``, per-class ``ap``).
@@ -367,6 +385,8 @@ def ultralytics_map(
     g_img, g_cls, g_xywh = g_img[keep], g_cls[keep], np.asarray(g_xywh, np.float64)[keep]
     d_xywh = np.asarray(d_xywh, np.float64)
     to_xyxy = lambda b: np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], 1)  # noqa: E731
-    tp = ultralytics_match(g_img, g_cls, to_xyxy(g_xywh), d_img, d_cls, to_xyxy(d_xywh), d_score, device=device)
-    classes, ap = ap_from_tp(tp, d_score, d_cls, g_cls)
+    score_rank = descending_rank(d_score) if score_rank is None else score_rank
+    tp = ultralytics_match(g_img, g_cls, to_xyxy(g_xywh), d_img, d_cls, to_xyxy(d_xywh), d_score, device=device,
+                           score_rank=score_rank)
+    classes, ap = ap_from_tp(tp, d_score, d_cls, g_cls, score_rank)
     return UltralyticsResult(classes=classes, ap=ap, tp=tp)
