@@ -52,6 +52,9 @@ def test_report_files_and_numbers(tmp_path):
     assert "Excluded from mAP_tail" in md  # the last category has no GT
     assert "## FROC" in md and "## Why boxes are missed" in md and "## Confusion matrix" in md
     assert "## Slices with the most missed tail boxes" in md
+    assert rep["colocation"]["iou"] == 0.5 and rep["colocation_touching"]["iou"] == 0.1
+    p = rep["colocation_touching"]["pairs"][0]  # random boxes: some of two classes overlap
+    assert f"| {p['classes'][0]} + {p['classes'][1]} |" in md
     # per class: the paired difference beside the comparison's AP
     name = res["class_names"][k0]
     dk = rep["difference"]["per_class"][name]

@@ -115,7 +115,9 @@ def detection_analysis(
 
     Returns:
         ``intervals`` (:func:`bootstrap_metrics`), ``tide``, ``froc``, ``per_image`` (counts),
-        ``worst_slices``, ``colocation``, and ``difference`` when ``compare`` is given.
+        ``worst_slices``, ``colocation`` (GT box pairs of two classes at IoU ≥ 0.5, where TIDE
+        calls a detection a classification error) and ``colocation_touching`` (IoU ≥ 0.1, where
+        it calls it "both"), and ``difference`` when ``compare`` is given.
     """
     thr = result["confusion_score"] if score_threshold is None else score_threshold
     tail = list(result["tail_classes"])
@@ -127,7 +129,8 @@ def detection_analysis(
         "froc": froc_analysis(None, matching, iou=froc_iou),
         "per_image": counts,
         "worst_slices": worst_slices(counts, tail, top=worst),
-        "colocation": colocation_table(matching.gt),
+        "colocation": colocation_table(matching.gt, iou=0.5),
+        "colocation_touching": colocation_table(matching.gt, iou=0.1),
     }
     if compare is not None:
         other = match_detections(gt, compare, device=device)
@@ -186,7 +189,7 @@ def report_dict(result: dict[str, Any], *, title: str = "", compare: dict[str, A
         out["compare"] = {"label": compare_label, "map": compare["stats"][0], "map50": compare["stats"][1],
                           "map_tail": compare["map_tail"], "map50_tail": compare["map50_tail"],
                           "stats": dict(zip(STAT_NAMES, compare["stats"]))}
-    for key in ("intervals", "tide", "froc", "worst_slices", "colocation", "difference"):
+    for key in ("intervals", "tide", "froc", "worst_slices", "colocation", "colocation_touching", "difference"):
         if key in ana:
             out[key] = ana[key]
     if "per_image" in ana:
@@ -259,7 +262,7 @@ def _markdown(rep: dict[str, Any], label: str, compare_label: str) -> str:
     if rep.get("tide"):
         lines += _tide_md(rep["tide"])
     if rep.get("colocation"):
-        lines += _colocation_md(rep["colocation"])
+        lines += _colocation_md(rep["colocation"], rep.get("colocation_touching"))
     lines += _confusion_md(rep)
     if "worst_slices" in rep:
         lines += _worst_md(rep)
@@ -358,17 +361,24 @@ def _tide_md(tide: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _colocation_md(colo: dict[str, Any]) -> list[str]:
-    lines = ["", f"## Classes labelled on the same structure (ground truth, IoU ≥ {colo['iou']:.1f})", ""]
-    if not colo["pairs"]:
-        return [*lines, "No two annotated boxes of one slice overlap that much."]
-    lines += ["A detection of one class on such a box sits on a box of the other class too; TIDE then counts "
-              "it as a classification error although both labels are right.", "",
-              "| classes | box pairs | identical boxes |", "|---|---:|---:|"]
-    for p in colo["pairs"]:
-        a, b = p["classes"]
-        lines.append(f"| {a} + {b} | {p['count']} | {p['identical']} |" if a != b
-                     else f"| {a} + {a} (same class) | {p['count']} | {p['identical']} |")
+def _colocation_md(colo: dict[str, Any], touching: dict[str, Any] | None = None) -> list[str]:
+    lines = ["", "## Classes labelled on the same structure (ground truth)", ""]
+    pairs = {tuple(p["classes"]): [p["count"], 0, p["identical"]] for p in colo["pairs"]}
+    for p in (touching or {}).get("pairs", []):
+        pairs.setdefault(tuple(p["classes"]), [0, 0, p["identical"]])[1] = p["count"]
+    if not pairs:
+        return [*lines, "No two annotated boxes of one slice overlap."]
+    lo = touching["iou"] if touching else None
+    lines += ["Pairs of annotated boxes on one slice that overlap. A detection placed on such a pair overlaps "
+              "the other class's box too, so where it is a false positive the error analysis may call it a "
+              f"classification error (IoU ≥ {colo['iou']:.1f} with the other box)"
+              + (f" or \"both\" ({lo:.1f}–{colo['iou']:.1f})" if lo is not None else "")
+              + " rather than a duplicate or a misplaced box.", "",
+              f"| classes | IoU ≥ {colo['iou']:.1f} |" + (f" IoU ≥ {lo:.1f} |" if lo is not None else "")
+              + " identical boxes |", "|---|---:|" + ("---:|" if lo is not None else "") + "---:|"]
+    for (a, b), (n_hi, n_lo, same) in sorted(pairs.items(), key=lambda kv: (-kv[1][0], -kv[1][1])):
+        name = f"{a} + {b}" if a != b else f"{a} + {a} (same class)"
+        lines.append(f"| {name} | {n_hi} |" + (f" {n_lo} |" if lo is not None else "") + f" {same} |")
     return lines
 
 
