@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -182,3 +184,34 @@ def test_colocation_table():
     assert t["pairs"][0] == {"classes": ["SS", "LDB"], "count": 1, "identical": 1}
     assert len(t["pairs"]) == 3
     assert colocation_table(gt, iou=0.3)["matrix"][0][1] == 2
+
+
+LUMBAR6 = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "lumbar6"
+
+
+def _yolo_split_as_coco(split: str, size: int = 384) -> dict:
+    names = ["DDD", "Normal IVD", "SS", "Spondylolisthesis", "LDB", "TDB"]  # data.yaml order
+    images, anns = [], []
+    for i, png in enumerate(sorted((LUMBAR6 / split / "images").glob("*.png"))):
+        images.append({"id": i + 1, "file_name": png.name})
+        label = LUMBAR6 / split / "labels" / f"{png.stem}.txt"
+        for line in label.read_text().splitlines() if label.is_file() else []:
+            c, cx, cy, w, h = (float(v) for v in line.split()[:5])
+            box = [(cx - w / 2) * size, (cy - h / 2) * size, w * size, h * size]
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(c) + 1, "bbox": box,
+                         "area": box[2] * box[3], "iscrowd": 0})
+    return {"images": images, "annotations": anns,
+            "categories": [{"id": k + 1, "name": n} for k, n in enumerate(names)]}
+
+
+@pytest.mark.skipif(not LUMBAR6.is_dir(), reason="needs ../shared/datasets/lumbar6")
+def test_colocation_on_lumbar6_val():
+    # SS and LDB are labelled on the same disc level, but their boxes overlap at IoU 0.1-0.5, never >= 0.5;
+    # DDD and LDB share a box (IoU >= 0.5) on 24 val discs
+    gt = _yolo_split_as_coco("val")
+    assert len(gt["images"]) == 207 and len(gt["annotations"]) == 1812
+    at50 = {tuple(p["classes"]): p["count"] for p in colocation_table(gt)["pairs"]}
+    at10 = {tuple(p["classes"]): p["count"] for p in colocation_table(gt, iou=0.1)["pairs"]}
+    assert at50 == {("DDD", "LDB"): 24, ("Spondylolisthesis", "LDB"): 8, ("DDD", "TDB"): 2,
+                    ("DDD", "Spondylolisthesis"): 1}
+    assert ("SS", "LDB") not in at50 and at10[("SS", "LDB")] == 334
