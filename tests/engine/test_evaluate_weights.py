@@ -1,0 +1,75 @@
+"""``tools/evaluate.py --weights`` equals ``tools/infer.py`` + ``tools/evaluate.py --dets`` exactly (YOLO and
+Faster R-CNN), on real lumbar6 slices (a YOLO folder with names with spaces); skipped without ../shared."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.datasets.test_resolve import sources  # noqa: F401  (the fixture)
+from welde_det.engine.run import run_training
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WELDE_NO_PROGRESS": "1", "MPLBACKEND": "Agg", "YOLO_OFFLINE": "1"}
+
+
+def _cli(tool: str, *args: str) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / tool), *args], capture_output=True, text=True,
+                         env=ENV, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+@pytest.mark.parametrize("config", ["yolo_ce", "rcnn_ce"])
+def test_evaluate_weights_equals_infer_plus_dets(sources, tmp_path, config):  # noqa: F811
+    data = sources["grey"]
+    run = run_training(ROOT / "configs" / f"{config}.yaml", [
+        f"data.source={data}", "epochs=1", "imgsz=64", "batch=4", "workers=0", "class_floor=1", "data.channels=1",
+        f"output={tmp_path / 'runs'}"])
+    weights = run / "weights" / "model.pt"
+    ev = tmp_path / "eval"
+    out = _cli("evaluate.py", "--weights", str(weights), "--data", str(data), "--split", "val", "--out", str(ev),
+               "--conf", "0.001")
+    assert out.stdout.strip().splitlines()[-1] == str(ev)
+    dets = json.loads((ev / "detections.json").read_text())
+    gt = json.loads((ev / "ground_truth.json").read_text())
+    # the ground truth it used: file names relative to the split's image folder, the dataset's own class names
+    assert [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])][1] == "Normal IVD"
+    assert all((data / "val" / "images" / im["file_name"]).is_file() for im in gt["images"])
+    assert any(" " in im["file_name"] for im in gt["images"])
+    # the same images through tools/infer.py, turned into COCO results by hand
+    _cli("infer.py", "--weights", str(weights), "--source", str(data / "val" / "images"), "--out",
+         str(tmp_path / "inf"), "--conf", "0.001", "--device", "cpu")
+    id_of = {im["file_name"]: im["id"] for im in gt["images"]}
+    cat_of = {c["name"]: c["id"] for c in gt["categories"]}
+    names = json.loads(next((tmp_path / "inf").glob("*.json")).read_text())["class_names"]
+    by_hand = []
+    for rec_path in sorted((tmp_path / "inf").glob("*.json")):
+        rec = json.loads(rec_path.read_text())
+        image_id = id_of[Path(rec["source"]).name]
+        for d in rec["detections"]:
+            x1, y1, x2, y2 = d["bbox_xyxy"]
+            by_hand.append({"image_id": image_id, "category_id": cat_of[gt_name(gt, names, d["class_index"])],
+                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": d["score"]})
+    key = lambda d: (d["image_id"], -d["score"], d["category_id"], d["bbox"])  # noqa: E731
+    assert sorted(by_hand, key=key) == sorted(dets, key=key)
+    assert len(dets) > 0
+    (tmp_path / "by_hand.json").write_text(json.dumps(by_hand))
+    rep2 = tmp_path / "rep2"
+    _cli("evaluate.py", "--gt", str(ev / "ground_truth.json"), "--dets", str(tmp_path / "by_hand.json"), "--out",
+         str(rep2), "--class-stats", str(run / "class_stats.json"))
+    a, b = (json.loads((d / "report.json").read_text()) for d in (ev, rep2))
+    assert a["stats"] == b["stats"] and a["map_tail"] == b["map_tail"]
+    assert "selected on the last epoch" in (ev / "report.md").read_text().lower()
+
+
+def gt_name(gt: dict, names: list[str], index: int) -> str:
+    """The dataset's category name of the detector's class ``index`` (same order, checked by the loader)."""
+    cats = sorted(gt["categories"], key=lambda c: c["id"])
+    assert [c["name"] for c in cats] == names
+    return cats[index]["name"]
