@@ -338,3 +338,18 @@ def test_cuda_equals_cpu_everywhere(seed):
     np.testing.assert_array_equal(gpu["precision"], cpu["precision"])
     np.testing.assert_array_equal(gpu["confusion"], cpu["confusion"])
     assert gpu["ultralytics"] == cpu["ultralytics"]
+
+
+def test_many_pairs_span_several_chunks():
+    """> 64k (detection, GT) pairs in the matcher and the confusion matrix: several chunks."""
+    rng = np.random.default_rng(3)
+    images = [{"id": i + 1} for i in range(8)]
+    anns = [{"id": i + 1, "image_id": 1 + i % 8, "category_id": 1 + i % 2, "bbox": [*rng.uniform(0, 60, 2), 30.0, 30.0],
+             "area": 900.0, "iscrowd": int(rng.random() < 0.05)} for i in range(8 * 90)]
+    gt = {"images": images, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}], "annotations": anns}
+    dets = [{"image_id": 1 + i % 8, "category_id": 1 + (i // 8) % 2, "bbox": [*rng.uniform(0, 60, 2), 30.0, 30.0],
+             "score": float(rng.random())} for i in range(8 * 200)]
+    assert_exact(gt, dets)
+    g = _GroundTruth(gt, "gt")
+    cm = confusion_matrix(g, DetectionArrays.from_any(dets), iou_thr=0.5, score_thr=0.0)
+    np.testing.assert_array_equal(cm, reference_confusion(gt, dets, 0.5, 0.0))

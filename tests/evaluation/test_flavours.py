@@ -19,7 +19,7 @@ from ultralytics.utils.metrics import ap_per_class, box_iou
 
 from welde_det.evaluation import evaluate_coco
 from welde_det.evaluation.flavours import (
-    group_edges,
+    candidate_edges,
     stable_lexsort,
     ultralytics_map,
     ultralytics_match,
@@ -160,8 +160,36 @@ def test_no_gt_and_no_detections():
 
 
 def test_helpers():
-    e_det, e_gt = group_edges(np.array([5, 7, 5, 9]), np.array([7, 5, 5, 1]))
-    assert list(zip(e_det.tolist(), e_gt.tolist())) == [(0, 1), (0, 2), (1, 0), (2, 1), (2, 2)]
+    iou_of = {(0, 1): 0.7, (0, 2): 0.2, (1, 0): 0.5, (2, 1): 0.9, (2, 2): 0.6}
+    seen = []
+
+    def iou_fn(ed, eg):
+        seen.extend(zip(ed.tolist(), eg.tolist()))
+        return torch.tensor([iou_of[p] for p in zip(ed.tolist(), eg.tolist())], dtype=torch.float64)
+
+    e_det, e_gt, iou = candidate_edges(np.array([5, 7, 5, 9]), np.array([7, 5, 5, 1]), iou_fn, 0.5,
+                                       torch.device("cpu"))
+    assert seen == [(0, 1), (0, 2), (1, 0), (2, 1), (2, 2)]  # every pair sharing a group, no other
+    assert list(zip(e_det.tolist(), e_gt.tolist(), iou.tolist())) == [(0, 1, 0.7), (1, 0, 0.5), (2, 1, 0.9),
+                                                                      (2, 2, 0.6)]
     rng = np.random.default_rng(0)
     keys = [rng.integers(0, 70000, 500), rng.random(500).round(1), rng.integers(0, 3, 500)]
     np.testing.assert_array_equal(stable_lexsort(keys), np.lexsort(keys))
+
+
+def test_many_pairs_span_several_chunks():
+    """> 64k candidate pairs: generated and measured in several chunks, same result."""
+    rng = np.random.default_rng(7)
+    anns = [{"id": i + 1, "image_id": 1 + i % 2, "category_id": 1, "bbox": [*rng.uniform(0, 100, 2), 40.0, 40.0],
+             "area": 1600.0, "iscrowd": 0} for i in range(600)]
+    gt = {"images": [{"id": 1}, {"id": 2}], "categories": [{"id": 1, "name": "a"}], "annotations": anns}
+    dets = [{"image_id": 1 + i % 2, "category_id": 1, "bbox": [*rng.uniform(0, 100, 2), 40.0, 40.0],
+             "score": float(rng.random())} for i in range(500)]
+    ap, _classes, tp_ref = reference(gt, dets)  # 2 images x 300 GT x 250 dets = 150k pairs
+    u = evaluate_coco(gt, dets, device="cpu")["ultralytics"]
+    assert u["map"] == pytest.approx(ap.mean(), abs=1e-12)
+    ours = ultralytics_map(np.array([a["image_id"] for a in anns]), np.zeros(600, int),
+                           np.array([a["bbox"] for a in anns]), np.zeros(600, bool),
+                           np.array([d["image_id"] for d in dets]), np.zeros(500, int),
+                           np.array([d["bbox"] for d in dets]), np.array([d["score"] for d in dets]))
+    np.testing.assert_array_equal(ours.tp, tp_ref)

@@ -38,10 +38,9 @@ import torch
 
 from welde_det.classes import ClassStats
 from welde_det.evaluation.flavours import (
+    candidate_edges,
     descending_rank,
-    filter_edges,
     greedy_assign,
-    group_edges,
     stable_lexsort,
     ultralytics_map,
 )
@@ -310,10 +309,9 @@ def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device, *,
     d_area = box[:, 2] * box[:, 3]
     d_out = (d_area[:, None] < rng[:, 0]) | (d_area[:, None] > rng[:, 1])  # (N, A)
     g_ig = gt.crowd[:, None] | (gt.area[:, None] < rng[:, 0]) | (gt.area[:, None] > rng[:, 1])  # (G, A)
-    e_det, e_gt = group_edges(d_pair_s, g_pair)
+    e_det, e_gt, iou = candidate_edges(d_pair_s, g_pair, _edge_ious(box, gt.bbox, gt.crowd, device), 0.5, device)
     if len(e_det):
         thr = torch.as_tensor(np.minimum(IOU_THRS, 1 - 1e-10), dtype=torch.float64, device=device)
-        e_det, e_gt, iou = filter_edges(e_det, e_gt, _edge_ious(box, gt.bbox, gt.crowd, device), 0.5, device)
         # step = rank among the pair's candidate detections; within a detection, edges in
         # ascending (IoU, GT index): the last eligible one is pycocotools' choice
         new = np.r_[True, e_det[1:] != e_det[:-1]] if len(e_det) else np.zeros(0, bool)
@@ -491,9 +489,7 @@ def confusion_matrix(gt: _GroundTruth, det: DetectionArrays, *, iou_thr: float =
     d_img, d_box, d_cls = d_img[order], d_box[order], d_cls[order]
     g_of_det = np.full(len(d_img), k, np.int64)
     taken = np.zeros(len(g_img), bool)
-    e_det, e_gt = group_edges(d_img, g_img)
-    if len(e_det):
-        e_det, e_gt, iou = filter_edges(e_det, e_gt, _edge_ious(d_box, g_box, None, device), iou_thr, device)
+    e_det, e_gt, iou = candidate_edges(d_img, g_img, _edge_ious(d_box, g_box, None, device), iou_thr, device)
     if len(e_det):
         new = np.r_[True, e_det[1:] != e_det[:-1]]
         step = np.repeat(_pair_rank(d_img[e_det[new]]), np.diff(np.r_[np.nonzero(new)[0], len(e_det)]))

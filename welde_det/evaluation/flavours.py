@@ -18,8 +18,8 @@ classes averaged       classes with GT (−1 excluded)                classes wi
 
 Shared primitives (vectorised over all groups at once, no Python loop over images):
 
-- :func:`group_edges`: every (detection, GT) index pair that shares a group id (an image,
-  or an (image, class) pair);
+- :func:`candidate_edges`: the (detection, GT) pairs that share a group id (an image, or an
+  (image, class) pair) and overlap enough to ever match;
 - :func:`greedy_assign`: the sequential greedy matcher of both flavours. Detections are
   processed in "steps" (the k-th candidate detection of every group at step k), each step
   one tensor operation over all groups, thresholds and columns, on CPU or CUDA.
@@ -46,8 +46,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "UltralyticsResult", "descending_rank", "filter_edges", "greedy_assign", "group_edges", "stable_lexsort",
-    "ultralytics_map", "ultralytics_match",
+    "UltralyticsResult", "candidate_edges", "descending_rank", "greedy_assign", "stable_lexsort", "ultralytics_map",
+    "ultralytics_match",
 ]
 
 ULTRA_IOU_THRS = torch.linspace(0.5, 0.95, 10).numpy()  # float32, as DetectionValidator.iouv
@@ -89,57 +89,55 @@ def stable_lexsort(keys: list[np.ndarray]) -> np.ndarray:
     return perm
 
 
-def group_edges(d_group: np.ndarray, g_group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every (detection, GT) pair whose group ids are equal.
+def candidate_edges(
+    d_group: np.ndarray, g_group: np.ndarray, iou_fn: Callable[[np.ndarray, np.ndarray], torch.Tensor],
+    min_iou: float, device: torch.device,
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """The (detection, GT) pairs that share a group id and whose IoU is ≥ ``min_iou``.
+
+    Pairs are generated and measured in chunks of about 64k on CPU, so the index arrays and
+    IoU temporaries stay in cache (several times faster than one pass over millions of pairs).
 
     Args:
-        d_group: (N,) int group id of each detection.
+        d_group: (N,) int group id of each detection (an image, or an (image, class) pair).
         g_group: (G,) int group id of each GT.
+        iou_fn: ``(e_det, e_gt) -> (E,)`` IoU tensor of the given pairs on ``device``.
+        min_iou: the smallest IoU kept (> 0).
+        device: where ``iou_fn`` computes.
 
     Returns:
-        ``(e_det, e_gt)``, both (E,) int64: detection-major in detection order, and within a
-        detection the GTs in ascending index.
+        ``(e_det, e_gt, iou)``: detection-major in detection order, GTs ascending within a
+        detection; iou on ``device``.
     """
-    if len(d_group) == 0 or len(g_group) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    groups, g_idx = np.unique(g_group, return_inverse=True)
-    g_order = np.argsort(g_idx, kind="stable")
-    g_cnt = np.bincount(g_idx, minlength=len(groups))
-    g_start = np.cumsum(g_cnt) - g_cnt
-    pos = np.minimum(np.searchsorted(groups, d_group), len(groups) - 1)
-    has = groups[pos] == d_group
-    n_e = np.where(has, g_cnt[pos], 0)
-    e_det = np.repeat(np.arange(len(d_group), dtype=np.int64), n_e)
-    first = np.cumsum(n_e) - n_e
-    within = np.arange(len(e_det), dtype=np.int64) - np.repeat(first, n_e)
-    e_gt = g_order[np.repeat(g_start[pos], n_e) + within]
-    return e_det, e_gt
-
-
-def filter_edges(
-    e_det: np.ndarray, e_gt: np.ndarray, iou_fn: Callable[[np.ndarray, np.ndarray], torch.Tensor], min_iou: float,
-    device: torch.device,
-) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-    """The edges whose IoU (``iou_fn(e_det, e_gt)``) is ≥ ``min_iou``, in their order.
-
-    Computed in chunks of 64k edges on CPU, so that the temporaries stay in cache (about 7x
-    faster than one pass over a few million edges on a busy machine).
-
-    Returns:
-        ``(e_det, e_gt, iou)``, iou a tensor on ``device``.
-    """
-    chunk = 1 << 16 if device.type == "cpu" else 1 << 24
     parts_d, parts_g, parts_i = [], [], []
-    for s in range(0, len(e_det), chunk):
-        ed, eg = e_det[s:s + chunk], e_gt[s:s + chunk]
-        iou = iou_fn(ed, eg)
-        keep = iou >= min_iou
-        keep_np = keep.cpu().numpy()
-        parts_d.append(ed[keep_np])
-        parts_g.append(eg[keep_np])
-        parts_i.append(iou[keep])
+    if len(d_group) and len(g_group):
+        groups, g_idx = np.unique(g_group, return_inverse=True)
+        g_order = _stable_argsort(g_idx)
+        g_cnt = np.bincount(g_idx, minlength=len(groups))
+        g_start = np.cumsum(g_cnt) - g_cnt
+        pos = np.minimum(np.searchsorted(groups, d_group), len(groups) - 1)
+        n_e = np.where(groups[pos] == d_group, g_cnt[pos], 0)
+        ends = np.cumsum(n_e)
+        chunk = 1 << 16 if device.type == "cpu" else 1 << 24
+        d0 = 0
+        while d0 < len(d_group):
+            before = ends[d0 - 1] if d0 else 0
+            d1 = max(int(np.searchsorted(ends, before + chunk, side="right")), d0 + 1)
+            ne = n_e[d0:d1]
+            n = int(ne.sum())
+            if n:
+                e_det = np.repeat(np.arange(d0, d1), ne)
+                first = np.repeat(np.cumsum(ne) - ne - g_start[pos[d0:d1]], ne)
+                e_gt = g_order[np.arange(n) - first]
+                iou = iou_fn(e_det, e_gt)
+                keep = iou >= min_iou
+                keep_np = keep.cpu().numpy()
+                parts_d.append(e_det[keep_np])
+                parts_g.append(e_gt[keep_np])
+                parts_i.append(iou[keep])
+            d0 = d1
     if not parts_d:
-        return e_det[:0], e_gt[:0], torch.zeros(0, dtype=torch.float64, device=device)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), torch.zeros(0, dtype=torch.float64, device=device)
     return np.concatenate(parts_d), np.concatenate(parts_g), torch.cat(parts_i)
 
 
@@ -267,14 +265,11 @@ def ultralytics_match(
     order = stable_lexsort([descending_rank(d_score) if score_rank is None else score_rank, d_img])
     d_pair = (d_img.astype(np.int64) * n_cls + d_cls)[order]
     g_pair = g_img.astype(np.int64) * n_cls + g_cls
-    e_det, e_gt = group_edges(d_pair, g_pair)  # e_det indexes `order`
-    if len(e_det) == 0:
-        return tp
     d_t, g_t = np.ascontiguousarray(np.take(d_xyxy, order, axis=0).T), np.ascontiguousarray(g_xyxy.T)
     thr = torch.as_tensor(ULTRA_IOU_THRS, device=device)
-    e_det, e_gt, iou = filter_edges(
-        e_det, e_gt, lambda ed, eg: _box_iou32(torch.as_tensor(np.take(d_t, ed, axis=1), device=device),
-                                               torch.as_tensor(np.take(g_t, eg, axis=1), device=device)),
+    e_det, e_gt, iou = candidate_edges(  # e_det indexes `order`
+        d_pair, g_pair, lambda ed, eg: _box_iou32(torch.as_tensor(np.take(d_t, ed, axis=1), device=device),
+                                                  torch.as_tensor(np.take(g_t, eg, axis=1), device=device)),
         float(ULTRA_IOU_THRS[0]), device)
     if len(e_det) == 0:
         return tp
