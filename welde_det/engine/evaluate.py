@@ -14,7 +14,6 @@ from typing import Any
 from welde_det.classes import ClassStats
 from welde_det.evaluation import DetectionArrays, evaluate_coco
 from welde_det.evaluation.report import detection_analysis, write_report
-from welde_det.utils.fileio import load_json
 
 __all__ = ["write_detection_report"]
 
@@ -62,8 +61,7 @@ def write_detection_report(
     """
     if class_stats is not None and not isinstance(class_stats, ClassStats):
         class_stats = ClassStats.load(class_stats)
-    gt = load_json(gt) if isinstance(gt, (str, os.PathLike)) else gt
-    detections = DetectionArrays.from_any(detections)
+    detections = DetectionArrays.from_any(detections)  # read once; gt stays a path so errors name the file
     compare = DetectionArrays.from_any(compare) if compare is not None else None
     result = evaluate_coco(gt, detections, class_stats=class_stats, device=device)
     other = evaluate_coco(gt, compare, class_stats=class_stats, device=device) if compare is not None else None
