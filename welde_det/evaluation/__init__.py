@@ -2,10 +2,11 @@
 
 ``evaluate_coco(gt, detections, *, class_stats=None, device=None)`` is the public entry
 point. Built on one matching (:func:`match_detections`): per-image counts
-(:mod:`~welde_det.evaluation.per_image`) and bootstrap intervals
-(:mod:`~welde_det.evaluation.intervals`). Plotting and reports live in
-:mod:`welde_det.evaluation.report` (imported lazily, so importing this package does not
-import matplotlib).
+(:mod:`~welde_det.evaluation.per_image`), bootstrap intervals and paired differences
+(:mod:`~welde_det.evaluation.intervals`), FROC (:mod:`~welde_det.evaluation.froc`) and
+TIDE-style error analysis with the GT co-location table (:mod:`~welde_det.evaluation.errors`).
+Plotting and reports live in :mod:`welde_det.evaluation.report` (matplotlib is imported
+only when plotting, so importing this package does not import it).
 """
 
 from __future__ import annotations
