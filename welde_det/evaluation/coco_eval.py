@@ -320,22 +320,23 @@ def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device, *,
         srt = stable_lexsort([e_gt, iou.cpu().numpy(), e_det, step])
         srt_t = torch.as_tensor(srt, device=device)
         step, e_det, e_gt, iou = step[srt], e_det[srt], e_gt[srt], iou[srt_t]
+        # outcome code of the chosen GT per column a: bit 0 = its id is not 0 (pycocotools marks
+        # matches by GT id, so id 0 looks unmatched), bit 1 = it is ignored in area range a
+        payload = (gt.ann_id[e_gt] != 0)[:, None] | (g_ig[e_gt] << 1).astype(np.uint8)
         dets, choice = greedy_assign(
             step, e_det, e_gt, iou[:, None] >= thr[None, :], len(gt.crowd),
             preferred=torch.as_tensor(~g_ig[e_gt], device=device),
             sticky=torch.as_tensor(gt.crowd[e_gt], device=device),
+            payload=torch.as_tensor(payload.astype(np.uint8), device=device),
         )
-        choice = choice.cpu().numpy()
-    # outcome code per (row, t, a): bit 0 = matched to a GT whose id is not 0 (pycocotools
-    # marks matches by GT id, so id 0 looks unmatched), bit 1 = that GT is ignored.
-    # tp = code 1; fp = code 0 and the detection's area in range; anything else is ignored
+    # tp = code 1; fp = code 0 (unmatched, or matched by id 0) with the detection's area in
+    # range; any other code is ignored
     code = np.zeros((n, T, A), np.uint8)
     if len(e_det):
-        table = np.zeros((len(e_gt) + 1, A), np.uint8)  # last row: no match
-        table[:-1] = (gt.ann_id[e_gt] != 0)[:, None] | (g_ig[e_gt] << 1)
-        code[dets] = table[np.where(choice >= 0, choice, len(e_gt)), np.arange(A)]
+        code[dets] = choice.cpu().numpy()
     tp = code == 1
-    fp = (code == 0) & ~d_out[:, None, :]
+    # same-shape operands (no broadcast over the 4-wide last axis: NumPy would loop per row)
+    fp = ((code == 0).reshape(n, T * A) & np.tile(~d_out, (1, T))).reshape(n, T, A)
     npig = np.zeros((n_cat, A), np.int64)
     np.add.at(npig, g_cat, (~g_ig).astype(np.int64))
     has_pair = np.zeros(n_cat, bool)

@@ -150,6 +150,7 @@ def greedy_assign(
     *,
     preferred: torch.Tensor | None = None,
     sticky: torch.Tensor | None = None,
+    payload: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, torch.Tensor]:
     """Sequential greedy matching, vectorised over groups, thresholds and columns.
 
@@ -168,29 +169,35 @@ def greedy_assign(
         preferred: (E, A) bool or None (A = 1): per column, edges that outrank all others
             (pycocotools: a regular GT beats an ignored one).
         sticky: (E,) bool or None: the GT is never used up (pycocotools' crowd boxes).
+        payload: (E, A) uint8 or None: return this value of the chosen edge instead of its
+            index (0 where none), which keeps the (D, T, A) output small.
 
     Returns:
         ``(dets, choice)``: (D,) the distinct detection ids in edge order, and (D, T, A)
-        int64 chosen edge index, −1 where none.
+        int64 chosen edge index, −1 where none (or the uint8 ``payload`` of it).
     """
     device = thr_ok.device
     n_e, n_t = thr_ok.shape
     n_a = 1 if preferred is None else preferred.shape[1]
+    out_dtype, none_out = (torch.int64, -1) if payload is None else (torch.uint8, 0)
     if n_e == 0:
-        return np.zeros(0, np.int64), torch.zeros((0, n_t, n_a), dtype=torch.int64, device=device)
+        return np.zeros(0, np.int64), torch.full((0, n_t, n_a), none_out, dtype=out_dtype, device=device)
     new_det = np.r_[True, (np.diff(det) != 0) | (np.diff(step) != 0)]
     seq = np.cumsum(new_det) - 1  # detection sequence number over all steps
     dets = det[new_det]
     bounds = np.searchsorted(step, np.arange(int(step[-1]) + 2))
     local = torch.as_tensor(seq - seq[np.minimum(bounds[step], n_e - 1)], device=device)
     gt_t = torch.as_tensor(gt, device=device)
-    pos = torch.arange(n_e, device=device)
+    key_dtype = torch.int32 if 2 * n_e < 2**31 else torch.int64  # keys < 2 * n_e
+    pos = torch.arange(n_e, device=device, dtype=key_dtype)
     big = n_e
-    bonus = (preferred.to(torch.int64) * big) if preferred is not None else torch.zeros((n_e, 1), dtype=torch.int64,
-                                                                                      device=device)
+    bonus = ((preferred.to(key_dtype) * big) if preferred is not None
+             else torch.zeros((n_e, 1), dtype=key_dtype, device=device))
+    flat_payload = payload.reshape(-1) if payload is not None else None
+    a_idx = torch.arange(n_a, device=device)
     used = torch.zeros((n_gt, n_t, n_a), dtype=torch.bool, device=device)
-    choice = torch.full((len(dets), n_t, n_a), -1, dtype=torch.int64, device=device)
-    none = torch.tensor(-1, dtype=torch.int64, device=device)
+    choice = torch.full((len(dets), n_t, n_a), none_out, dtype=out_dtype, device=device)
+    none = torch.tensor(-1, dtype=key_dtype, device=device)
     for s in range(len(bounds) - 1):
         s0, s1 = int(bounds[s]), int(bounds[s + 1])
         if s0 == s1:
@@ -202,11 +209,14 @@ def greedy_assign(
         elig = thr_ok[s0:s1, :, None] & free
         key = torch.where(elig, bonus[s0:s1, None, :] + pos[s0:s1, None, None], none)
         d0, d1 = int(seq[s0]), int(seq[s1 - 1]) + 1
-        best = torch.full((d1 - d0, n_t, n_a), -1, dtype=torch.int64, device=device)
+        best = torch.full((d1 - d0, n_t, n_a), -1, dtype=key_dtype, device=device)
         best.scatter_reduce_(0, local[s0:s1, None, None].expand_as(key), key, "amax")
         found = best >= 0
-        edge = torch.where(found, best % big, none)
-        choice[d0:d1] = edge
+        edge = torch.where(found, best % big, none).long()
+        if flat_payload is None:
+            choice[d0:d1] = edge
+        else:
+            choice[d0:d1] = torch.where(found, flat_payload[edge.clamp(min=0) * n_a + a_idx], 0)
         i_det, i_t, i_a = torch.nonzero(found, as_tuple=True)
         used[gt_t[edge[i_det, i_t, i_a]], i_t, i_a] = True
     return dets, choice
