@@ -66,8 +66,8 @@ def test_image_folder_run(tmp_path):
 
 
 @pytest.mark.parametrize(("override", "match"), [
-    (["loss.name=focall"], "not registry losses"),
-    (["loss.mode=welde", "components=[ce,nope]"], "not registry losses"),
+    (["loss.name=focall"], "unknown softmax loss .focall"),
+    (["loss.mode=welde", "components=[ce,nope]"], "unknown softmax loss .nope"),
     (["loss.params.lmf.gamma=1.0"], "not among the heads"),
 ])
 def test_bad_config(tmp_path, override, match):

@@ -66,7 +66,11 @@ class DataConfig:
         contrast: phantom contrast, ``"t1"``, ``"t2"`` or ``"both"``.
         seed: phantom / split seed.
         cache_dir: where generated data is cached (ignored by git).
-        sampler: optional batch sampler name (``welde_det.losses.samplers``).
+        sampler: optional sampler name (``welde_det.losses.samplers``): for the detectors
+            ``repeat_factor`` (LVIS: an image is drawn max(1, √(t / f_c)) times per epoch, f_c
+            the share of training images holding class c); for classification any
+            registry sampler (``class_balanced``, ``progressive``, ...).
+        repeat_threshold: t of ``repeat_factor``.
         channels: input channels given to the model (1 = grayscale, 3 = RGB-grey).
         bit_depth: 8 or 16. With 16 the phantom writes 16-bit PNGs and the detectors
             train on 16-bit slices without 8-bit quantisation (YOLO through
@@ -88,6 +92,7 @@ class DataConfig:
     seed: int = 0
     cache_dir: str = "data/generated"
     sampler: str | None = None
+    repeat_threshold: float = 0.1
     channels: int = 3
     bit_depth: int = 8
     tail: tuple[str, ...] = ()

@@ -66,6 +66,8 @@ class Backend(abc.ABC):
 
     framework: str = ""
     task: str = "detect"
+    #: the heads' activation: ``"sigmoid"`` (dense YOLO heads) or ``"softmax"``
+    activation: str = "softmax"
     #: config keys this backend never reads (a non-default value is an error)
     UNUSED: frozenset[str] = frozenset()
 
@@ -82,6 +84,10 @@ class Backend(abc.ABC):
             raise ConfigError(f"task={cfg.task!r} does not fit model.framework={self.framework!r}")
         if cfg.train.amp and device_for(cfg.train.device).startswith("cpu"):
             raise ConfigError("train.amp=true needs a CUDA device; this run is on the CPU (set amp=false)")
+        from welde_det.engine.stages import plan_stages
+
+        for stage in plan_stages(cfg):  # every stage's WELDE spec is checked before anything is written
+            welde_spec(cfg, stage.components, stage.mode, self.activation)
 
     def title(self, cfg: ExperimentConfig) -> str:
         """A short description for report titles."""

@@ -122,6 +122,10 @@ class RCNNBackend(DetectionBackend):
     framework = "rcnn"
     UNUSED = frozenset({"train.nbs"})
 
+    def unused_keys(self, cfg: ExperimentConfig) -> set[str]:
+        keys = super().unused_keys(cfg)
+        return keys if cfg.data.sampler == "repeat_factor" else keys | {"data.repeat_threshold"}
+
     def title(self, cfg: ExperimentConfig) -> str:
         return f"Faster R-CNN ({self.arch(cfg)})"
 
@@ -276,12 +280,15 @@ class RCNNBackend(DetectionBackend):
         g = torch.Generator().manual_seed(cfg.train.seed)
         sampler: Any = None
         if cfg.data.sampler:
-            if world > 1:
-                raise ConfigError(f"data.sampler={cfg.data.sampler!r} is not supported with DDP yet; "
-                                  "train on one process or drop the sampler")
             from welde_det.losses.samplers import build_detection_sampler
 
-            sampler = build_detection_sampler(cfg.data.sampler, ds.labels_per_image(), seed=cfg.train.seed)
+            rank = int(os.environ.get("RANK", "0") or 0)
+            try:
+                sampler = build_detection_sampler(cfg.data.sampler, ds.labels_per_image(),
+                                                  threshold=cfg.data.repeat_threshold, seed=cfg.train.seed,
+                                                  num_replicas=world, rank=rank)
+            except ValueError as exc:
+                raise ConfigError(f"data.sampler={cfg.data.sampler!r}: {exc}") from exc
         elif world > 1:
             sampler = torch.utils.data.distributed.DistributedSampler(ds, seed=cfg.train.seed)
         loader = DataLoader(ds, batch_size=cfg.train.batch, shuffle=sampler is None, sampler=sampler,

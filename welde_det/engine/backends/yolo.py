@@ -82,6 +82,11 @@ class YOLOBackend(DetectionBackend):
     """``model.framework: yolo`` (Ultralytics 8.4, random init from a model YAML or local weights)."""
 
     framework = "yolo"
+    activation = "sigmoid"
+
+    def unused_keys(self, cfg: ExperimentConfig) -> set[str]:
+        keys = super().unused_keys(cfg)
+        return keys if cfg.data.sampler == "repeat_factor" else keys | {"data.repeat_threshold"}
 
     def title(self, cfg: ExperimentConfig) -> str:
         return f"YOLO ({Path(cfg.model.arch).stem})"
@@ -108,9 +113,7 @@ class YOLOBackend(DetectionBackend):
         spec = welde_spec(cfg, stage.components, stage.mode, "sigmoid")
         counts = [float(c) for c in stats.effective_counts]
         sel = data.select
-        out = {"welde": spec.to_dict(), "components": list(spec.components), "mode": spec.mode,
-               "loss_params": {k: dict(v) for k, v in spec.loss_params.items()}, "hidden": cfg.model.hidden or None,
-               "objective_kw": dict(spec.objective_kw), "class_counts": counts, "stage2": stage.frozen, "epoch_offset": stage.epoch_offset,
+        out = {"welde": spec.to_dict(), "class_counts": counts, "repeat_threshold": cfg.data.repeat_threshold, "stage2": stage.frozen, "epoch_offset": stage.epoch_offset,
                "val_coco": str(data.splits[sel]) if sel else None,
                "val_images": str(data.image_roots[sel]) if sel else None,
                "class_stats": stats.to_dict(), "config": config_to_dict(cfg), "conf": cfg.train.conf,
