@@ -18,7 +18,7 @@ import torch
 from welde_det.classes import ClassStats
 from welde_det.integrations.base import Detector, image_to_float
 
-__all__ = ["RCNNDetector", "YOLODetector", "letterbox", "rcnn_predict_batch"]
+__all__ = ["RCNNDetector", "YOLODetector", "rcnn_predict_batch"]
 
 
 def _records(rows: list[list[float]], names: Sequence[str], conf: float) -> list[dict[str, Any]]:
@@ -29,26 +29,6 @@ def _records(rows: list[list[float]], names: Sequence[str], conf: float) -> list
 
 
 # ----------------------------------------------------------------------------- YOLO
-def letterbox(image: np.ndarray, imgsz: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """A 2D slice scaled to [0, 1] (uint16 by 65535, uint8 by 255) and letterboxed to ``imgsz`` as
-    Ultralytics' validator does (grey 114 padding, centred); returns it and the original (h, w)."""
-    import cv2
-
-    img = np.asarray(image)
-    if img.ndim == 3:
-        img = img[..., 0]
-    scale = 65535.0 if img.dtype == np.uint16 else 255.0 if img.dtype == np.uint8 else 1.0
-    x = img.astype(np.float32) / scale
-    h, w = x.shape
-    r = min(imgsz / h, imgsz / w)
-    nh, nw = round(h * r), round(w * r)
-    resized = cv2.resize(x, (nw, nh), interpolation=cv2.INTER_LINEAR) if (nh, nw) != (h, w) else x
-    canvas = np.full((imgsz, imgsz), 114 / 255, dtype=np.float32)
-    top, left = (imgsz - nh) // 2, (imgsz - nw) // 2
-    canvas[top:top + nh, left:left + nw] = resized
-    return canvas, (h, w)
-
-
 class YOLODetector(Detector):
     """A welde_det YOLO checkpoint; the model's head fuses its K heads before Ultralytics' NMS."""
 
@@ -63,27 +43,13 @@ class YOLODetector(Detector):
         self.model = model_from_checkpoint(ckpt).to(device).eval()
         self.iou, self.max_det = iou, max_det
 
-    @torch.no_grad()
     def predict_batch(self, images: Sequence[np.ndarray], conf: float = 0.25) -> list[list[dict[str, Any]]]:
         """Letterbox every slice, one forward pass, Ultralytics' NMS, boxes back in each slice's pixels."""
-        from ultralytics.utils.nms import non_max_suppression
-        from ultralytics.utils.ops import scale_boxes
+        from welde_det.integrations.yolo import predict_yolo_batch
 
-        if not len(images):
-            return []
-        boxed = [letterbox(im, self.imgsz) for im in images]
-        p = next(self.model.parameters())
-        t = torch.from_numpy(np.stack([b for b, _ in boxed]))[:, None].to(p.device, p.dtype)
-        if self.channels == 3:
-            t = t.expand(-1, 3, -1, -1)
-        out = self.model(t)
-        dets = non_max_suppression(out[0] if isinstance(out, (tuple, list)) else out, conf, self.iou,
-                                   max_det=self.max_det)
-        results = []
-        for det, (_, shape) in zip(dets, boxed):
-            det[:, :4] = scale_boxes((self.imgsz, self.imgsz), det[:, :4], shape)
-            results.append(_records(det.float().cpu().tolist(), self.names, conf))
-        return results
+        dets = predict_yolo_batch(self.model, images, imgsz=self.imgsz, channels=self.channels, conf=conf,
+                                  iou=self.iou, max_det=self.max_det)
+        return [_records(d.tolist(), self.names, conf) for d in dets]
 
     def predict(self, image: np.ndarray, conf: float = 0.25) -> list[dict[str, Any]]:
         """See :meth:`Detector.predict`."""

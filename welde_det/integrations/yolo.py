@@ -715,18 +715,11 @@ def _core(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-@torch.no_grad()
-def predict_yolo(model: nn.Module, image: np.ndarray, *, imgsz: int, channels: int, conf: float = 0.25,
-                 iou: float = 0.7, max_det: int = 300) -> torch.Tensor:
-    """Detections (n, 6: x1, y1, x2, y2, score, class index) of one 2D slice in its own pixels.
-
-    The slice is letterboxed to ``imgsz`` as Ultralytics' validator does, scaled to [0, 1]
-    (uint16 by 65535, uint8 by 255: 16-bit input is not squashed to 8 bits on the way),
-    given 1 or 3 channels, run through the model (whose head fuses the K heads) and
-    Ultralytics' own NMS; boxes are mapped back with ``scale_boxes``.
-    """
-    from ultralytics.utils.nms import non_max_suppression
-    from ultralytics.utils.ops import scale_boxes
+def letterbox(image: np.ndarray, imgsz: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """A 2D slice scaled to [0, 1] (uint16 by 65535, uint8 by 255: 16-bit input is not squashed to 8 bits)
+    and letterboxed to ``imgsz`` as Ultralytics' validator does (grey 114 padding, centred); returns it and
+    the slice's (h, w)."""
+    import cv2
 
     img = np.asarray(image)
     if img.ndim == 3:
@@ -736,23 +729,47 @@ def predict_yolo(model: nn.Module, image: np.ndarray, *, imgsz: int, channels: i
     h, w = x.shape
     r = min(imgsz / h, imgsz / w)
     nh, nw = round(h * r), round(w * r)
-    import cv2
-
     resized = cv2.resize(x, (nw, nh), interpolation=cv2.INTER_LINEAR) if (nh, nw) != (h, w) else x
     canvas = np.full((imgsz, imgsz), 114 / 255, dtype=np.float32)
     top, left = (imgsz - nh) // 2, (imgsz - nw) // 2
     canvas[top:top + nh, left:left + nw] = resized
+    return canvas, (h, w)
+
+
+@torch.no_grad()
+def predict_yolo_batch(model: nn.Module, images: Sequence[np.ndarray], *, imgsz: int, channels: int,
+                       conf: float = 0.25, iou: float = 0.7, max_det: int = 300) -> list[torch.Tensor]:
+    """Detections (n, 6: x1, y1, x2, y2, score, class index) per 2D slice, in each slice's own pixels.
+
+    Every slice is letterboxed (:func:`letterbox`), given 1 or 3 channels, and the batch goes
+    through the model (whose head fuses the K heads) in one forward pass and Ultralytics' own
+    NMS; boxes are mapped back with ``scale_boxes``.
+    """
+    from ultralytics.utils.nms import non_max_suppression
+    from ultralytics.utils.ops import scale_boxes
+
+    if not len(images):
+        return []
+    boxed = [letterbox(im, imgsz) for im in images]
     p = next(model.parameters())
-    t = torch.from_numpy(canvas)[None, None].to(p.device, p.dtype)
+    t = torch.from_numpy(np.stack([b for b, _ in boxed]))[:, None].to(p.device, p.dtype)
     if channels == 3:
         t = t.expand(-1, 3, -1, -1)
     was_training = model.training
     model.eval()
     out = model(t)
     model.train(was_training)
-    det = non_max_suppression(out[0] if isinstance(out, (tuple, list)) else out, conf, iou, max_det=max_det)[0]
-    det[:, :4] = scale_boxes((imgsz, imgsz), det[:, :4], (h, w))
-    return det.float().cpu()
+    dets = non_max_suppression(out[0] if isinstance(out, (tuple, list)) else out, conf, iou, max_det=max_det)
+    for det, (_, shape) in zip(dets, boxed):
+        det[:, :4] = scale_boxes((imgsz, imgsz), det[:, :4], shape)
+    return [det.float().cpu() for det in dets]
+
+
+def predict_yolo(model: nn.Module, image: np.ndarray, *, imgsz: int, channels: int, conf: float = 0.25,
+                 iou: float = 0.7, max_det: int = 300) -> torch.Tensor:
+    """:func:`predict_yolo_batch` of one slice."""
+    return predict_yolo_batch(model, [image], imgsz=imgsz, channels=channels, conf=conf, iou=iou,
+                              max_det=max_det)[0]
 
 
 def predict_coco_yolo(model: nn.Module, coco: Any, image_root: Any, stats: Any, *, imgsz: int, channels: int,
