@@ -75,9 +75,16 @@ def test_selection_on_a_holdout_keeps_the_best_epoch(tmp_path, cache):
     assert json.loads((run / "eval_split.json").read_text())["split"] == "val"
 
 
-def test_single_loss_baseline_run(tmp_path, cache):
-    run = _tiny(tmp_path, cache, "rcnn_ce", ["stage1_epochs=0"])
+def test_single_loss_baseline_run_applies_conf(tmp_path, cache):
+    """``train.conf`` is the saved detections' threshold for Faster R-CNN too (it was YOLO's only)."""
+    run = _tiny(tmp_path, cache, "rcnn_ce", ["stage1_epochs=0", "conf=0.2"])
     assert json.loads((run / "report.json").read_text())["num_images"] > 0
+    det = load_detector(run / "weights" / "model.pt", "cpu")
+    split = json.loads((run / "eval_split.json").read_text())
+    low, _ = predict_split(det, run / "ground_truth.json", run / split["images"], conf=0.0, batch=2)
+    saved = json.loads((run / "detections.json").read_text())
+    assert saved == [d for d in low if d["score"] >= 0.2]
+    assert len(low) > len(saved)  # the threshold removed something
 
 
 def test_bad_config(tmp_path, cache):
