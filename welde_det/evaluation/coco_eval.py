@@ -18,9 +18,23 @@ Arrays (as in ``cocoeval.py``): ``precision`` [T×R×K×A×M], ``recall`` [T×K�
 ``scores`` [T×R×K×A×M], with T IoU thresholds, R recall thresholds, K categories, A area
 ranges (all, small, medium, large) and M max-detection settings (1, 10, 100).
 
-Everything runs in float64 on ``device`` (CUDA when available); the greedy matching loops
-over detection rank only (≤ 100 steps), each step a tensor operation over all
-(image, category) pairs, thresholds and area ranges at once.
+How it is fast (one CPU thread: ~20x pycocotools and ~3x faster-coco-eval on 450k
+detections, ``bench/bench_eval.py``), with no Python loop over images or classes:
+
+- detections are converted in one C-level pass (``itemgetter`` + ``np.fromiter``), or taken
+  as arrays; one float sort gives a dense score rank, every later ordering is a radix sort;
+- matching works on candidate edges only: the (detection, GT) pairs of an (image, category)
+  pair whose IoU (float64, pycocotools' bbIou operation for operation) is ≥ 0.5, generated
+  and measured chunk by chunk; the greedy matcher
+  (:func:`~welde_det.evaluation.flavours.greedy_assign`) then takes one tensor step per
+  candidate rank (the k-th candidate detection of every pair at step k) over all pairs,
+  thresholds and area ranges at once, on ``device`` (CUDA when available);
+- accumulation finds the recall thresholds on integer TP counts and evaluates precision
+  only where a TP count is first reached (precision falls between TPs), so the float work
+  is per TP instead of per detection × threshold × area.
+
+The same result also carries the Ultralytics flavour of the figures
+(:mod:`welde_det.evaluation.flavours`) and a confusion matrix, from the same arrays.
 """
 
 from __future__ import annotations

@@ -188,37 +188,45 @@ def greedy_assign(
     bounds = np.searchsorted(step, np.arange(int(step[-1]) + 2))
     local = torch.as_tensor(seq - seq[np.minimum(bounds[step], n_e - 1)], device=device)
     gt_t = torch.as_tensor(gt, device=device)
-    key_dtype = torch.int32 if 2 * n_e < 2**31 else torch.int64  # keys < 2 * n_e
+    # (T, A) flattened to C columns, and everything that does not change during the loop
+    # precomputed per edge, so that each step is a handful of same-shape operations. Edge
+    # n_e is a sentinel (payload 0, a dummy GT row n_gt): "no edge" maps to it, so no step
+    # needs a mask.
+    n_c = n_t * n_a
+    big = n_e + 1
+    key_dtype = torch.int32 if 2 * big < 2**31 else torch.int64  # keys < 2 * big
     pos = torch.arange(n_e, device=device, dtype=key_dtype)
-    big = n_e
-    bonus = ((preferred.to(key_dtype) * big) if preferred is not None
+    bonus = (preferred.to(key_dtype) * big if preferred is not None
              else torch.zeros((n_e, 1), dtype=key_dtype, device=device))
-    flat_payload = payload.reshape(-1) if payload is not None else None
-    a_idx = torch.arange(n_a, device=device)
-    used = torch.zeros((n_gt, n_t, n_a), dtype=torch.bool, device=device)
-    choice = torch.full((len(dets), n_t, n_a), none_out, dtype=out_dtype, device=device)
     none = torch.tensor(-1, dtype=key_dtype, device=device)
+    static_key = torch.where(thr_ok[:, :, None], bonus[:, None, :] + pos[:, None, None], none).reshape(n_e, n_c)
+    cols = torch.arange(n_c, device=device)
+    flat_dtype = torch.int32 if (n_gt + 1) * n_c < 2**31 else torch.int64
+    used_at = (torch.cat([gt_t, torch.tensor([n_gt], device=device, dtype=gt_t.dtype)])[:, None] * n_c
+               + cols).to(flat_dtype)  # (big, C): flat index of (GT of the edge, column) in `used`
+    if payload is not None:
+        payload_c = torch.cat([payload[:, None, :].expand(n_e, n_t, n_a).reshape(n_e, n_c),
+                               torch.zeros((1, n_c), dtype=payload.dtype, device=device)])
+    used = torch.zeros((n_gt + 1, n_c), dtype=torch.bool, device=device)
+    flat_used = used.view(-1)
+    choice = torch.full((len(dets), n_c), none_out, dtype=out_dtype, device=device)
     for s in range(len(bounds) - 1):
         s0, s1 = int(bounds[s]), int(bounds[s + 1])
         if s0 == s1:
             continue
-        eg = gt_t[s0:s1]
-        free = ~used[eg]
+        free = ~used.index_select(0, gt_t[s0:s1])
         if sticky is not None:
-            free |= sticky[s0:s1, None, None]
-        elig = thr_ok[s0:s1, :, None] & free
-        key = torch.where(elig, bonus[s0:s1, None, :] + pos[s0:s1, None, None], none)
+            free |= sticky[s0:s1, None]
+        key = torch.where(free, static_key[s0:s1], none)
         d0, d1 = int(seq[s0]), int(seq[s1 - 1]) + 1
-        best = torch.full((d1 - d0, n_t, n_a), -1, dtype=key_dtype, device=device)
-        best.scatter_reduce_(0, local[s0:s1, None, None].expand_as(key), key, "amax")
-        found = best >= 0
-        edge = torch.where(found, best % big, none).long()
-        if flat_payload is None:
-            choice[d0:d1] = edge
-        else:
-            choice[d0:d1] = torch.where(found, flat_payload[edge.clamp(min=0) * n_a + a_idx], 0)
-        i_det, i_t, i_a = torch.nonzero(found, as_tuple=True)
-        used[gt_t[edge[i_det, i_t, i_a]], i_t, i_a] = True
+        best = torch.full((d1 - d0, n_c), -1, dtype=key_dtype, device=device)
+        best.scatter_reduce_(0, local[s0:s1, None].expand(-1, n_c), key, "amax")
+        edge = (best % big).long()  # -1 (nothing eligible) -> the sentinel n_e
+        choice[d0:d1] = edge if payload is None else torch.gather(payload_c, 0, edge)
+        flat_used[torch.gather(used_at, 0, edge)] = True
+    if payload is None:
+        choice[choice == n_e] = -1
+    choice = choice.view(len(dets), n_t, n_a)
     return dets, choice
 
 
