@@ -52,7 +52,7 @@ class FixedDetector(Detector):
         return out
 
 
-FIXED = FixedDetector([((0.25, 0.3, 0.6, 0.7), 2, 0.9), ((0.1, 0.1, 0.3, 0.2), 5, 0.5)])
+FIXED = FixedDetector([((0.25, 0.3, 0.6, 0.7), 1, 0.9), ((0.1, 0.1, 0.3, 0.2), 5, 0.5)])  # Normal_IVD, TDB
 
 
 @pytest.fixture(scope="module")
@@ -218,13 +218,13 @@ def test_one_png_and_json_per_input_with_world_coordinates(tmp_path, sources):
 
 def test_boxes_are_drawn_in_class_colours(tmp_path):
     image = np.full((100, 120), 128, np.uint8)
-    dets = [{"bbox": [20, 30, 70, 80], "score": 0.8, "class_index": 2, "class_name": "Normal_IVD"},
-            {"bbox": [80, 10, 110, 40], "score": 0.4, "class_index": 4, "class_name": "TDB"}]
+    dets = [{"bbox": [20, 30, 70, 80], "score": 0.8, "class_index": 1, "class_name": "Normal_IVD"},
+            {"bbox": [80, 10, 110, 40], "score": 0.4, "class_index": 5, "class_name": "TDB"}]
     layout = draw_detections(image, dets, list(LUMBAR_CLASSES), ["TDB"], tmp_path / "o.png", title="t")
     out = cv2.imread(str(layout.path))[:, :, ::-1]  # RGB
     assert out.shape[:2] == layout.size[::-1] and layout.scale == 5
     x, y = layout.to_output(20, 60)  # left edge of the solid box
-    expected = tuple(int(class_colour(2)[i:i + 2], 16) for i in (1, 3, 5))
+    expected = tuple(int(class_colour(1)[i:i + 2], 16) for i in (1, 3, 5))
     assert np.abs(out[y, x].astype(int) - expected).max() <= 40
     gx, gy = layout.to_output(45, 60)  # inside the box: untouched grey
     assert tuple(out[gy, gx]) == (128, 128, 128)
