@@ -1,34 +1,49 @@
 #!/usr/bin/env python
-"""Evaluator speed and peak memory: welde_det (CPU, and CUDA when present) vs pycocotools
-and faster-coco-eval, on the same data in one run, with a check that all agree.
+"""Evaluator speed and peak memory: welde_det vs pycocotools vs faster-coco-eval, one run.
 
-Workloads:
-- spine-like: 5,000 images, 6 classes, 8-9 GT and 100-300 detections per image;
-- COCO-sized: 5,000 images, 80 classes, ~7 GT and 100 detections per image.
+Each evaluator runs in its own fresh subprocess per repeat, on one CPU thread
+(``OMP_NUM_THREADS=1`` etc. and ``torch.set_num_threads(1)``), on the same JSON files; the
+timed part starts from the loaded Python objects (COCO dict + results list) and ends with
+the 12 stats, so everyone pays for their own conversion and indexing. Peak memory is the
+process's high-water mark (``ru_maxrss``) minus its resident size just before the timed part.
+The median over ``--repeats`` is printed, with the machine's load average around each run.
+
+Workloads (random, seeded):
+- spine-like: 3,000 slices, 6 classes, 8-9 GT and 100-200 detections per slice (~450k);
+- COCO-sized: 5,000 images, 80 classes, 3-12 GT and 100 detections per image (500k).
+
+Evaluators: ``welde_det`` (``evaluate_coco`` from the results list: full result, including
+the confusion matrix and the Ultralytics flavour), ``welde_det[arrays]`` (from an (N, 7)
+array), ``pycocotools`` 2.0.x, ``faster-coco-eval``. Stats of every evaluator are checked
+against pycocotools'.
 
 Usage:
-    python bench/bench_eval.py [--images 5000] [--quick] [--skip-pycocotools]
+    python bench/bench_eval.py [--repeats 3] [--quick] [--only spine|coco] [--skip-pycocotools]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import gc
 import io
+import json
+import os
+import resource
+import statistics
+import subprocess
 import sys
-import threading
+import tempfile
 import time
 from pathlib import Path
 
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    os.environ[_var] = "1"
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
-import psutil
-import torch
+import numpy as np  # noqa: E402
 
-from welde_det.evaluation import evaluate_coco
+EVALUATORS = ("welde_det", "welde_det[arrays]", "faster-coco-eval", "pycocotools")
 
 
 def workload(kind: str, n_img: int, seed: int = 0):
@@ -64,97 +79,119 @@ def workload(kind: str, n_img: int, seed: int = 0):
     return {"images": images, "annotations": anns, "categories": cats}, dets
 
 
-class PeakRSS:
-    """Peak resident memory above the starting point, sampled every 10 ms."""
 
-    def __enter__(self):
-        self.proc = psutil.Process()
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self.stop = False
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
-        return self
-
-    def _run(self):
-        while not self.stop:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.01)
-
-    def __exit__(self, *exc):
-        self.stop = True
-        self.t.join()
-        self.mb = (self.peak - self.base) / 2**20
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_pycocotools(gt, dets):
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+def worker(name: str, gt_path: str, dets_path: str) -> dict:
+    """One timed evaluation in this (fresh) process."""
+    import gc
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        c = COCO()
-        c.dataset = copy.deepcopy(gt)
-        c.createIndex()
-        e = COCOeval(c, c.loadRes(copy.deepcopy(dets)), "bbox")
-        e.evaluate()
-        e.accumulate()
-        e.summarize()
-    return np.array(e.stats)
+    import torch
 
+    torch.set_num_threads(1)
+    gt = json.loads(Path(gt_path).read_text())
+    dets = json.loads(Path(dets_path).read_text())
+    if name == "welde_det[arrays]":
+        dets = np.array([[d["image_id"], *d["bbox"], d["score"], d["category_id"]] for d in dets])
+    if name.startswith("welde_det"):
+        from welde_det.evaluation import evaluate_coco
 
-def run_faster(gt, dets):
-    from faster_coco_eval import COCO, COCOeval_faster
+        def run():
+            return evaluate_coco(gt, dets, device="cpu")["stats"]
+    elif name == "pycocotools":
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        c = COCO(copy.deepcopy(gt))
-        e = COCOeval_faster(c, c.loadRes(copy.deepcopy(dets)), "bbox", print_function=lambda *a, **k: None)
-        e.evaluate()
-        e.accumulate()
-        e.summarize()
-    return np.array(e.stats)
+        def run():
+            with contextlib.redirect_stdout(io.StringIO()):
+                c = COCO()
+                c.dataset = gt
+                c.createIndex()
+                e = COCOeval(c, c.loadRes(dets), "bbox")
+                e.evaluate()
+                e.accumulate()
+                e.summarize()
+            return list(e.stats)
+    else:
+        from faster_coco_eval import COCO, COCOeval_faster
 
-
-def timed(fn, *args):
+        def run():
+            with contextlib.redirect_stdout(io.StringIO()):
+                c = COCO(gt)
+                e = COCOeval_faster(c, c.loadRes(dets), "bbox", print_function=lambda *a, **k: None)
+                e.evaluate()
+                e.accumulate()
+                e.summarize()
+            return list(e.stats)
     gc.collect()
-    with PeakRSS() as mem:
-        t0 = time.perf_counter()
-        out = fn(*args)
-        dt = time.perf_counter() - t0
-    return out, dt, mem.mb
+    base = _rss_bytes()
+    t0 = time.perf_counter()
+    stats = run()
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"seconds": seconds, "peak_mb": (peak - base) / 2**20, "stats": [float(v) for v in stats],
+            "threads": torch.get_num_threads()}
+
+
+def run_once(name: str, gt_path: Path, dets_path: Path) -> dict:
+    load0 = os.getloadavg()[0]
+    out = subprocess.run([sys.executable, __file__, "--worker", name, str(gt_path), str(dets_path)],
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res["load"] = (load0, os.getloadavg()[0])
+    return res
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=5000)
-    parser.add_argument("--quick", action="store_true", help="500 images")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="300 spine slices / 500 COCO images")
+    parser.add_argument("--only", choices=("spine", "coco"))
     parser.add_argument("--skip-pycocotools", action="store_true")
+    parser.add_argument("--worker", nargs=3, metavar=("NAME", "GT", "DETS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    n = 500 if args.quick else args.images
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cuda {torch.cuda.is_available()}")
-    for kind in ("spine", "coco"):
-        gt, dets = workload(kind, n)
-        print(f"\n== {kind}-like: {n} images, {len(gt['categories'])} classes, {len(gt['annotations'])} GT, "
-              f"{len(dets)} detections")
-        rows = []
-        ours, t_ours, m_ours = timed(lambda g, d: np.array(evaluate_coco(g, d, device="cpu")["stats"]), gt, dets)
-        rows.append(("welde_det (cpu)", t_ours, m_ours))
-        if torch.cuda.is_available():
-            evaluate_coco(gt, dets[:1000], device="cuda")  # warm-up
-            _, t_gpu, m_gpu = timed(lambda g, d: evaluate_coco(g, d, device="cuda"), gt, dets)
-            rows.append(("welde_det (cuda)", t_gpu, m_gpu))
-        fast, t_fast, m_fast = timed(run_faster, gt, dets)
-        rows.append(("faster-coco-eval", t_fast, m_fast))
-        ref = None
-        if not args.skip_pycocotools:
-            ref, t_ref, m_ref = timed(run_pycocotools, gt, dets)
-            rows.append(("pycocotools", t_ref, m_ref))
-        print(f"{'evaluator':<18} {'seconds':>8} {'peak MB':>8} {'vs pycocotools':>15} {'vs faster-coco-eval':>20}")
-        for name, t, m in rows:
-            vs_ref = f"{t_ref / t:.1f}x faster" if ref is not None else "-"
-            print(f"{name:<18} {t:>8.2f} {m:>8.0f} {vs_ref:>15} {t_fast / t:>19.2f}x")
-        if ref is not None:
-            print(f"max |stats - pycocotools|: ours {np.abs(ours - ref).max():.2e}, "
-                  f"faster-coco-eval {np.abs(fast - ref).max():.2e}")
+    if args.worker:
+        print(json.dumps(worker(*args.worker)))
+        return 0
+    import torch
+
+    print(f"torch {torch.__version__}, numpy {np.__version__}, CPUs {os.cpu_count()}, one thread per evaluator, "
+          f"{args.repeats} repeats (median); load average now {os.getloadavg()}")
+    sizes = {"spine": 300 if args.quick else 3000, "coco": 500 if args.quick else 5000}
+    names = [n for n in EVALUATORS if not (args.skip_pycocotools and n == "pycocotools")]
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("spine", "coco"):
+            if args.only and kind != args.only:
+                continue
+            gt, dets = workload(kind, sizes[kind])
+            gt_path, dets_path = Path(tmp) / f"{kind}_gt.json", Path(tmp) / f"{kind}_dets.json"
+            gt_path.write_text(json.dumps(gt))
+            dets_path.write_text(json.dumps(dets))
+            print(f"\n== {kind}-like: {sizes[kind]} images, {len(gt['categories'])} classes, "
+                  f"{len(gt['annotations'])} GT, {len(dets)} detections")
+            del gt, dets
+            runs: dict[str, list[dict]] = {n: [] for n in names}
+            for _ in range(args.repeats):  # interleaved, so that load changes hit everyone
+                for n in names:
+                    runs[n].append(run_once(n, gt_path, dets_path))
+            med = {n: statistics.median(r["seconds"] for r in runs[n]) for n in names}
+            mem = {n: statistics.median(r["peak_mb"] for r in runs[n]) for n in names}
+            ref = runs["pycocotools"][0]["stats"] if "pycocotools" in runs else None
+            print(f"{'evaluator':<19} {'median s':>9} {'runs s':>22} {'peak MB':>8} {'vs pycocotools':>15} "
+                  f"{'vs faster-coco-eval':>20} {'max|stats-ref|':>15} {'load avg':>12}")
+            for n in names:
+                ts = ", ".join(f"{r['seconds']:.2f}" for r in runs[n])
+                vs_ref = f"{med['pycocotools'] / med[n]:.1f}x" if ref is not None else "-"
+                vs_fast = f"{med['faster-coco-eval'] / med[n]:.2f}x"
+                diff = f"{max(abs(a - b) for a, b in zip(runs[n][0]['stats'], ref)):.1e}" if ref is not None else "-"
+                loads = [x for r in runs[n] for x in r["load"]]
+                print(f"{n:<19} {med[n]:>9.2f} {ts:>22} {mem[n]:>8.0f} {vs_ref:>15} {vs_fast:>20} {diff:>15} "
+                      f"{min(loads):>5.1f}-{max(loads):<5.1f}")
     return 0
 
 
