@@ -14,7 +14,8 @@ Workloads (random, seeded):
 
 Evaluators: ``welde_det`` (``evaluate_coco`` from the results list: full result, including
 the confusion matrix and the Ultralytics flavour), ``welde_det[arrays]`` (from an (N, 7)
-array), ``pycocotools`` 2.0.x, ``faster-coco-eval``. Stats of every evaluator are checked
+array), ``welde_det[no extras]`` (``extras=False``: no confusion matrix and no Ultralytics
+flavour, i.e. the work pycocotools does), ``pycocotools`` 2.0.x, ``faster-coco-eval``. Stats of every evaluator are checked
 against pycocotools'.
 
 Usage:
@@ -43,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-EVALUATORS = ("welde_det", "welde_det[arrays]", "faster-coco-eval", "pycocotools")
+EVALUATORS = ("welde_det", "welde_det[arrays]", "welde_det[no extras]", "faster-coco-eval", "pycocotools")
 
 
 def workload(kind: str, n_img: int, seed: int = 0):
@@ -100,7 +101,7 @@ def worker(name: str, gt_path: str, dets_path: str) -> dict:
         from welde_det.evaluation import evaluate_coco
 
         def run():
-            return evaluate_coco(gt, dets, device="cpu")["stats"]
+            return evaluate_coco(gt, dets, device="cpu", extras=name != "welde_det[no extras]")["stats"]
     elif name == "pycocotools":
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval

@@ -314,6 +314,12 @@ def test_result_keys():
     for k, name in enumerate(res["class_names"]):
         assert res["per_class"][name] == {"ap": res["per_class_ap"][k], "ap50": res["per_class_ap50"][k],
                                           "ar100": res["per_class_ar100"][k], "num_gt": res["num_gt"][k]}
+    lean = evaluate_coco(gt, dets, device="cpu", extras=False)
+    assert lean["stats"] == res["stats"] and lean["per_class"] == res["per_class"]
+    np.testing.assert_array_equal(lean["precision"], res["precision"])
+    assert lean["confusion"] is None and lean["ultralytics"] is None
+    assert res["confusion"].shape == (5, 5) and set(res["ultralytics"]) == {"map", "map50", "per_class",
+                                                                             "per_class_ap50"}
 
 
 @pytest.mark.gpu

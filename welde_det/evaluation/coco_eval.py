@@ -535,6 +535,7 @@ def evaluate_coco(
     device: str | torch.device | None = None,
     confusion_iou: float = 0.5,
     confusion_score: float = 0.25,
+    extras: bool = True,
 ) -> dict[str, Any]:
     """Evaluate bbox detections exactly as pycocotools' COCOeval does, plus per-class and tail metrics.
 
@@ -547,6 +548,8 @@ def evaluate_coco(
             None derives them from this ground truth (the result says so).
         device: ``"cuda"``, ``"cpu"``, ... (default: CUDA when available).
         confusion_iou, confusion_score: thresholds of the confusion matrix.
+        extras: also compute ``confusion`` and ``ultralytics`` (about a third of the time);
+            False leaves them ``None`` (e.g. per-epoch validation that needs only mAP).
 
     Returns:
         ``stats`` (12 numbers, pycocotools' order), ``stat_names``, ``precision``
@@ -600,10 +603,20 @@ def evaluate_coco(
         vals = [values[cat_pos[c]] for c in ids if values[cat_pos[c]] > -1]
         return float(np.mean(vals)) if vals else -1.0
 
-    ultra = ultralytics_map(
-        np.searchsorted(g.img_ids, g.image_id), np.searchsorted(g.cat_ids, g.category_id), g.bbox, g.crowd,
-        np.searchsorted(g.img_ids, dets.image_id), np.searchsorted(g.cat_ids, dets.category_id), dets.bbox,
-        dets.score, device=dev, score_rank=srank)
+    ultra = confusion = None
+    if extras:
+        u = ultralytics_map(
+            np.searchsorted(g.img_ids, g.image_id), np.searchsorted(g.cat_ids, g.category_id), g.bbox, g.crowd,
+            np.searchsorted(g.img_ids, dets.image_id), np.searchsorted(g.cat_ids, dets.category_id), dets.bbox,
+            dets.score, device=dev, score_rank=srank)
+        ultra = {
+            "map": u.map,
+            "map50": u.map50,
+            "per_class": {g.cat_names[c]: float(a) for c, a in zip(u.classes, u.ap.mean(1))},
+            "per_class_ap50": {g.cat_names[c]: float(a) for c, a in zip(u.classes, u.ap[:, 0])},
+        }
+        confusion = confusion_matrix(g, dets, iou_thr=confusion_iou, score_thr=confusion_score, device=dev,
+                                     score_rank=srank)
     return {
         "stats": stats.tolist(),
         "stat_names": list(STAT_NAMES),
@@ -611,12 +624,7 @@ def evaluate_coco(
         "map50": float(stats[1]),
         "per_class": {name: {"ap": per_ap[k], "ap50": per_ap50[k], "ar100": per_ar[k], "num_gt": int(num_gt[k])}
                       for k, name in enumerate(g.cat_names)},
-        "ultralytics": {
-            "map": ultra.map,
-            "map50": ultra.map50,
-            "per_class": {g.cat_names[c]: float(a) for c, a in zip(ultra.classes, ultra.ap.mean(1))},
-            "per_class_ap50": {g.cat_names[c]: float(a) for c, a in zip(ultra.classes, ultra.ap[:, 0])},
-        },
+        "ultralytics": ultra,
         "precision": acc["precision"],
         "recall": acc["recall"],
         "scores": acc["scores"],
@@ -634,8 +642,7 @@ def evaluate_coco(
         "tail_rule": class_stats.tail_rule + (" (derived from the evaluated ground truth)" if derived else ""),
         "tail_excluded": excluded,
         "class_stats": class_stats.to_dict(),
-        "confusion": confusion_matrix(g, dets, iou_thr=confusion_iou, score_thr=confusion_score, device=dev,
-                                      score_rank=srank),
+        "confusion": confusion,
         "confusion_iou": confusion_iou,
         "confusion_score": confusion_score,
         "pr_curves": {name: p_all[0, :, k].tolist() for k, name in enumerate(g.cat_names)},

@@ -24,14 +24,16 @@ Shared primitives (vectorised over all groups at once, no Python loop over image
   processed in "steps" (the k-th candidate detection of every group at step k), each step
   one tensor operation over all groups, thresholds and columns, on CPU or CUDA.
 
-Ultralytics conventions reproduced (``ultralytics`` 8.4, ``engine/validator.py``
+Ultralytics conventions reproduced (``ultralytics`` 8.4.190, ``engine/validator.py``
 ``match_predictions`` and ``utils/metrics.py`` ``box_iou``, ``ap_per_class``, ``compute_ap``):
 detections per image in descending score (stable on ties); each, in turn, takes the unclaimed
 same-class GT with the highest float32 IoU (the first on ties, as ``argmax``) if that IoU ≥ t;
 ``ap_per_class`` sorts all detections by score, keeps classes with at least one GT label, and
 integrates ``np.interp`` of the precision envelope at 101 recall points with the trapezoid
-rule; a class with GT and no detection has AP 0. Differences from a ``DetectionValidator``
-run: no confidence threshold or ``max_det`` cap is applied here (pass its detections, which
+rule, with its sentinels (precision 0 at the final recall and at recall 1, so a perfect
+class scores 0.995, not 1); a class with GT and no detection has AP 0; classes with
+detections but no GT are left out of the mean (and of ``per_class``). Differences from a
+``DetectionValidator`` run: no confidence threshold or ``max_det`` cap is applied here (pass its detections, which
 already went through NMS with ``conf=0.001, max_det=300``); ``ap_per_class`` sorts scores with
 an unstable ``np.argsort``, we sort stably, so exactly tied scores may be ordered differently
 (Ultralytics' order of ties is not defined either).
@@ -360,13 +362,13 @@ def ap_from_tp(tp: np.ndarray, score: np.ndarray, pred_cls: np.ndarray, target_c
         rows = by_cls[bounds[ci]:bounds[len(classes) + ci]]
         if len(rows) == 0:
             continue
-        t = tp[rows]
-        tpc = t.cumsum(0)
-        fpc = (1 - t).cumsum(0)
+        t = np.ascontiguousarray(tp[rows].T)  # (T, n): cumulative sums along contiguous rows
+        tpc = t.cumsum(1)
+        fpc = (1 - t).cumsum(1)
         recall = tpc / (n_gt[ci] + 1e-16)
         precision = tpc / (tpc + fpc)
-        for j in range(t.shape[1]):
-            ap[ci, j] = _compute_ap(recall[:, j], precision[:, j])
+        for j in range(t.shape[0]):
+            ap[ci, j] = _compute_ap(recall[j], precision[j])
     return classes, ap
 
 
