@@ -73,7 +73,7 @@ def test_keys_at_their_defaults_pass():
 def test_removed_and_conditional_keys():
     with pytest.raises(ConfigError, match="pretrained_backbone"):
         _cfg("rcnn_ce", "model.pretrained_backbone=x.pt")
-    with pytest.raises(ConfigError, match="patience.*select"):
+    with pytest.raises(ConfigError, match=r"patience.*select"):
         _cfg("rcnn_ce", "patience=3")
     _cfg("rcnn_ce", "patience=3", "select=holdout")
 
@@ -142,7 +142,7 @@ def test_the_package_has_no_import_cycle():
         stack.append(n)
         for m in sorted(graph[n]):
             if state.get(m) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(m):] + [m]))
+                raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(m):], m]))
             if m not in state:
                 visit(m)
         stack.pop()

@@ -88,7 +88,7 @@ def test_single_loss_baseline_run_applies_conf(tmp_path, cache):
 
 
 def test_bad_config(tmp_path, cache):
-    with pytest.raises(ConfigError, match="unknown softmax loss .focall"):
+    with pytest.raises(ConfigError, match=r"unknown softmax loss .focall"):
         _tiny(tmp_path, cache, "rcnn_ce", ["loss.name=focall"])
     (tmp_path / "nolabels").mkdir()
     with pytest.raises(ConfigError, match=r"data\.source"):

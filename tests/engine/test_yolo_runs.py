@@ -46,13 +46,13 @@ def test_short_runs_every_config_and_checkpoint_reload(tmp_path):
 
 def test_bad_input(tmp_path):
     common = [f"output={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'gen'}", "n_images=6", "imgsz=64"]
-    with pytest.raises(ConfigError, match="unknown sigmoid loss .nope_loss.*Valid names"):
+    with pytest.raises(ConfigError, match=r"unknown sigmoid loss .nope_loss.*Valid names"):
         run_training(ROOT / "configs" / "yolo_ce.yaml", [*common, "loss.name=nope_loss"])
     with pytest.raises(ConfigError, match="download"):
         run_training(ROOT / "configs" / "yolo_ce.yaml", [*common, "model.arch=yolov8n.pt"])
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ConfigError, match="data.source"):
+    with pytest.raises(ConfigError, match=r"data\.source"):
         run_training(ROOT / "configs" / "yolo_ce.yaml", [f"output={tmp_path / 'runs'}", "imgsz=64",
                                                          f"data.source={empty}"])
     # a welde_det checkpoint trained on other classes cannot initialise this dataset's model
