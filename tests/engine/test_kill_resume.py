@@ -98,7 +98,7 @@ def test_rcnn_kill9_mid_epoch_then_resume(tmp_path):
         ck.save_checkpoint, rb._collate = save_checkpoint, _collate
         from welde_det.engine.run import run_training
         run_training("configs/rcnn_welde.yaml", ["stage1_epochs=1", "epochs=2", "imgsz=96", "n_images=6",
-                     "batch=1", "warmup_steps=1", "class_floor=1", "output={tmp_path / 'runs'}",
+                     "batch=1", "warmup_steps=1", "workers=0", "output={tmp_path / 'runs'}",
                      "cache_dir={tmp_path / 'gen'}"])
     """, tmp_path)
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]

@@ -241,6 +241,17 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
+def _end_process_group() -> None:
+    """Under torchrun: wait for rank 0's report, then leave the process group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run_training(
     config: str | os.PathLike | ExperimentConfig | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -275,7 +286,9 @@ def run_training(
         stats = class_stats_for(cfg, data.splits["train"])
         logger.info("%s", stats.summary())
         final = run_stages(backend, cfg, run_dir, data, stats, resume=resume is not None)
-        finish_detection_run(backend, cfg, run_dir, data, stats, final)
+        if _rank() == 0:  # under torchrun only rank 0 predicts, evaluates and reports
+            finish_detection_run(backend, cfg, run_dir, data, stats, final)
+        _end_process_group()
         return run_dir
     except BaseException:
         if resume is None:
@@ -300,15 +313,17 @@ def run_stages(backend: Any, cfg: ExperimentConfig, run_dir: Path, data: RunData
             logger.info("stage %s already finished: %s", stage.name, ckpt)
         else:
             ckpt = backend.fit_stage(cfg, stage, data, stats, run_dir, init=init)
-            atomic_write_json(done, {"checkpoint": str(Path(ckpt).relative_to(run_dir)), "epochs": stage.epochs,
-                                     "selected_on": data.select or "last"})
+            if _rank() == 0:
+                atomic_write_json(done, {"checkpoint": str(Path(ckpt).relative_to(run_dir)),
+                                         "epochs": stage.epochs, "selected_on": data.select or "last"})
         init = ckpt
     assert ckpt is not None, "plan_stages always plans at least one stage"
     final = run_dir / FINAL
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.copyfile(ckpt, tmp)
-    os.replace(tmp, final)
+    if _rank() == 0:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.tmp")
+        shutil.copyfile(ckpt, tmp)
+        os.replace(tmp, final)
     return final
 
 

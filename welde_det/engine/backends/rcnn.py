@@ -274,6 +274,8 @@ class RCNNBackend(DetectionBackend):
                             welde=spec.to_dict(), epoch=ck.epoch,
                             extra={"channels": cfg.data.channels, "imgsz": cfg.train.imgsz,
                                    "source": chosen.name})
+        if world > 1:
+            dist.barrier()  # every rank starts the next stage from the file rank 0 has just written
         return out
 
     def _loader(self, cfg: ExperimentConfig, ds: CocoDetectionDataset, world: int) -> tuple[DataLoader, Any]:
