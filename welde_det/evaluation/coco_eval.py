@@ -346,13 +346,15 @@ def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device, *,
             payload=torch.as_tensor(payload.astype(np.uint8), device=device),
         )
     # tp = code 1; fp = code 0 (unmatched, or matched by id 0) with the detection's area in
-    # range; any other code is ignored
-    code = np.zeros((n, T, A), np.uint8)
+    # range; any other code is ignored. Rows without candidate edges have code 0: only the
+    # matched rows are written (same-shape operands: no broadcast over the 4-wide last axis)
+    tp = np.zeros((n, T * A), bool)
+    fp = np.tile(~d_out, (1, T))
     if len(e_det):
-        code[dets] = choice.cpu().numpy()
-    tp = code == 1
-    # same-shape operands (no broadcast over the 4-wide last axis: NumPy would loop per row)
-    fp = ((code == 0).reshape(n, T * A) & np.tile(~d_out, (1, T))).reshape(n, T, A)
+        code = choice.cpu().numpy().reshape(len(dets), T * A)
+        tp[dets] = code == 1
+        fp[dets] &= code == 0
+    tp, fp = tp.reshape(n, T, A), fp.reshape(n, T, A)
     npig = np.zeros((n_cat, A), np.int64)
     np.add.at(npig, g_cat, (~g_ig).astype(np.int64))
     has_pair = np.zeros(n_cat, bool)

@@ -189,43 +189,41 @@ def greedy_assign(
     dets = det[new_det]
     bounds = np.searchsorted(step, np.arange(int(step[-1]) + 2))
     local = torch.as_tensor(seq - seq[np.minimum(bounds[step], n_e - 1)], device=device)
-    gt_t = torch.as_tensor(gt, device=device)
-    # (T, A) flattened to C columns, and everything that does not change during the loop
-    # precomputed per edge, so that each step is a handful of same-shape operations. Edge
-    # n_e is a sentinel (payload 0, a dummy GT row n_gt): "no edge" maps to it, so no step
-    # needs a mask.
+    # (T, A) flattened to C columns (c = t * A + a). Keys and flat indices are built per step
+    # from the step's edges only (no (E, C) array is ever held: memory, not arithmetic, is what
+    # costs here). Edge n_e is a sentinel (payload 0, a dummy GT row n_gt): "no edge" maps to
+    # it, so no step needs a mask.
     n_c = n_t * n_a
     big = n_e + 1
     key_dtype = torch.int32 if 2 * big < 2**31 else torch.int64  # keys < 2 * big
-    pos = torch.arange(n_e, device=device, dtype=key_dtype)
-    bonus = (preferred.to(key_dtype) * big if preferred is not None
-             else torch.zeros((n_e, 1), dtype=key_dtype, device=device))
-    none = torch.tensor(-1, dtype=key_dtype, device=device)
-    static_key = torch.where(thr_ok[:, :, None], bonus[:, None, :] + pos[:, None, None], none).reshape(n_e, n_c)
+    gt_ext = torch.as_tensor(np.r_[gt, n_gt].astype(np.int64), device=device) * n_c
     cols = torch.arange(n_c, device=device)
-    flat_dtype = torch.int32 if (n_gt + 1) * n_c < 2**31 else torch.int64
-    used_at = (torch.cat([gt_t, torch.tensor([n_gt], device=device, dtype=gt_t.dtype)])[:, None] * n_c
-               + cols).to(flat_dtype)  # (big, C): flat index of (GT of the edge, column) in `used`
+    none = torch.tensor(-1, dtype=key_dtype, device=device)
+    bonus = None if preferred is None else preferred.to(key_dtype) * big  # (E, A)
     if payload is not None:
-        payload_c = torch.cat([payload[:, None, :].expand(n_e, n_t, n_a).reshape(n_e, n_c),
-                               torch.zeros((1, n_c), dtype=payload.dtype, device=device)])
-    used = torch.zeros((n_gt + 1, n_c), dtype=torch.bool, device=device)
-    flat_used = used.view(-1)
+        payload_ext = torch.cat([payload, torch.zeros((1, n_a), dtype=payload.dtype, device=device)]).view(-1)
+        pay_col = torch.arange(n_a, device=device).repeat(n_t)  # area of each column
+    used = torch.zeros((n_gt + 1) * n_c, dtype=torch.bool, device=device)
     choice = torch.full((len(dets), n_c), none_out, dtype=out_dtype, device=device)
     for s in range(len(bounds) - 1):
         s0, s1 = int(bounds[s]), int(bounds[s + 1])
         if s0 == s1:
             continue
-        free = ~used.index_select(0, gt_t[s0:s1])
+        flat_s = gt_ext[s0:s1, None] + cols  # (e, C) flat index of (GT of the edge, column)
+        ok = torch.take(used, flat_s).logical_not_()
         if sticky is not None:
-            free |= sticky[s0:s1, None]
-        key = torch.where(free, static_key[s0:s1], none)
+            ok |= sticky[s0:s1, None]
+        ok.view(s1 - s0, n_t, n_a).logical_and_(thr_ok[s0:s1, :, None])
+        key = torch.arange(s0, s1, device=device, dtype=key_dtype)[:, None].expand(s1 - s0, n_c)
+        if bonus is not None:
+            key = (key.view(s1 - s0, n_t, n_a) + bonus[s0:s1, None, :]).view(s1 - s0, n_c)
+        key = torch.where(ok, key, none)
         d0, d1 = int(seq[s0]), int(seq[s1 - 1]) + 1
         best = torch.full((d1 - d0, n_c), -1, dtype=key_dtype, device=device)
         best.scatter_reduce_(0, local[s0:s1, None].expand(-1, n_c), key, "amax")
         edge = (best % big).long()  # -1 (nothing eligible) -> the sentinel n_e
-        choice[d0:d1] = edge if payload is None else torch.gather(payload_c, 0, edge)
-        flat_used[torch.gather(used_at, 0, edge)] = True
+        choice[d0:d1] = edge if payload is None else torch.take(payload_ext, edge * n_a + pay_col)
+        used.index_fill_(0, (gt_ext.index_select(0, edge.view(-1)).view(edge.shape) + cols).view(-1), True)
     if payload is None:
         choice[choice == n_e] = -1
     choice = choice.view(len(dets), n_t, n_a)
