@@ -394,9 +394,8 @@ def _accumulate(m: dict[str, np.ndarray], n_cat: int, device: torch.device) -> d
     cat, rank, score = m["cat"], m["rank"], m["score"]
     order = stable_lexsort([rank, m["img"], m.get("score_rank", -score), cat])
     bounds = np.searchsorted(cat[order], np.arange(n_cat + 1))
-    # column-major (C, N) in sorted order: cumulative sums run along contiguous rows
-    tp_all = np.ascontiguousarray(np.take(m["tp"].reshape(len(cat), C), order, axis=0).T)
-    fp_all = np.ascontiguousarray(np.take(m["fp"].reshape(len(cat), C), order, axis=0).T)
+    tp_rows, fp_rows = m["tp"].reshape(len(cat), C), m["fp"].reshape(len(cat), C)
+    fp_cum = np.empty((C, int(np.diff(bounds).max(initial=0))), np.int32)  # one buffer for all cumsums
     rank_s, score_s = rank[order], score[order]
     cols = np.arange(C)
     for k in range(n_cat):
@@ -411,9 +410,13 @@ def _accumulate(m: dict[str, np.ndarray], n_cat: int, device: torch.device) -> d
         vstar_c = np.tile(vstar, (T, 1))  # (C, R), column c = t * A + a
         k0, k1 = bounds[k], bounds[k + 1]
         rank_k = rank_s[k0:k1]
+        # column-major (C, n_k) in sorted order, one category at a time (small temporaries):
+        # cumulative sums run along contiguous rows
+        tp_k = np.take(tp_rows, order[k0:k1], axis=0).T.copy()
+        fp_k = np.take(fp_rows, order[k0:k1], axis=0).T.copy()
         for mi, max_det in enumerate(MAX_DETS):
             sel = rank_k < max_det if len(rank_k) and rank_k.max() >= max_det else slice(None)
-            tpk, fpk, sk = tp_all[:, k0:k1][:, sel], fp_all[:, k0:k1][:, sel], score_s[k0:k1][sel]
+            tpk, fpk, sk = tp_k[:, sel], fp_k[:, sel], score_s[k0:k1][sel]
             nd = len(sk)
             if nd == 0:
                 recall[:, k, areas, mi] = 0
@@ -425,7 +428,7 @@ def _accumulate(m: dict[str, np.ndarray], n_cat: int, device: torch.device) -> d
             c_idx, j_idx = np.nonzero(tpk)  # TP rows, column by column
             n_tp = np.bincount(c_idx, minlength=C)  # = tp_sum[-1] per column
             v = np.arange(1, len(c_idx) + 1) - np.repeat(np.cumsum(n_tp) - n_tp, n_tp)
-            fp_at = np.cumsum(fpk.view(np.uint8), 1, dtype=np.int32)[c_idx, j_idx]
+            fp_at = np.cumsum(fpk.view(np.uint8), 1, dtype=np.int32, out=fp_cum[:, :nd])[c_idx, j_idx]
             prec = np.zeros((C, int(n_tp.max()) + 1))
             pos = np.zeros((C, prec.shape[1]), np.int64)
             t0, f0 = tpk[:, 0].astype(np.int64), fpk[:, 0].astype(np.int64)
