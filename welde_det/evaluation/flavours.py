@@ -361,10 +361,9 @@ def ap_from_tp(tp: np.ndarray, score: np.ndarray, pred_cls: np.ndarray, target_c
         if len(rows) == 0:
             continue
         t = np.ascontiguousarray(tp[rows].T)  # (T, n): cumulative sums along contiguous rows
-        tpc = t.cumsum(1)
-        fpc = (1 - t).cumsum(1)
+        tpc = t.cumsum(1, dtype=np.int32)
         recall = tpc / (n_gt[ci] + 1e-16)
-        precision = tpc / (tpc + fpc)
+        precision = tpc / np.arange(1, len(rows) + 1, dtype=np.float64)  # tpc + fpc: the same integers
         for j in range(t.shape[0]):
             ap[ci, j] = _compute_ap(recall[j], precision[j])
     return classes, ap
