@@ -292,9 +292,10 @@ def _edge_ious(d_box: np.ndarray, g_box: np.ndarray, crowd: np.ndarray | None, d
     return iou
 
 
-def _regular_ious_cpu(d_box: np.ndarray, g_box: np.ndarray) -> Callable[[np.ndarray, np.ndarray], torch.Tensor]:
-    """:func:`_edge_ious` without crowd boxes, on CPU: the same float64 operations, done only
-    for the edges whose boxes overlap in x (the others have IoU 0, as in bbIou)."""
+def _edge_ious_cpu(d_box: np.ndarray, g_box: np.ndarray, crowd: np.ndarray | None
+                   ) -> Callable[[np.ndarray, np.ndarray], torch.Tensor]:
+    """:func:`_edge_ious` on CPU: the same float64 operations, done only for the edges whose
+    boxes overlap in x (the others have IoU 0, as in bbIou)."""
     def rows(box: np.ndarray) -> np.ndarray:  # x, y, w, h, w + x, h + y
         r = np.empty((6, len(box)))
         r[:4] = box.T
@@ -312,7 +313,10 @@ def _regular_ious_cpu(d_box: np.ndarray, g_box: np.ndarray) -> Callable[[np.ndar
         ed, eg, w = e_det[s], e_gt[s], w[s]
         h = np.minimum(d[5].take(ed), g[5].take(eg)) - np.maximum(d[1].take(ed), g[1].take(eg))
         inter = w * h
-        union = (d[2].take(ed) * d[3].take(ed) + g[2].take(eg) * g[3].take(eg)) - inter
+        da = d[2].take(ed) * d[3].take(ed)
+        union = (da + g[2].take(eg) * g[3].take(eg)) - inter
+        if crowd is not None:
+            union = np.where(crowd.take(eg), da, union)
         with np.errstate(divide="ignore", invalid="ignore"):
             out[s] = np.where(h > 0, inter / union, 0.0)
         return torch.from_numpy(out)
@@ -353,7 +357,9 @@ def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device, *,
     d_area = box[:, 2] * box[:, 3]
     d_out = (d_area[:, None] < rng[:, 0]) | (d_area[:, None] > rng[:, 1])  # (N, A)
     g_ig = gt.crowd[:, None] | (gt.area[:, None] < rng[:, 0]) | (gt.area[:, None] > rng[:, 1])  # (G, A)
-    e_det, e_gt, iou = candidate_edges(d_pair_s, g_pair, _edge_ious(box, gt.bbox, gt.crowd, device), 0.5, device)
+    iou_fn = (_edge_ious_cpu(box, gt.bbox, gt.crowd) if device.type == "cpu"
+              else _edge_ious(box, gt.bbox, gt.crowd, device))
+    e_det, e_gt, iou = candidate_edges(d_pair_s, g_pair, iou_fn, 0.5, device)
     if len(e_det):
         thr = torch.as_tensor(np.minimum(IOU_THRS, 1 - 1e-10), dtype=torch.float64, device=device)
         # step = rank among the pair's candidate detections; within a detection, edges in
@@ -539,7 +545,7 @@ def confusion_matrix(gt: _GroundTruth, det: DetectionArrays, *, iou_thr: float =
     d_img, d_box, d_cls = d_img[order], d_box[order], d_cls[order]
     g_of_det = np.full(len(d_img), k, np.int64)
     taken = np.zeros(len(g_img), bool)
-    iou_fn = _regular_ious_cpu(d_box, g_box) if device.type == "cpu" else _edge_ious(d_box, g_box, None, device)
+    iou_fn = _edge_ious_cpu(d_box, g_box, None) if device.type == "cpu" else _edge_ious(d_box, g_box, None, device)
     e_det, e_gt, iou = candidate_edges(d_img, g_img, iou_fn, iou_thr, device)
     if len(e_det):
         new = np.r_[True, e_det[1:] != e_det[:-1]]

@@ -254,6 +254,31 @@ def _box_iou32(d_xyxy: torch.Tensor, g_xyxy: torch.Tensor) -> torch.Tensor:
     return inter / ((gx2 - gx1) * (gy2 - gy1) + (dx2 - dx1) * (dy2 - dy1) - inter + 1e-7)
 
 
+def _box_iou32_cpu(d_xyxy: np.ndarray, g_xyxy: np.ndarray) -> Callable[[np.ndarray, np.ndarray], torch.Tensor]:
+    """``(e_det, e_gt) -> IoU``: :func:`_box_iou32` in NumPy, the same float32 operations, done
+    only for the edges whose boxes overlap in x (the others have IoU 0).
+
+    Shape:
+        d_xyxy, g_xyxy: (4, N) and (4, G) rows x1, y1, x2, y2.
+    """
+    d, g = d_xyxy.astype(np.float32), g_xyxy.astype(np.float32)
+
+    def iou(e_det: np.ndarray, e_gt: np.ndarray) -> torch.Tensor:
+        w = np.minimum(g[2].take(e_gt), d[2].take(e_det))
+        w -= np.maximum(g[0].take(e_gt), d[0].take(e_det))
+        out = np.zeros(len(e_det), np.float32)
+        s = np.flatnonzero(w > 0)
+        ed, eg, w = e_det[s], e_gt[s], w[s]
+        gx1, gy1, gx2, gy2 = (r.take(eg) for r in g)
+        dx1, dy1, dx2, dy2 = (r.take(ed) for r in d)
+        h = np.maximum(np.minimum(gy2, dy2) - np.maximum(gy1, dy1), np.float32(0))
+        inter = w * h
+        out[s] = inter / ((gx2 - gx1) * (gy2 - gy1) + (dx2 - dx1) * (dy2 - dy1) - inter + np.float32(1e-7))
+        return torch.from_numpy(out)
+
+    return iou
+
+
 def ultralytics_match(
     g_img: np.ndarray, g_cls: np.ndarray, g_xyxy: np.ndarray,
     d_img: np.ndarray, d_cls: np.ndarray, d_xyxy: np.ndarray, d_score: np.ndarray,
@@ -285,10 +310,10 @@ def ultralytics_match(
     g_pair = g_img.astype(np.int64) * n_cls + g_cls
     d_t, g_t = np.ascontiguousarray(np.take(d_xyxy, order, axis=0).T), np.ascontiguousarray(g_xyxy.T)
     thr = torch.as_tensor(ULTRA_IOU_THRS, device=device)
-    e_det, e_gt, iou = candidate_edges(  # e_det indexes `order`
-        d_pair, g_pair, lambda ed, eg: _box_iou32(torch.as_tensor(np.take(d_t, ed, axis=1), device=device),
-                                                  torch.as_tensor(np.take(g_t, eg, axis=1), device=device)),
-        float(ULTRA_IOU_THRS[0]), device)
+    iou_fn = (_box_iou32_cpu(d_t, g_t) if device.type == "cpu" else
+              lambda ed, eg: _box_iou32(torch.as_tensor(np.take(d_t, ed, axis=1), device=device),
+                                        torch.as_tensor(np.take(g_t, eg, axis=1), device=device)))
+    e_det, e_gt, iou = candidate_edges(d_pair, g_pair, iou_fn, float(ULTRA_IOU_THRS[0]), device)  # e_det: `order`
     if len(e_det) == 0:
         return tp
     # a detection's step = its rank among the candidate detections of its image (the images'
