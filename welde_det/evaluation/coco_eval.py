@@ -19,9 +19,9 @@ Arrays (as in ``cocoeval.py``): ``precision`` [T×R×K×A×M], ``recall`` [T×K�
 ranges (all, small, medium, large) and M max-detection settings (1, 10, 100).
 
 How it is fast (one CPU thread, ``bench/bench_eval.py --repeats 3 --only spine`` on a shared
-2-core VM, load 0.9-1.1, 448k spine-like detections, pycocotools 41.4 s): 13.6x with the full
-result (confusion matrix and Ultralytics flavour), 19x from an (N, 7) array, 24x with
-``extras=False``, in a third of pycocotools' peak memory. Where the time goes (user CPU of a
+2-core VM, load 0.5-1.1, 448k spine-like detections, pycocotools 38-41 s; two runs): 13.6-16.1x
+with the full result (confusion matrix and Ultralytics flavour), 18-19x from an (N, 7) array,
+21-24x with ``extras=False``, in a third of pycocotools' peak memory. Where the time goes (user CPU of a
 fresh process, about 1.45 s in all): converting the results list 0.2 s, COCO matching 0.35 s
 (candidate pairs, sorts, 60 greedy steps), accumulate 0.3 s, Ultralytics flavour 0.25 s,
 confusion matrix 0.15-0.2 s, dense score rank 0.07 s. On this VM a first-touch page fault
