@@ -163,9 +163,8 @@ def bench_rcnn(args) -> dict[str, float]:
 
     from welde_det.classes import ClassStats
     from welde_det.engine.backends.base import welde_spec
-    from welde_det.engine.backends.rcnn import build_rcnn_model
     from welde_det.engine.config import load_config
-    from welde_det.integrations.rcnn import _adapt_channels, freeze_for_stage2
+    from welde_det.integrations.rcnn import _adapt_channels, build_rcnn_model, freeze_for_stage2
 
     arch = RCNN_BACKBONES[args.rcnn_backbone]
     cfg = load_config(ROOT / "configs" / "rcnn_welde.yaml",

@@ -59,7 +59,7 @@ FIXED = FixedDetector([((0.25, 0.3, 0.6, 0.7), 1, 0.9), ((0.1, 0.1, 0.3, 0.2), 5
 def rcnn_ckpt(tmp_path_factory):
     """A random-init Faster R-CNN checkpoint in the one schema, built as the rcnn backend builds it."""
     from welde_det.engine.backends.base import welde_spec
-    from welde_det.engine.backends.rcnn import build_rcnn_model
+    from welde_det.integrations.rcnn import build_rcnn_model
 
     cfg = load_config(ROOT / "configs" / "rcnn_ce.yaml", ["imgsz=128"])
     spec = welde_spec(cfg, cfg.components, "single", "softmax")

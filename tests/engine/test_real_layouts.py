@@ -61,7 +61,8 @@ def _yolo_batch_and_loss(sources, layout: str, tmp_path: Path):  # noqa: F811
 
 def _rcnn_batch_and_loss(sources, layout: str, tmp_path: Path):  # noqa: F811
     from welde_det.engine.backends.base import welde_spec
-    from welde_det.engine.backends.rcnn import CocoDetectionDataset, build_rcnn_model
+    from welde_det.engine.backends.rcnn import CocoDetectionDataset
+    from welde_det.integrations.rcnn import build_rcnn_model
 
     cfg, data, stats = _run_data("rcnn_ce", sources[layout], tmp_path / layout, "data.channels=1")
     ds = CocoDetectionDataset(data.splits["train"], data.image_roots["train"], stats, cfg.data.channels)

@@ -64,6 +64,7 @@ from welde_det.evaluation.flavours import (
     candidate_edges,
     descending_rank,
     greedy_assign,
+    run_rank,
     stable_lexsort,
     ultralytics_map,
 )
@@ -259,15 +260,6 @@ def _check_dets(d: DetectionArrays, gt: _GroundTruth) -> tuple[DetectionArrays, 
     return d, dropped
 
 
-def _pair_rank(group_sorted: np.ndarray) -> np.ndarray:
-    """Rank of each element within its run of equal ids (input grouped by id)."""
-    n = len(group_sorted)
-    if n == 0:
-        return np.zeros(0, np.int64)
-    start = np.r_[True, group_sorted[1:] != group_sorted[:-1]]
-    return np.arange(n) - np.maximum.accumulate(np.where(start, np.arange(n), 0))
-
-
 def _bbox_iou(d: torch.Tensor, g: torch.Tensor, crowd: torch.Tensor) -> torch.Tensor:
     """pycocotools' bbIou, operation for operation (float64), edge by edge.
 
@@ -355,7 +347,7 @@ def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device, *,
     srank = descending_rank(det.score) if score_rank is None else score_rank
     order = stable_lexsort([srank, d_pair])
     d_pair_s = d_pair[order]
-    rank = _pair_rank(d_pair_s)
+    rank = run_rank(d_pair_s)
     keep = rank < MAX_DETS[-1]
     order, rank, d_pair_s = order[keep], rank[keep], d_pair_s[keep]
     n = len(order)
@@ -372,7 +364,7 @@ def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device, *,
         # step = rank among the pair's candidate detections; within a detection, edges in
         # ascending (IoU, GT index): the last eligible one is pycocotools' choice
         new = np.r_[True, e_det[1:] != e_det[:-1]] if len(e_det) else np.zeros(0, bool)
-        det_step = _pair_rank(d_pair_s[e_det[new]])
+        det_step = run_rank(d_pair_s[e_det[new]])
         step = np.repeat(det_step, np.diff(np.r_[np.nonzero(new)[0], len(e_det)]))
         srt = stable_lexsort([e_gt, iou.cpu().numpy(), e_det, step])
         srt_t = torch.as_tensor(srt, device=device)
@@ -556,7 +548,7 @@ def confusion_matrix(gt: _GroundTruth, det: DetectionArrays, *, iou_thr: float =
     e_det, e_gt, iou = candidate_edges(d_img, g_img, iou_fn, iou_thr, device)
     if len(e_det):
         new = np.r_[True, e_det[1:] != e_det[:-1]]
-        step = np.repeat(_pair_rank(d_img[e_det[new]]), np.diff(np.r_[np.nonzero(new)[0], len(e_det)]))
+        step = np.repeat(run_rank(d_img[e_det[new]]), np.diff(np.r_[np.nonzero(new)[0], len(e_det)]))
         srt = stable_lexsort([e_gt, iou.cpu().numpy(), e_det, step])
         step, e_det, e_gt, iou = step[srt], e_det[srt], e_gt[srt], iou[torch.as_tensor(srt, device=device)]
         dets, choice = greedy_assign(step, e_det, e_gt, (iou >= iou_thr)[:, None], len(g_img))

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "UltralyticsResult", "candidate_edges", "descending_rank", "greedy_assign", "stable_lexsort", "ultralytics_map",
+    "UltralyticsResult", "candidate_edges", "descending_rank", "greedy_assign", "run_rank", "stable_lexsort", "ultralytics_map",
     "ultralytics_match",
 ]
 
@@ -230,14 +230,13 @@ def greedy_assign(
     return dets, choice
 
 
-def _steps(group_of_det_sorted: np.ndarray) -> np.ndarray:
-    """Rank of each detection within its run of equal group ids (input sorted by group)."""
-    n = len(group_of_det_sorted)
+def run_rank(group_sorted: np.ndarray) -> np.ndarray:
+    """Rank of each element within its run of equal ids (input grouped by id)."""
+    n = len(group_sorted)
     if n == 0:
         return np.zeros(0, np.int64)
-    start = np.r_[True, group_of_det_sorted[1:] != group_of_det_sorted[:-1]]
-    first = np.maximum.accumulate(np.where(start, np.arange(n), 0))
-    return np.arange(n) - first
+    start = np.r_[True, group_sorted[1:] != group_sorted[:-1]]
+    return np.arange(n) - np.maximum.accumulate(np.where(start, np.arange(n), 0))
 
 
 def _box_iou32(d_xyxy: torch.Tensor, g_xyxy: torch.Tensor) -> torch.Tensor:
@@ -320,7 +319,7 @@ def ultralytics_match(
     # detection order is the class pairs' order, and pairs never share GTs)
     img_of = d_img[order][e_det]
     new = np.r_[True, e_det[1:] != e_det[:-1]]
-    det_step = _steps(img_of[new])
+    det_step = run_rank(img_of[new])
     step = np.repeat(det_step, np.diff(np.r_[np.nonzero(new)[0], len(e_det)]))
     # argmax over GTs takes the highest IoU, the first GT on ties: ascending (IoU, -GT) order
     iou_np = iou.cpu().numpy()

@@ -79,18 +79,14 @@ class RCNNDetector(Detector):
     framework = "rcnn"
 
     def __init__(self, ckpt: Any, device: str = "cpu") -> None:
-        from welde_det.integrations.rcnn import build_faster_rcnn
-        from welde_det.welde.spec import WELDESpec
+        from welde_det.integrations.rcnn import build_rcnn_model
 
         extra = ckpt.extra or {}
         stats: ClassStats = ckpt.class_stats
         imgsz = int(extra.get("imgsz", 384))
         super().__init__(stats, channels=int(extra.get("channels", 1)), imgsz=imgsz, weights=ckpt.path,
                          device=device)
-        spec = WELDESpec.from_dict(ckpt.welde)
-        model = build_faster_rcnn(ckpt.arch, foreground_counts=list(stats.effective_counts),
-                                  in_channels=self.channels, weights=None, min_size=imgsz, max_size=imgsz,
-                                  **spec.model_kwargs())
+        model = build_rcnn_model(ckpt.arch, stats.effective_counts, ckpt.welde, channels=self.channels, imgsz=imgsz)
         model.load_state_dict(ckpt.model_state)
         self.model = model.to(device).eval()
         self.arch = ckpt.arch

@@ -48,6 +48,7 @@ __all__ = [
     "WELDERoIHeads",
     "background_count",
     "build_faster_rcnn",
+    "build_rcnn_model",
     "freeze_for_stage2",
     "rcnn_class_counts",
 ]
@@ -328,6 +329,15 @@ def build_faster_rcnn(
         logger.info("loaded %d of %d entries from %s", len(loaded), len(model.state_dict()),
                     weights if not isinstance(weights, Mapping) else "a state dict")
     return model
+
+
+def build_rcnn_model(arch: str, foreground_counts: Sequence[int], welde: Mapping[str, Any], *, channels: int,
+                     imgsz: int, weights: Any = None) -> nn.Module:
+    """The Faster R-CNN of a stage or a checkpoint, from plain values: the arch, the training counts,
+    a :class:`~welde_det.welde.WELDESpec` dict, the input channels and size (``min_size = max_size``)."""
+    spec = WELDESpec.from_dict(welde)
+    return build_faster_rcnn(arch, foreground_counts=list(foreground_counts), in_channels=channels, weights=weights,
+                             min_size=imgsz, max_size=imgsz, **spec.model_kwargs())
 
 
 def _not_objective(name: str) -> bool:

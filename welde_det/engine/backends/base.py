@@ -56,8 +56,11 @@ def welde_spec(cfg: ExperimentConfig, components: tuple[str, ...], mode: str, ac
         raise ConfigError(f"loss: {exc}") from exc
 
 
-class Backend(abc.ABC):
+class Backend:
     """What a framework implements; :mod:`welde_det.engine.run` does the rest.
+
+    Detection backends implement :meth:`DetectionBackend.fit_stage`; a backend of another task
+    (classification) implements ``run(cfg, run_dir, *, resume) -> Path`` whole.
 
     Attributes:
         framework: the ``model.framework`` name, also the checkpoint's ``framework``.
@@ -93,18 +96,12 @@ class Backend(abc.ABC):
         """A short description for report titles."""
         return f"{self.framework} ({cfg.model.arch})"
 
-    @abc.abstractmethod
-    def run(self, cfg: ExperimentConfig, run_dir: Path, *, resume: bool) -> Path:
-        """Train and report into ``run_dir``; return it."""
 
 
-class DetectionBackend(Backend):
+class DetectionBackend(Backend, abc.ABC):
     """A detector: :mod:`welde_det.engine.run` resolves, plans, selects, predicts and reports; this fits."""
 
     task = "detect"
-
-    def run(self, cfg: ExperimentConfig, run_dir: Path, *, resume: bool) -> Path:
-        raise NotImplementedError("detection runs go through welde_det.engine.run.run_training")
 
     @abc.abstractmethod
     def fit_stage(self, cfg: ExperimentConfig, stage: Any, data: Any, stats: ClassStats, run_dir: Path, *,

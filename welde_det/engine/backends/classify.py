@@ -30,7 +30,6 @@ from welde_det.engine.stages import plan_stages, selection_label
 from welde_det.evaluation.classification import classification_metrics
 from welde_det.integrations.classifier import TrainedClassifier, build_classifier
 from welde_det.integrations.classify import ClassificationData, load_classification_data
-from welde_det.losses import available_losses
 from welde_det.losses.samplers import build_sampler
 from welde_det.utils.fileio import atomic_write_json, atomic_write_text, atomic_writer
 from welde_det.utils.logging import progress_enabled
@@ -81,10 +80,6 @@ class ClassifyBackend(Backend):
 
     def check(self, cfg: ExperimentConfig) -> None:
         super().check(cfg)
-        valid = available_losses("softmax")
-        unknown = [c for c in cfg.components if c not in valid]
-        if unknown:
-            raise ConfigError(f"loss component(s) {unknown} are not registry losses; valid names: {valid}")
         if cfg.train.select == "holdout":
             raise ConfigError("train.select=holdout is for detection data; classification data has its own val "
                               "split: use train.select=val with train.measure=test, or last")

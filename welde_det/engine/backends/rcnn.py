@@ -31,11 +31,11 @@ from torch.utils.data import DataLoader, Dataset
 from welde_det.classes import ClassStats
 from welde_det.engine.backends.base import DetectionBackend, device_for, welde_spec
 from welde_det.engine.config import ConfigError, ExperimentConfig, config_to_dict
-from welde_det.losses import available_losses
+from welde_det.integrations.rcnn import build_rcnn_model
 from welde_det.utils.fileio import append_csv_row
 from welde_det.utils.logging import progress_enabled
 
-__all__ = ["CocoDetectionDataset", "RCNNBackend", "build_rcnn_model"]
+__all__ = ["CocoDetectionDataset", "RCNNBackend"]
 
 logger = logging.getLogger(__name__)
 DEFAULT_ARCH = "fasterrcnn_mobilenet_v3_large_fpn"
@@ -96,17 +96,6 @@ def _collate(batch):
     return tuple(zip(*batch))
 
 
-def build_rcnn_model(arch: str, stats_counts: list[int], welde: dict[str, Any], *, channels: int, imgsz: int,
-                     weights: Any = None) -> torch.nn.Module:
-    """The Faster R-CNN of a checkpoint or a stage, from plain values (the spec's keyword arguments)."""
-    from welde_det.integrations.rcnn import build_faster_rcnn
-    from welde_det.welde.spec import WELDESpec
-
-    spec = WELDESpec.from_dict(welde)
-    return build_faster_rcnn(arch, foreground_counts=stats_counts, in_channels=channels, weights=weights,
-                             min_size=imgsz, max_size=imgsz, **spec.model_kwargs())
-
-
 def _optimizer(name: str, params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     name = "SGD" if name == "auto" else name
     if name == "SGD":
@@ -143,10 +132,6 @@ class RCNNBackend(DetectionBackend):
     def check(self, cfg: ExperimentConfig) -> None:
         super().check(cfg)
         self.arch(cfg)
-        unknown = [c for c in cfg.components if c not in available_losses("softmax")]
-        if unknown:
-            raise ConfigError(f"loss component(s) {unknown} are not registry losses; valid: "
-                              f"{available_losses('softmax')}")
         _optimizer(cfg.train.optimizer, [torch.nn.Parameter(torch.zeros(1))], 0.1, 0.0)
         if cfg.model.weights is not None and not Path(cfg.model.weights).is_file():
             raise ConfigError(f"model.weights {cfg.model.weights!r} is not a local file; welde_det never downloads "

@@ -30,7 +30,6 @@ from typing import Any
 from welde_det.classes import ClassStats
 from welde_det.engine.backends.base import DetectionBackend, welde_spec
 from welde_det.engine.config import ConfigError, ExperimentConfig, config_to_dict
-from welde_det.losses import available_losses
 
 __all__ = ["YOLOBackend", "spec_env", "ultralytics_args"]
 
@@ -100,10 +99,6 @@ class YOLOBackend(DetectionBackend):
         if cfg.model.weights is not None and not Path(cfg.model.weights).is_file():
             raise ConfigError(f"model.weights {cfg.model.weights!r} is not a local file; welde_det never downloads "
                               "weights — pass the path of a saved .pt, or leave it unset for random initialisation")
-        valid = available_losses("sigmoid")
-        unknown = [c for c in cfg.components if c not in valid]
-        if unknown:
-            raise ConfigError(f"loss component(s) {unknown} are not dense (sigmoid) registry losses; valid: {valid}")
 
     def trainer_spec(self, cfg: ExperimentConfig, stage: Any, data: Any, stats: ClassStats,
                      init: Path | None) -> dict[str, Any]:
