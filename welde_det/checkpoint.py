@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from welde_det.classes import ClassStats
+from welde_det.errors import UserError
 from welde_det.utils.fileio import atomic_writer
 
 __all__ = [
@@ -110,11 +111,11 @@ _LEGACY_ALIASES = {
 _LOAD_LOCK = threading.RLock()  # safe_globals edits a process-wide set: one restricted load at a time
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """The file is not a (readable) welde_det checkpoint; the message names the file."""
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UserError):
     """Loading the file would need unpickling objects that are not admitted.
 
     Attributes:

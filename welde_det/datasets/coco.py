@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from welde_det.errors import UserError
 from welde_det.utils.fileio import atomic_write_json, atomic_write_text, load_json
 
 __all__ = [
@@ -72,11 +73,11 @@ YOLO_SPLITS: tuple[str, ...] = ("train", "val", "test")
 _YOLO_DECIMALS = 7
 
 
-class CocoFormatError(ValueError):
+class CocoFormatError(UserError):
     """A COCO dict or file breaks the format; the message names the source and the entry."""
 
 
-class YoloFormatError(ValueError):
+class YoloFormatError(UserError):
     """A YOLO dataset folder, ``data.yaml`` or label line is malformed (file and line named)."""
 
 

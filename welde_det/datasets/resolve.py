@@ -54,6 +54,7 @@ from welde_det.datasets.coco import (
     yolo_to_coco,
 )
 from welde_det.datasets.splits import assign_groups, subset_coco
+from welde_det.errors import UserError
 from welde_det.utils.fileio import load_json
 
 __all__ = [
@@ -90,7 +91,7 @@ PHANTOM_KEYS: dict[str, Any] = {
 _KINDS = ("phantom", "coco", "convert", "yolo")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data source that cannot be resolved; the message names the path and what to do."""
 
 

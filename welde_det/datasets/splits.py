@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from welde_det.errors import UserError
+
 __all__ = [
     "DEFAULT_FRACTIONS",
     "SplitError",
@@ -53,7 +55,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_FRACTIONS: dict[str, float] = {"train": 0.70, "val": 0.15, "test": 0.15}
 
 
-class SplitError(ValueError):
+class SplitError(UserError):
     """Bad split fractions, or images that lack the grouping key."""
 
 

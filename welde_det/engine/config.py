@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -28,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from welde_det.errors import UserError
 from welde_det.utils.fileio import atomic_write_text
 
 __all__ = [
@@ -49,7 +51,7 @@ FRAMEWORKS = ("yolo", "rcnn", "classify")
 LOSS_MODES = ("single", "ce_ensemble", "welde")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration file or override is invalid; the message names the key and value."""
 
 
@@ -345,8 +347,15 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; Python's float() does not
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"{source}: {key} must be a number (e.g. 0.01 or 1e-4), got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be a number (e.g. 0.01 or 1e-4), got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

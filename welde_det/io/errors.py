@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from welde_det.errors import UserError
+
 __all__ = [
     "DicomSeriesError",
     "MissingSliceError",
@@ -14,7 +16,7 @@ __all__ = [
 ]
 
 
-class WeldeIOError(ValueError):
+class WeldeIOError(UserError):
     """Base class: a file or folder that cannot be read as asked."""
 
 

@@ -39,6 +39,7 @@ from welde_det.datasets.coco import (
     make_image_entry,
     save_coco,
 )
+from welde_det.errors import UserError
 from welde_det.utils.fileio import atomic_write_bytes, atomic_write_json
 
 __all__ = [
@@ -61,7 +62,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A source cannot be converted; the message names the file (and line) and the problem."""
 
 
