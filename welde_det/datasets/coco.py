@@ -44,8 +44,11 @@ from welde_det.utils.fileio import atomic_write_json, atomic_write_text, load_js
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "MIN_BOX_SIDE",
     "YOLO_SPLITS",
+    "YOLO_TOLERANCE",
     "CocoFormatError",
+    "CocoResultsError",
     "YoloClassIndexError",
     "YoloFormatError",
     "coco_to_yolo",
@@ -59,6 +62,7 @@ __all__ = [
     "resolve_yolo_split",
     "save_coco",
     "validate_coco",
+    "visible_box_sides",
     "yolo_splits",
     "yolo_to_coco",
 ]
@@ -71,6 +75,16 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".ti
 YOLO_SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: Decimal places of normalised YOLO coordinates: 1e-7 of a 10,000-pixel side is 0.001 px.
 _YOLO_DECIMALS = 7
+#: A box is *zero-area* when the part of it inside its image is at most this many pixels wide
+#: or high (:func:`visible_box_sides`). Every reader refuses such boxes (YOLO labels, COCO files,
+#: and so the converters, the Faster R-CNN dataset and the YOLO training view, which all read
+#: through this module): they carry no pixels, crash torchvision's detection losses and become
+#: empty YOLO lines. 0.01 px is far below any real annotation and above float32 rounding of
+#: coordinates up to 10,000 px, so a box that passes stays non-degenerate as ``x1 > x0``.
+MIN_BOX_SIDE = 0.01
+#: How far a normalised YOLO value (``cx cy w h``) may lie outside ``[0, 1]`` (rounding of
+#: exported labels); anything further is an error naming ``file:line``.
+YOLO_TOLERANCE = 1e-6
 
 
 class CocoFormatError(UserError):
@@ -83,6 +97,11 @@ class YoloFormatError(UserError):
 
 class YoloClassIndexError(YoloFormatError):
     """A YOLO label line names a class index outside the class list (file and line named)."""
+
+
+class CocoResultsError(CocoFormatError):
+    """COCO results (detections) that do not fit their ground truth: unknown image or
+    category ids, non-finite or negative boxes or scores (the detections file and ids named)."""
 
 
 # ---------------------------------------------------------------------------- builders
@@ -204,6 +223,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def visible_box_sides(bbox: Sequence[float], width: float, height: float) -> tuple[float, float]:
+    """Width and height in pixels of the part of COCO ``bbox`` ``[x, y, w, h]`` inside a
+    ``width`` x ``height`` image (negative when the box lies wholly outside).
+
+    A box is *zero-area*, and refused by every reader, when either side is at most
+    :data:`MIN_BOX_SIDE` pixels.
+
+    Example:
+        >>> visible_box_sides([-5, 2, 10, 0], 20, 10)
+        (5.0, 0.0)
+    """
+    x, y, w, h = (float(v) for v in bbox)
+    return min(x + w, width) - max(x, 0.0), min(y + h, height) - max(y, 0.0)
+
+
 def validate_coco(coco: Mapping[str, Any], *, source: str = "<dict>") -> Mapping[str, Any]:
     """Check a COCO detection dict and return it unchanged.
 
@@ -211,7 +245,10 @@ def validate_coco(coco: Mapping[str, Any], *, source: str = "<dict>") -> Mapping
     integers within each list; every image has a ``file_name`` and positive integer
     ``width``/``height`` (and a valid ``pixel_spacing`` when present); every annotation's
     ``image_id`` and ``category_id`` exist, its ``bbox`` is four finite numbers with
-    ``w, h >= 0``, and ``area`` is a finite non-negative number; category names are unique.
+    ``w, h >= 0`` and is not *zero-area* (the part inside its image is more than
+    :data:`MIN_BOX_SIDE` pixels wide and high, see :func:`visible_box_sides`: zero-size boxes
+    and boxes lying wholly outside their image are refused, never dropped), and ``area`` is
+    a finite non-negative number; category names are unique.
 
     Args:
         coco: the loaded dict.
@@ -247,6 +284,7 @@ def validate_coco(coco: Mapping[str, Any], *, source: str = "<dict>") -> Mapping
         cat_names.add(cat["name"])
 
     image_ids: set[int] = set()
+    image_size: dict[int, tuple[int, int]] = {}
     for i, img in enumerate(coco["images"]):
         where = f"{source}: images[{i}]"
         if not isinstance(img, Mapping) or not _is_int(img.get("id")):
@@ -260,6 +298,7 @@ def validate_coco(coco: Mapping[str, Any], *, source: str = "<dict>") -> Mapping
         for key in ("width", "height"):
             if not _is_int(img.get(key)) or img[key] <= 0:
                 raise CocoFormatError(f"{where} needs a positive integer {key!r}, got {img.get(key)!r}")
+        image_size[img["id"]] = (img["width"], img["height"])
         if "pixel_spacing" in img:
             ps = img["pixel_spacing"]
             if (
@@ -280,9 +319,10 @@ def validate_coco(coco: Mapping[str, Any], *, source: str = "<dict>") -> Mapping
         if ann["id"] in ann_ids:
             raise CocoFormatError(f"{where}: duplicate annotation id")
         ann_ids.add(ann["id"])
-        if ann.get("image_id") not in image_ids or not _is_int(ann.get("image_id")):
-            raise CocoFormatError(f"{where}: image_id {ann.get('image_id')!r} is not among the images")
-        if ann.get("category_id") not in cat_ids or not _is_int(ann.get("category_id")):
+        if not _is_int(ann.get("image_id")) or ann["image_id"] not in image_ids:
+            raise CocoFormatError(f"{where}: image_id {ann.get('image_id')!r} is not among the images' ids; "
+                                  "every annotation must lie on an image listed in 'images'")
+        if not _is_int(ann.get("category_id")) or ann["category_id"] not in cat_ids:
             raise CocoFormatError(
                 f"{where}: category_id {ann.get('category_id')!r} is not among the categories {sorted(cat_ids)}"
             )
@@ -291,6 +331,14 @@ def validate_coco(coco: Mapping[str, Any], *, source: str = "<dict>") -> Mapping
             raise CocoFormatError(f"{where}: 'bbox' must be [x, y, w, h], four finite numbers, got {bbox!r}")
         if bbox[2] < 0 or bbox[3] < 0:
             raise CocoFormatError(f"{where}: bbox width and height must be >= 0, got {list(bbox)}")
+        img_w, img_h = image_size[ann["image_id"]]
+        vis_w, vis_h = visible_box_sides(bbox, img_w, img_h)
+        if vis_w <= MIN_BOX_SIDE or vis_h <= MIN_BOX_SIDE:
+            raise CocoFormatError(
+                f"{where}: zero-area box {list(bbox)} on image id {ann['image_id']} ({img_w}x{img_h} px): its part "
+                f"inside the image is {max(vis_w, 0.0):.3g} x {max(vis_h, 0.0):.3g} px (boxes thinner than "
+                f"{MIN_BOX_SIDE} px are refused); fix or remove the annotation"
+            )
         if "area" not in ann:
             raise CocoFormatError(f"{where}: 'area' is missing (pycocotools needs it for area ranges)")
         if not _is_number(ann["area"]) or ann["area"] < 0:
@@ -701,35 +749,104 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise YoloFormatError(f"{path}: cannot read the image ({exc})") from exc
 
 
-def parse_yolo_label_file(path: Path, num_classes: int) -> list[tuple[int, float, float, float, float]]:
+def _shown(path: Path, root: Path | None) -> str:
+    """``path`` relative to the dataset ``root`` when it lies under it, else as given."""
+    if root is not None:
+        try:
+            return Path(path).absolute().relative_to(Path(root).absolute()).as_posix()
+        except ValueError:
+            pass
+    return str(path)
+
+
+def parse_yolo_label_file(
+    path: str | os.PathLike,
+    num_classes: int,
+    *,
+    image_size: tuple[int, int] | None = None,
+    root: str | os.PathLike | None = None,
+) -> list[tuple[int, float, float, float, float]]:
     """Read one YOLO label file into ``(cls, cx, cy, w, h)`` tuples (normalised).
 
+    Every line is checked; the first bad one is an error naming ``file:line`` (the file
+    relative to ``root``, the dataset folder, when given) and the value:
+
+    * five whitespace-separated fields ``cls cx cy w h`` (blank lines are skipped);
+    * ``cls`` an integer ``0..num_classes-1`` (``1.0`` is read as 1; ``1.5``, ``-1``,
+      ``nan`` or ``inf`` are refused: :class:`YoloClassIndexError`);
+    * ``cx cy w h`` finite numbers in ``[0, 1]`` up to :data:`YOLO_TOLERANCE`;
+    * no *zero-area* box: refused, never dropped. With ``image_size`` the box's part inside
+      the image must be more than :data:`MIN_BOX_SIDE` pixels wide and high (the same rule
+      as :func:`validate_coco`); without it, ``w`` and ``h`` must be positive.
+
+    Args:
+        path: the label file.
+        num_classes: number of class names.
+        image_size: ``(width, height)`` of the label's image in pixels.
+        root: the dataset folder that ``path`` is shown relative to in errors.
+
     Raises:
-        YoloFormatError: a line without five fields, a non-numeric value, a class index
-            outside ``0..num_classes-1``, or coordinates outside ``[0, 1]`` (file:line named).
+        YoloClassIndexError: a class value that is not an index into the class list.
+        YoloFormatError: any other malformed line (file:line named); an unreadable file.
     """
+    path = Path(path)
+    shown = _shown(path, None if root is None else Path(root))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise YoloFormatError(f"{shown}: not a UTF-8 text label file ({exc.reason}); YOLO labels are text "
+                              "lines 'cls cx cy w h'") from None
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
+        where = f"{shown}:{lineno}"
         if len(parts) != 5:
             raise YoloFormatError(
-                f"{path}:{lineno}: expected 5 fields 'cls cx cy w h', got {len(parts)} ({line.strip()!r})"
+                f"{where}: expected 5 fields 'cls cx cy w h', got {len(parts)} ({line.strip()!r}); "
+                "fix or remove the line (segment/keypoint labels are not supported)"
             )
         try:
             cls_f = float(parts[0])
             vals = [float(v) for v in parts[1:]]
         except ValueError:
-            raise YoloFormatError(f"{path}:{lineno}: non-numeric value in {line.strip()!r}") from None
-        if cls_f != int(cls_f) or not 0 <= int(cls_f) < num_classes:
+            raise YoloFormatError(f"{where}: non-numeric value in {line.strip()!r}; fix or remove the line") from None
+        if not math.isfinite(cls_f) or cls_f != int(cls_f) or not 0 <= int(cls_f) < num_classes:
             raise YoloClassIndexError(
-                f"{path}:{lineno}: class {parts[0]!r} is not an index in 0..{num_classes - 1}"
+                f"{where}: class {parts[0]!r} is not an index in 0..{num_classes - 1} "
+                f"(the dataset names {num_classes} classes); fix the line or the class names"
             )
-        if not all(math.isfinite(v) and -1e-6 <= v <= 1 + 1e-6 for v in vals):
-            raise YoloFormatError(f"{path}:{lineno}: normalised coordinates must lie in [0, 1]: {vals}")
-        rows.append((int(cls_f), *vals))
-    return rows  # type: ignore[return-value]
+        bad = [name for name, v in zip(("cx", "cy", "w", "h"), vals) if not math.isfinite(v)]
+        if bad:
+            raise YoloFormatError(f"{where}: non-finite {', '.join(bad)} in {line.strip()!r}; "
+                                  "fix or remove the line")
+        bad = [name for name, v in zip(("cx", "cy", "w", "h"), vals)
+               if not -YOLO_TOLERANCE <= v <= 1 + YOLO_TOLERANCE]
+        if bad:
+            raise YoloFormatError(f"{where}: {', '.join(bad)} outside [0, 1] in {line.strip()!r} (YOLO coordinates "
+                                  "are normalised by the image size); fix or remove the line")
+        cx, cy, w, h = vals
+        if image_size is not None:
+            width, height = image_size
+            bbox = ((cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height)
+            vis_w, vis_h = visible_box_sides(bbox, width, height)
+            thin = vis_w <= MIN_BOX_SIDE or vis_h <= MIN_BOX_SIDE
+            size = f"{max(vis_w, 0.0):.3g} x {max(vis_h, 0.0):.3g} px inside the {width}x{height} image"
+        else:
+            thin = w <= 0 or h <= 0
+            size = f"w {w:g}, h {h:g}"
+        if thin:
+            raise YoloFormatError(f"{where}: zero-area box ({size}; boxes thinner than {MIN_BOX_SIDE} px are "
+                                  "refused); fix or remove the line")
+        rows.append((int(cls_f), cx, cy, w, h))
+    return rows
+
+
+def _dataset_root(source: str | os.PathLike) -> Path:
+    """The folder label paths are shown relative to: ``source`` or the ``data.yaml``'s folder."""
+    source = Path(source)
+    return source.parent if source.is_file() else source
 
 
 def yolo_to_coco(
@@ -743,7 +860,11 @@ def yolo_to_coco(
     Image ids are ``1..N`` over the sorted image paths; ``file_name`` is relative to the
     ``image_root`` returned by :func:`resolve_yolo_split` (the split's folder in the usual
     layout); category ids are ``1..C`` in class-index order. An image without a label file
-    is a background image (no boxes).
+    is a background image (no boxes). Every label line is checked by
+    :func:`parse_yolo_label_file` against its image's size: a malformed, non-finite or
+    out-of-range value, a class index outside the class list, or a zero-area box is an error
+    naming ``file:line`` relative to the dataset folder (zero-area boxes are refused, never
+    dropped).
 
     Args:
         source: ``data.yaml``, a folder with one, or a bare ``images/``+``labels/`` folder.
@@ -754,6 +875,7 @@ def yolo_to_coco(
         A validated COCO dict.
 
     Raises:
+        YoloClassIndexError: a label's class is not an index into the class names.
         YoloFormatError: a malformed folder, YAML or label line (file:line named).
     """
     image_root, files, yaml_names = resolve_yolo_split(source, split)
@@ -773,7 +895,8 @@ def yolo_to_coco(
         label = label_path_of(path)
         if not label.is_file():
             continue
-        for cls_idx, cx, cy, w, h in parse_yolo_label_file(label, len(names)):
+        rows = parse_yolo_label_file(label, len(names), image_size=(width, height), root=_dataset_root(source))
+        for cls_idx, cx, cy, w, h in rows:
             bbox = [round(v, 6) for v in ((cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height)]
             annotations.append(make_annotation(len(annotations) + 1, image_id, cls_idx + 1, bbox))
     coco = {

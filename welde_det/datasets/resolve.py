@@ -65,6 +65,7 @@ __all__ = [
     "carve_split",
     "image_group",
     "lumbar6_patient",
+    "require_boxes",
     "resolve_data",
     "yolo_view",
 ]
@@ -93,6 +94,36 @@ _KINDS = ("phantom", "coco", "convert", "yolo")
 
 class DataError(UserError):
     """A data source that cannot be resolved; the message names the path and what to do."""
+
+
+def require_boxes(n_boxes: int | Mapping[str, Any], source: str | os.PathLike, *, what: str = "the training split",
+                  n_images: int | None = None) -> None:
+    """Refuse a dataset (or training split) without a single box.
+
+    A detector cannot learn from images without boxes, and a conversion that found none
+    almost always read the labels from the wrong place; both training (:func:`resolve_data`)
+    and the converters call this before writing anything.
+
+    Args:
+        n_boxes: the number of boxes, or a COCO dict whose non-crowd annotations are counted.
+        source: the data source named in the error (a folder, ``data.yaml`` or COCO file).
+        what: what holds no boxes, for the message.
+        n_images: the number of images read, for the message (taken from a COCO dict).
+
+    Raises:
+        DataError: no boxes.
+    """
+    if isinstance(n_boxes, Mapping):
+        n_images = len(n_boxes.get("images", ())) if n_images is None else n_images
+        n_boxes = sum(1 for a in n_boxes.get("annotations", ()) if not a.get("iscrowd", 0))
+    if int(n_boxes) > 0:
+        return
+    images = "" if n_images is None else f" ({n_images} image(s), 0 boxes)"
+    raise DataError(
+        f"{source}: {what} has no boxes{images}; a detection dataset needs labelled boxes — check that the "
+        "labels are where they belong (YOLO: the last images/ in an image path replaced by labels/, one .txt "
+        "per image) and are not all empty"
+    )
 
 
 @dataclass(frozen=True)
@@ -304,8 +335,8 @@ def _load_split_files(files: Mapping[str, Path], where: str, given: Sequence[str
                     f"{path}: image {img['file_name']!r} is not under {roots[split]}; file_name entries must be "
                     "relative to the images/ folder beside the annotations"
                 )
-        if split == "train" and not coco["annotations"]:
-            raise DataError(f"{path}: the training split has no boxes")
+        if split == "train":
+            require_boxes(coco, path)
     assert names is not None
     return _check_names(names, given, where)
 
@@ -398,6 +429,7 @@ def _yolo_folder(base: Path, work_dir: Path, names: Sequence[str] | None) -> Res
     gt_dir = work_dir / "gt"
     splits: dict[str, Path] = {}
     roots: dict[str, Path] = {}
+    cocos: dict[str, dict[str, Any]] = {}
     found: tuple[str, ...] | None = None
     yaml_path = find_data_yaml(base)
     for s in present:
@@ -413,13 +445,17 @@ def _yolo_folder(base: Path, work_dir: Path, names: Sequence[str] | None) -> Res
                 found = _check_names(yaml_names, names, str(yaml_path))
             coco = yolo_to_coco(base, s, class_names=names if yaml_names is None else None)
         except (YoloFormatError, CocoFormatError) as exc:
-            raise DataError(str(exc)) from exc
+            msg, folder = str(exc), str(yaml_path.parent if yaml_path else base)
+            # label files are named relative to the dataset folder: say which folder
+            raise DataError(msg if folder in msg else f"YOLO dataset {folder}: {msg}") from exc
         found = found or tuple(names or ())
-        splits[s] = save_coco(coco, gt_dir / f"{s}.json")
+        if s == "train":
+            require_boxes(coco, yaml_path or base)
+        cocos[s] = coco
         roots[s] = Path(root).absolute()
-        if s == "train" and not coco["annotations"]:
-            raise DataError(f"{base}: the training split has no boxes (is the labels/ folder empty or misplaced? "
-                            "labels are found by replacing the last images/ in an image path with labels/)")
+    # written only once every split has been read and checked
+    for s, coco in cocos.items():
+        splits[s] = save_coco(coco, gt_dir / f"{s}.json")
     assert found is not None
     own_yaml = yaml_path if yaml_path is not None and _yaml_has_names(yaml_path) else None
     return ResolvedData("yolo", splits, roots, found, own_yaml)

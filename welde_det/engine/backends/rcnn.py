@@ -42,11 +42,18 @@ DEFAULT_ARCH = "fasterrcnn_mobilenet_v3_large_fpn"
 
 
 class CocoDetectionDataset(Dataset):
-    """COCO images + boxes as torchvision detection targets (labels 1..C, 0 is background)."""
+    """COCO images + boxes as torchvision detection targets (labels 1..C, 0 is background).
+
+    The file is read with :func:`~welde_det.datasets.coco.load_coco`, which refuses
+    zero-area boxes (part inside the image at most
+    :data:`~welde_det.datasets.coco.MIN_BOX_SIDE` px wide or high) with an error naming the
+    file and annotation id, so every target box has ``x1 > x0`` and ``y1 > y0``, as
+    torchvision's detection models require, before training starts.
+    """
 
     def __init__(self, coco_path: str | os.PathLike, image_root: str | os.PathLike, stats: ClassStats,
                  channels: int = 1) -> None:
-        from welde_det.datasets.coco import load_coco
+        from welde_det.datasets.coco import CocoFormatError, load_coco
 
         self.coco = load_coco(coco_path)
         self.root = Path(image_root)
@@ -54,8 +61,8 @@ class CocoDetectionDataset(Dataset):
         label_of = {cid: i + 1 for i, cid in enumerate(stats.category_ids)}
         unknown = {a["category_id"] for a in self.coco["annotations"]} - set(label_of)
         if unknown:
-            raise ValueError(f"{coco_path}: category ids {sorted(unknown)} are not in the class list "
-                             f"{list(stats.names)} (ids {list(stats.category_ids)})")
+            raise CocoFormatError(f"{coco_path}: category ids {sorted(unknown)} are not in the class list "
+                                  f"{list(stats.names)} (ids {list(stats.category_ids)})")
         self.images = sorted(self.coco["images"], key=lambda im: im["id"])
         self.anns: dict[int, list] = defaultdict(list)
         for a in self.coco["annotations"]:
