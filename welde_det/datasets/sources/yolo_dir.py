@@ -43,7 +43,7 @@ from welde_det.datasets.coco import (
     resolve_yolo_split,
     yolo_splits,
 )
-from welde_det.datasets.resolve import LUMBAR6_PATIENT_PATTERN
+from welde_det.datasets.resolve import LUMBAR6_PATIENT_PATTERN, require_boxes
 from welde_det.datasets.sources.common import (
     BoxRecord,
     ConversionError,
@@ -92,20 +92,20 @@ def _read_image(path: Path) -> np.ndarray:
     return arr
 
 
-def _convert_one(item: _Item, class_names: Sequence[str]) -> ImageRecord:
+def _convert_one(item: _Item, class_names: Sequence[str], root: Path | None = None) -> ImageRecord:
     try:
-        return _convert_one_unchecked(item, class_names)
+        return _convert_one_unchecked(item, class_names, root)
     except OSError as exc:
         raise ConversionError(f"{item.image}: {exc}") from exc
 
 
-def _convert_one_unchecked(item: _Item, class_names: Sequence[str]) -> ImageRecord:
+def _convert_one_unchecked(item: _Item, class_names: Sequence[str], root: Path | None = None) -> ImageRecord:
     arr = _read_image(item.image)
     height, width = arr.shape[:2]
     boxes = []
     if item.label.is_file():
         try:
-            rows = parse_yolo_label_file(item.label, len(class_names))
+            rows = parse_yolo_label_file(item.label, len(class_names), image_size=(width, height), root=root)
         except YoloClassIndexError as exc:
             raise UnknownClassError(f"{exc} (classes {list(class_names)})") from None
         except YoloFormatError as exc:
@@ -212,11 +212,13 @@ def convert_yolo_dir(
                     _Item(image, label_path_of(image), staging / "images" / file_name, file_name, split, fields)
                 )
         records = []
-        worker = functools.partial(_convert_one, class_names=names)
+        worker = functools.partial(_convert_one, class_names=names,
+                                   root=source.parent if source.is_file() else source)
         for _item, result in map_items(worker, items, workers=workers, progress=progress, desc="images"):
             if isinstance(result, BaseException):
                 raise result
             records.append(result)
+        require_boxes(sum(len(r.boxes) for r in records), source, what="the YOLO folder", n_images=len(records))
         report: dict[str, Any] = {
             "patient_grouping": (
                 f"regex {pattern.pattern!r} on the file stem"
