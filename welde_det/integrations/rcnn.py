@@ -51,6 +51,7 @@ __all__ = [
     "build_rcnn_model",
     "freeze_for_stage2",
     "rcnn_class_counts",
+    "train_frozen",
 ]
 
 RCNN_ARCHS = ("fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn")
@@ -358,3 +359,12 @@ def freeze_for_stage2(model: nn.Module) -> list[nn.Parameter]:
     for p in trainable:
         p.requires_grad_(True)
     return trainable
+
+
+def train_frozen(model: nn.Module) -> None:
+    """Training mode for the frozen stage: RPN and RoI heads train (training proposal counts, RoI
+    sampling); backbone and FPN stay in eval mode, so their BatchNorm layers use — and keep — the
+    statistics of the model the stage starts from (``Stage.frozen``: BatchNorm statistics included).
+    Without it a frozen stage normalised by each batch's statistics and rewrote the running ones."""
+    model.train()
+    model.backbone.eval()

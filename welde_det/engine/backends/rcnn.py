@@ -165,7 +165,7 @@ class RCNNBackend(DetectionBackend):
         import torch.distributed as dist
 
         from welde_det.checkpoint import load_checkpoint, save_checkpoint
-        from welde_det.integrations.rcnn import freeze_for_stage2
+        from welde_det.integrations.rcnn import freeze_for_stage2, train_frozen
 
         rank, world = _dist_env()
         device = torch.device(device_for(cfg.train.device))
@@ -207,7 +207,10 @@ class RCNNBackend(DetectionBackend):
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(gepoch)
             model.roi_heads.objective.set_epoch(gepoch)
-            model.train()
+            if stage.frozen:  # the backbone's BatchNorm keeps the statistics the stage starts from
+                train_frozen(model)
+            else:
+                model.train()
             sums: dict[str, float] = defaultdict(float)
             steps = 0
             it = loader
