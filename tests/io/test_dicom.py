@@ -152,7 +152,7 @@ def test_bad_input(tmp_path):
     with pytest.raises(NotDicomError):
         read_volume(tmp_path / "junk" / "notes.txt")
     write_series(tmp_path / "ax", phantom_volume((6, 6, 4)), _affine("axial"))
-    with pytest.raises(NoSagittalSeriesError, match="found: axial"):
+    with pytest.raises(NoSagittalSeriesError, match="found: #0 axial"):
         read_volume(tmp_path / "ax")
     with pytest.raises(FileNotFoundError):
         read_volume(tmp_path / "missing")

@@ -8,12 +8,13 @@ image unchanged.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 
-from welde_det.io.errors import WeldeIOError
+from welde_det.io.errors import InvalidAffineError, WeldeIOError
 from welde_det.io.volume import Volume
 
 __all__ = ["IMAGE_SUFFIXES", "is_image2d", "read_image2d"]
@@ -31,15 +32,21 @@ def read_image2d(path: str | os.PathLike, *, pixel_spacing: tuple[float, float] 
 
     Raises:
         WeldeIOError: unreadable file, or a colour image (channels differ) — an MRI slice is grey.
+        InvalidAffineError: a pixel spacing that is not a positive finite number.
+    Errors name the file by its name only, never its absolute path.
     """
     import cv2
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    name = path.name
+    row_sp, col_sp = (float(v) for v in pixel_spacing)
+    if not (math.isfinite(row_sp) and math.isfinite(col_sp) and row_sp > 0 and col_sp > 0):
+        raise InvalidAffineError(f"{name}: pixel spacing {list(pixel_spacing)} mm must be two positive finite numbers")
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
-        raise WeldeIOError(f"{path}: not a readable image")
+        raise WeldeIOError(f"{name}: not a readable image")
     if img.ndim == 3:
         if img.shape[2] == 4:
             img = img[:, :, :3]
@@ -48,12 +55,11 @@ def read_image2d(path: str | os.PathLike, *, pixel_spacing: tuple[float, float] 
         tol = 2 if img.dtype == np.uint8 else 512
         if spread > tol:
             raise WeldeIOError(
-                f"{path}: a colour image (channels differ by up to {int(spread)}); expected a grey MRI slice"
+                f"{name}: a colour image (channels differ by up to {int(spread)}); expected a grey MRI slice"
             )
         img = img[:, :, 0]
     if img.ndim != 2 or min(img.shape) < 8:
-        raise WeldeIOError(f"{path}: image of shape {img.shape} is not a 2D slice")
-    row_sp, col_sp = (float(v) for v in pixel_spacing)
+        raise WeldeIOError(f"{name}: image of shape {img.shape} is not a 2D slice")
     affine = np.array([
         [1.0, 0.0, 0.0, 0.0],
         [0.0, 0.0, -col_sp, 0.0],   # columns run posterior (anterior on the left)

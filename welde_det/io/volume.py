@@ -12,21 +12,79 @@ orientation — the 48 axis permutations/flips of one volume give the same pixel
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from welde_det.io.errors import WeldeIOError
+from welde_det.io.errors import InvalidAffineError, WeldeIOError
 
 __all__ = [
+    "ORTHOGONALITY_TOLERANCE",
+    "SINGULARITY_TOLERANCE",
     "SagittalSlice",
     "Volume",
+    "check_affine",
     "display_axes",
     "lateral_axis",
     "mid_sagittal",
     "window_image",
 ]
+
+
+#: Largest |cos| of the angle between two of the affine's columns (after dividing out the voxel
+#: sizes) that still counts as orthogonal: 1e-3 is 0.06°, i.e. 0.3 mm over a 300 mm field of view,
+#: well above the float32 rounding of NIfTI srows and DICOM direction cosines (~1e-6).
+ORTHOGONALITY_TOLERANCE = 1e-3
+#: Smallest |det| of the affine's 3x3 part, relative to the product of its column norms (the
+#: volume of the unit-voxel box over that of a rectangular one), below which it counts as singular.
+SINGULARITY_TOLERANCE = 1e-6
+
+
+def check_affine(affine: np.ndarray, where: str = "volume") -> np.ndarray:
+    """Refuse a voxel-to-world matrix that would place voxels wrongly; return it as float64 (4, 4).
+
+    A :class:`Volume` affine must be finite, have a last row ``[0, 0, 0, 1]``, non-zero
+    columns (voxel sizes), a non-singular 3x3 part and mutually orthogonal columns (no shear)
+    within :data:`ORTHOGONALITY_TOLERANCE`; axis flips and any rotation are fine.
+
+    Args:
+        affine: the 4x4 matrix.
+        where: what it belongs to, for the message (a file name relative to the input).
+
+    Raises:
+        InvalidAffineError: naming ``where`` and what is wrong.
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4):
+        raise InvalidAffineError(f"{where}: the affine must be 4x4, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise InvalidAffineError(
+            f"{where}: the voxel-to-world affine holds non-finite values (NaN or Inf) {np.round(a, 4).tolist()}; "
+            "the file's geometry (sform/qform or pixdim, ImagePositionPatient/ImageOrientationPatient) is "
+            "corrupt — fix the header")
+    if not np.allclose(a[3], [0.0, 0.0, 0.0, 1.0]):
+        raise InvalidAffineError(f"{where}: the affine's last row is {a[3].tolist()}, expected [0, 0, 0, 1]")
+    m = a[:3, :3]
+    norms = np.linalg.norm(m, axis=0)
+    if np.any(norms <= 0) or abs(np.linalg.det(m)) <= SINGULARITY_TOLERANCE * float(np.prod(norms)):
+        raise InvalidAffineError(
+            f"{where}: the voxel-to-world affine is singular (voxel sizes {np.round(norms, 6).tolist()} mm, "
+            f"3x3 part {np.round(m, 6).tolist()}): voxels do not map to distinct world positions — the header's "
+            "geometry is corrupt (a zero pixdim or a degenerate sform/qform); fix the header")
+    unit = m / norms
+    cos = unit.T @ unit
+    off = np.abs(cos[np.triu_indices(3, k=1)])
+    if off.max() > ORTHOGONALITY_TOLERANCE:
+        pairs = [f"{p}{q}: {np.degrees(np.arccos(min(1.0, c))):.2f}°"
+                 for (p, q), c in zip(((0, 1), (0, 2), (1, 2)), off) if c > ORTHOGONALITY_TOLERANCE]
+        raise InvalidAffineError(
+            f"{where}: the voxel-to-world affine is sheared — its voxel axes are not orthogonal (angles between "
+            f"axes {', '.join(pairs)}; allowed deviation from 90° is "
+            f"{np.degrees(np.arcsin(ORTHOGONALITY_TOLERANCE)):.2f}°); resample the volume to an orthogonal grid "
+            "(e.g. with the tool that produced it) before reading it")
+    return a
 
 
 @dataclass
@@ -38,6 +96,10 @@ class Volume:
         affine: 4×4 voxel → RAS (mm) matrix.
         provenance: source files, pseudonymised series UID, modality, description,
             windowing hints (``window_center``/``window_width``), reader notes.
+
+    Raises:
+        InvalidAffineError: a non-finite, singular or sheared affine (see :func:`check_affine`);
+            no Volume with one can exist, whichever reader made it.
     """
 
     array: np.ndarray
@@ -45,9 +107,9 @@ class Volume:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.affine = np.asarray(self.affine, dtype=np.float64)
-        if self.affine.shape != (4, 4):
-            raise WeldeIOError(f"affine must be 4x4, got {self.affine.shape}")
+        files = (self.provenance or {}).get("source_files") or []
+        where = f"volume read from {os.path.basename(str(files[0]))}" if files else "volume"
+        self.affine = check_affine(self.affine, where)
         if self.array.ndim != 3:
             raise WeldeIOError(f"a Volume holds a 3-D array, got shape {self.array.shape}")
 
