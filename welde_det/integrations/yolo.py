@@ -46,19 +46,25 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from ultralytics.data.augment import Compose, Mosaic, RandomHSV
-from ultralytics.data.dataset import YOLODataset
-from ultralytics.data.utils import get_split_fraction
-from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.nn.modules.head import Detect
-from ultralytics.nn.tasks import DetectionModel
-from ultralytics.utils import RANK, colorstr
-from ultralytics.utils.loss import v8DetectionLoss
+
+from welde_det.integrations.offline import offline_import
+
+# Ultralytics resolves host names on import unless $YOLO_OFFLINE is set, and it and cv2 write
+# into os.environ: imported offline, with the environment put back (integrations.offline)
+with offline_import():
+    import cv2
+    from ultralytics.data.augment import Compose, Mosaic, RandomHSV
+    from ultralytics.data.dataset import YOLODataset
+    from ultralytics.data.utils import get_split_fraction
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    from ultralytics.nn.modules.head import Detect
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils import RANK, colorstr
+    from ultralytics.utils.loss import v8DetectionLoss
 
 from welde_det.losses import build_detection_sampler
 from welde_det.losses.samplers import DETECTION_SAMPLERS
@@ -522,6 +528,46 @@ class WELDEDetectionTrainer(DetectionTrainer):
                           ("on_train_epoch_end", _on_epoch_end)):
             if fn not in self.callbacks[event]:
                 self.add_callback(event, fn)
+
+    def get_dataset(self):
+        """The data YAML welde_det wrote (``datasets.resolve.yolo_view``), read without network.
+
+        Ultralytics' ``check_det_dataset`` ends with ``check_font``, a HEAD request to GitHub
+        for ``Arial.ttf`` whenever the font is not in its config folder (even with
+        ``$YOLO_OFFLINE``); the font only serves plots, which welde_det does not draw. The
+        same keys are checked and resolved here; anything but a local YAML is refused.
+        """
+        from ultralytics.data.utils import check_class_names
+        from ultralytics.utils import YAML
+
+        path = Path(str(self.args.data))
+        if path.suffix.lower() not in (".yaml", ".yml") or not path.is_file():
+            raise FileNotFoundError(f"{path}: welde_det trains from a local data YAML (built by the run in its data/ "
+                                    "folder); no dataset is downloaded")
+        data = YAML.load(path, append_filename=True)
+        for key in ("train", "val"):
+            if not data.get(key):
+                raise ValueError(f"{path}: no {key!r} entry; a YOLO data YAML needs train and val")
+        if data.get("names") is None:
+            raise ValueError(f"{path}: no 'names' entry")
+        data["names"] = check_class_names(data["names"])
+        data["nc"] = len(data["names"])
+        data["channels"] = int(data.get("channels", 3))
+        root = Path(data.get("path") or path.parent)
+        if not root.is_absolute():
+            root = (path.parent / root).resolve()
+        data["path"] = root
+        for key in ("train", "val", "test"):
+            if data.get(key):
+                entries = data[key] if isinstance(data[key], list) else [data[key]]
+                resolved = [str((root / e).resolve()) for e in entries]
+                missing = [e for e in resolved if not Path(e).exists()]
+                if missing:
+                    raise FileNotFoundError(f"{path}: {key} images not found: {missing[0]}")
+                data[key] = resolved if isinstance(data[key], list) else resolved[0]
+        if self.args.single_cls:
+            data["names"], data["nc"] = {0: "item"}, 1
+        return data
 
     def get_model(self, cfg=None, weights=None, verbose: bool = True):
         spec = self.welde_spec

@@ -139,7 +139,10 @@ class YOLOBackend(DetectionBackend):
                               f"finished YOLO stage to {stage.epochs} — start a new run from its weights "
                               f"(model.weights={sdir / 'weights' / 'model.pt'})")
         if not finished:
-            with spec_env(spec):
+            from welde_det.integrations.offline import ultralytics_offline
+
+            # offline without the user's help: no DNS, no analytics, no hub, no download (integrations.offline)
+            with spec_env(spec), ultralytics_offline():
                 if last.is_file():
                     logger.info("resuming stage %s from %s", stage.name, last)
                     trainer = WELDEDetectionTrainer(overrides={"resume": str(last)})
