@@ -14,6 +14,10 @@ folder / data.yaml.
 Writes report.json, report.md, per_image.csv and the plots (PR curves, per-class AP,
 confusion, TIDE errors, FROC), prints the pycocotools summary, with --compare the paired
 bootstrap difference of mAP and mAP_tail with its 95 % interval, and, last, the report folder.
+
+Detections for images or categories the ground truth does not have, a missing file or an
+unavailable --device are reported in one line (exit status 2) before anything is written;
+--debug shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from welde_det.engine.evaluate import evaluate_checkpoint, write_detection_report
 from welde_det.evaluation import summary_lines
+from welde_det.utils.cli import add_debug_flag, run_cli
 from welde_det.utils.logging import setup_logging
 
 
@@ -49,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resamples", type=int, default=1000,
                         help="with --gt/--dets: bootstrap resamples of the 95%% intervals (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="with --gt/--dets: seed of the bootstrap")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.weights and (args.gt or args.dets):
         parser.error("give either --weights with --data, or --gt with --dets")
@@ -64,14 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mAP_tail {res['map_tail']:.3f} (tail: {', '.join(res['tail_classes'])})")
         print(res["report_dir"])
         return 0
-    try:
-        res = write_detection_report(args.gt, args.dets, args.out, class_stats=args.class_stats,
-                                     compare=args.compare, compare_label=args.compare_label, label=args.label,
-                                     title=args.title, device=args.device, plots=not args.no_plots,
-                                     n_resamples=args.resamples, seed=args.seed)
-    except (ValueError, FileNotFoundError) as exc:  # user input: the message names the file and value
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    res = write_detection_report(args.gt, args.dets, args.out, class_stats=args.class_stats,
+                                 compare=args.compare, compare_label=args.compare_label, label=args.label,
+                                 title=args.title, device=args.device, plots=not args.no_plots,
+                                 n_resamples=args.resamples, seed=args.seed)
     print("\n".join(summary_lines(res["stats"])))
     print(f"mAP_tail {res['map_tail']:.3f} (tail: {', '.join(res['tail_classes'])})")
     diff = res["analysis"].get("difference")
@@ -85,4 +87,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

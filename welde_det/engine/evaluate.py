@@ -2,20 +2,177 @@
 
 :func:`write_detection_report` evaluates detections against COCO ground truth with the
 pycocotools-exact evaluator and writes ``report.json``, ``report.md`` and plots.
+
+Inputs are checked before anything is computed or written: the ground truth is read once
+(:func:`read_ground_truth`: a JSON object whose ``images`` and ``categories`` carry integer
+ids; the evaluator checks the rest, pycocotools-style, so ground truth written by other
+tools without ``file_name`` or image sizes is accepted), the detections (and ``compare``)
+with :func:`load_detections`: a detection for an image or a category that is not in the ground
+truth, or with a non-finite or negative box or score, is a
+:class:`~welde_det.datasets.coco.CocoResultsError` naming the detections file and the
+offending ids, never silently scored or dropped. ``device`` is checked with
+:func:`eval_device` (a CUDA device on a machine without one is a ``ConfigError``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from welde_det.classes import ClassStats
+from welde_det.datasets.coco import CocoFormatError, CocoResultsError, load_coco
+from welde_det.datasets.resolve import DataError
+from welde_det.engine.config import ConfigError
+from welde_det.errors import UserError
 from welde_det.evaluation import DetectionArrays, evaluate_coco
 from welde_det.evaluation.report import detection_analysis, write_report
 
-__all__ = ["write_detection_report"]
+__all__ = [
+    "eval_device",
+    "evaluate_checkpoint",
+    "load_detections",
+    "predict_split",
+    "read_ground_truth",
+    "write_detection_report",
+]
+
+#: how many offending ids or detection indices an error message lists
+_SHOWN = 8
+
+
+def eval_device(device: str | None, *, flag: str = "--device") -> str | None:
+    """Check an evaluation/inference device string before any work is done.
+
+    ``None`` or ``""`` (CUDA when available, else CPU) and ``"cpu"`` always pass;
+    ``"cuda"``/``"cuda:N"``/``"N"`` need that CUDA device here.
+
+    Returns:
+        ``None`` (the default) or the normalised torch device string.
+
+    Raises:
+        ConfigError: an unknown device, or a CUDA device that this machine does not have.
+    """
+    if device in (None, ""):
+        return None
+    import torch
+
+    spec = str(device).strip()
+    spec = f"cuda:{spec}" if spec.isdigit() else spec
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{flag} {device!r} is not a device; use cpu, cuda or cuda:N "
+                          "(or leave it unset for CUDA when available)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{flag} {device!r}: no CUDA device is available here; use {flag} cpu "
+                              "(or leave it unset for the best available)")
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"{flag} {device!r}: this machine has {count} CUDA device(s) (cuda:0.."
+                              f"cuda:{count - 1}); choose one of them or cpu")
+    elif dev.type != "cpu":
+        raise ConfigError(f"{flag} {device!r}: evaluation runs on cpu or cuda; use one of them")
+    return str(dev)
+
+
+def read_ground_truth(gt: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """COCO ground truth for evaluation (a dict or JSON path) and the name errors give it.
+
+    Only what the detections are checked against is checked here: a JSON object with
+    ``images``, ``annotations`` and ``categories`` lists, and integer ``id`` s on every image
+    and category. The evaluator checks the annotations.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CocoFormatError: not valid JSON, or the structure above is broken (file and entry named).
+    """
+    from welde_det.utils.fileio import load_json
+
+    if isinstance(gt, (str, os.PathLike)):
+        source = str(gt)
+        try:
+            data = load_json(gt)
+        except UserError:
+            raise
+        except ValueError as exc:
+            raise CocoFormatError(str(exc)) from exc
+    else:
+        source, data = "<ground-truth dict>", gt
+    if not isinstance(data, Mapping):
+        raise CocoFormatError(f"{source}: COCO ground truth must be a JSON object, got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise CocoFormatError(f"{source}: COCO ground truth has no {key!r} list")
+    for key in ("images", "categories"):
+        for i, entry in enumerate(data[key]):
+            if not isinstance(entry, Mapping) or isinstance(entry.get("id"), bool) or not isinstance(
+                    entry.get("id"), int):
+                raise CocoFormatError(f"{source}: {key}[{i}] needs an integer 'id': {entry!r}")
+    return dict(data), source
+
+
+def _listed(values: Any) -> str:
+    values = list(values)
+    head = ", ".join(str(v) for v in values[:_SHOWN])
+    return f"{head}, ... ({len(values)} in all)" if len(values) > _SHOWN else head
+
+
+def load_detections(detections: Any, gt: Mapping[str, Any], *, name: str = "detections",
+                    gt_source: str = "the ground truth") -> DetectionArrays:
+    """Read COCO results and check them against their ground truth.
+
+    Args:
+        detections: a COCO results JSON path, a list of result dicts, a dict of arrays or
+            a :class:`~welde_det.evaluation.DetectionArrays`.
+        gt: the COCO ground truth (:func:`read_ground_truth`).
+        name: what the detections are, for messages when they are not a file.
+        gt_source: the ground truth's name (its file) for messages.
+
+    Returns:
+        The detections as arrays.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        CocoResultsError: malformed results, a non-finite or negative box or score, or an
+            ``image_id`` / ``category_id`` that the ground truth does not have (the file,
+            the first few ids and their count named).
+    """
+    source = str(detections) if isinstance(detections, (str, os.PathLike)) else f"<{name}>"
+    try:
+        d = DetectionArrays.from_any(detections)
+    except UserError:
+        raise
+    except ValueError as exc:
+        raise CocoResultsError(f"{source}: {exc}") from exc
+    n = len(d.score)
+    bad = ~(np.isfinite(d.bbox).all(1) & np.isfinite(d.score))
+    if bad.any():
+        idx = np.nonzero(bad)[0]
+        raise CocoResultsError(f"{source}: {len(idx)} detection(s) have a NaN or infinite bbox or score (detection "
+                               f"index {_listed(idx.tolist())}); every bbox value and score must be a finite number")
+    bad = (d.bbox[:, 2:] < 0).any(1) if n else np.zeros(0, bool)
+    if bad.any():
+        idx = np.nonzero(bad)[0]
+        raise CocoResultsError(f"{source}: {len(idx)} detection(s) have a negative width or height (detection index "
+                               f"{_listed(idx.tolist())}); COCO results boxes are [x, y, w, h] with w, h >= 0")
+    for field, key, known in (("image_id", "images", {int(i["id"]) for i in gt["images"]}),
+                              ("category_id", "categories", {int(c["id"]) for c in gt["categories"]})):
+        values = getattr(d, field)
+        unknown = ~np.isin(values, np.fromiter(known, np.int64, len(known)))
+        if unknown.any():
+            ids = np.unique(values[unknown]).tolist()
+            raise CocoResultsError(
+                f"{source}: {int(unknown.sum())} detection(s) name {field} {_listed(ids)} ({len(ids)} distinct), "
+                f"which the {key} of {gt_source} do not have; evaluate against the ground truth the detections "
+                "were made on"
+            )
+    return d
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +215,35 @@ def write_detection_report(
     Returns:
         The ``evaluate_coco`` result of ``detections`` (with ``report_dir`` added, and
         ``analysis``: :func:`~welde_det.evaluation.report.detection_analysis`'s output).
+
+    Raises:
+        CocoFormatError: malformed ground truth (the file and entry named).
+        CocoResultsError: detections (or ``compare``) for images or categories the ground
+            truth does not have, or non-finite boxes/scores (the file and ids named).
+        ConfigError: a ``device`` that is not available here.
+        FileNotFoundError: a missing input file.
+
+        All of them before anything is written to ``out_dir``.
     """
+    device = eval_device(device)
+    gt, gt_source = read_ground_truth(gt)  # read once
     if class_stats is not None and not isinstance(class_stats, ClassStats):
-        class_stats = ClassStats.load(class_stats)
-    detections = DetectionArrays.from_any(detections)  # read once; gt stays a path so errors name the file
-    compare = DetectionArrays.from_any(compare) if compare is not None else None
-    result = evaluate_coco(gt, detections, class_stats=class_stats, device=device)
-    other = evaluate_coco(gt, compare, class_stats=class_stats, device=device) if compare is not None else None
+        try:
+            class_stats = ClassStats.load(class_stats)
+        except UserError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{class_stats}: not a ClassStats JSON ({exc}); pass the class_stats.json "
+                              "a training run wrote") from exc
+    detections = load_detections(detections, gt, gt_source=gt_source)  # read once
+    compare = load_detections(compare, gt, name="compare", gt_source=gt_source) if compare is not None else None
+    try:
+        result = evaluate_coco(gt, detections, class_stats=class_stats, device=device)
+        other = evaluate_coco(gt, compare, class_stats=class_stats, device=device) if compare is not None else None
+    except UserError:
+        raise
+    except ValueError as exc:  # the evaluator's own checks of the ground truth's annotations
+        raise CocoFormatError(str(exc).replace("<ground-truth dict>", gt_source)) from exc
     extra = (detection_analysis(gt, detections, result, compare=compare, n_resamples=n_resamples, seed=seed,
                                 device=device) if analysis else None)
     out = write_report(result, out_dir, title=title, label=label, compare=other, compare_label=compare_label,
@@ -89,9 +268,8 @@ def predict_split(detector: Any, coco: str | os.PathLike | dict, image_root: str
     are the ground truth's own, matched by class name.
 
     Raises:
-        ValueError: the detector's classes are not the split's (by name and order).
+        DataError: the detector's classes are not the split's (by name and order).
     """
-    from welde_det.datasets.coco import load_coco
     from welde_det.engine.infer import read_input
     from welde_det.utils.logging import progress_enabled
 
@@ -99,7 +277,7 @@ def predict_split(detector: Any, coco: str | os.PathLike | dict, image_root: str
     cats = sorted(gt["categories"], key=lambda c: c["id"])
     names = [str(c["name"]) for c in cats]
     if names != list(detector.names):
-        raise ValueError(f"the checkpoint was trained on {list(detector.names)}, the data has {names}: "
+        raise DataError(f"the checkpoint was trained on {list(detector.names)}, the data has {names}: "
                          "evaluate on data with the same classes in the same order")
     cat_id = [int(c["id"]) for c in cats]
     images = sorted(gt["images"], key=lambda im: im["id"])
@@ -150,6 +328,10 @@ def evaluate_checkpoint(
 
     Returns:
         The evaluation result (see :func:`welde_det.evaluation.evaluate_coco`).
+
+    Raises:
+        ConfigError: a ``device`` that is not available here.
+        DataError: a data source that cannot be resolved, or no such split.
     """
     import tempfile
 
@@ -157,12 +339,13 @@ def evaluate_checkpoint(
     from welde_det.integrations.registry import load_detector
     from welde_det.utils.fileio import atomic_write_json
 
+    device = eval_device(device)
     detector = load_detector(weights, device)
     out = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="welde_eval_") as work:
         resolved = resolve_data(data, Path(work), names=None)
         if split not in resolved.splits:
-            raise ValueError(f"{data}: no {split!r} split (found {sorted(resolved.splits)})")
+            raise DataError(f"{data}: no {split!r} split (found {sorted(resolved.splits)}); pass --split one of them")
         gt_path, root = resolved.splits[split], resolved.image_roots[split]
         dets, gt = predict_split(detector, gt_path, root, conf=conf, batch=batch)
     atomic_write_json(out / "detections.json", dets)
