@@ -21,7 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from welde_det.classes import LUMBAR_CLASSES
 from welde_det.datasets.phantom import FORMATS, make_phantom_dataset
+from welde_det.utils.cli import add_debug_flag, run_cli
 from welde_det.utils.logging import progress_enabled, setup_logging
+
+
+def _json_value(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}): {text!r}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--difficulty", type=float, default=0.5, help="0 = clear-cut findings, 1 = subtle")
     parser.add_argument("--contrast", choices=["t1", "t2", "both"], default="both")
     parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
-    parser.add_argument("--frequencies", type=str, default=None,
+    parser.add_argument("--frequencies", type=_json_value, default=None,
                         help=f"JSON mapping of per-box class frequencies over {list(LUMBAR_CLASSES)}")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     parser.add_argument("--bit-depth", type=int, choices=[8, 16], default=8,
@@ -41,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--figure", type=Path, help="write the phantom-vs-real comparison figure here instead")
     parser.add_argument("--real", type=Path, help="folder of real PNG slices for --figure")
     parser.add_argument("--verbose", action="store_true")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.figure is None and args.out is None:
         parser.error("give --out DIR (or --figure PNG --real DIR)")
@@ -57,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(comparison_figure(args.real, args.figure))
         return 0
-    freqs = json.loads(args.frequencies) if args.frequencies else None
+    freqs = args.frequencies
     ds = make_phantom_dataset(args.out, args.n_studies, seed=args.seed, difficulty=args.difficulty,
                               contrast=args.contrast, class_frequencies=freqs, workers=args.workers,
                               formats=tuple(args.formats), progress=progress_enabled(),
@@ -67,4 +76,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

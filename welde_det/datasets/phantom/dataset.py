@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from welde_det.classes import LUMBAR_CLASSES, ClassStats
-from welde_det.datasets.phantom.findings import resolve_frequencies, solve_plan
+from welde_det.datasets.phantom.findings import PhantomError, resolve_frequencies, solve_plan
 from welde_det.datasets.phantom.study import generate_study
 from welde_det.datasets.phantom.writers import (
     crop_box,
@@ -205,25 +205,25 @@ def _make_one(job: dict[str, Any]) -> dict[str, Any]:
 def _validate(n_studies: Any, difficulty: Any, contrast: Any, formats: Any, workers: Any, crop_size: Any,
               bit_depth: Any = 8) -> tuple[str, ...]:
     if isinstance(n_studies, bool) or not isinstance(n_studies, (int, np.integer)) or n_studies < 1:
-        raise ValueError(f"n_studies must be a positive integer, got {n_studies!r}")
+        raise PhantomError(f"n_studies must be a positive integer, got {n_studies!r}")
     if not (isinstance(difficulty, (int, float)) and 0.0 <= float(difficulty) <= 1.0):
-        raise ValueError(f"difficulty must be a number in [0, 1], got {difficulty!r}")
+        raise PhantomError(f"difficulty must be a number in [0, 1], got {difficulty!r}")
     if contrast not in ("t1", "t2", "both"):
-        raise ValueError(f"contrast must be 't1', 't2' or 'both', got {contrast!r}")
+        raise PhantomError(f"contrast must be 't1', 't2' or 'both', got {contrast!r}")
     if isinstance(formats, str):
         formats = (formats,)
     fmts = tuple(dict.fromkeys(formats))
     bad = [f for f in fmts if f not in FORMATS]
     if bad:
-        raise ValueError(f"unknown format(s) {bad}; allowed: {list(FORMATS)}")
+        raise PhantomError(f"unknown format(s) {bad}; allowed: {list(FORMATS)}")
     if "yolo" in fmts and "coco" not in fmts:
-        raise ValueError("format 'yolo' is exported from the COCO annotations: add 'coco' to formats")
+        raise PhantomError("format 'yolo' is exported from the COCO annotations: add 'coco' to formats")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+        raise PhantomError(f"workers must be a positive integer or None, got {workers!r}")
     if not isinstance(crop_size, int) or not 8 <= crop_size <= 512:
-        raise ValueError(f"crop_size must be an integer in [8, 512], got {crop_size!r}")
+        raise PhantomError(f"crop_size must be an integer in [8, 512], got {crop_size!r}")
     if bit_depth not in (8, 16):
-        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth!r}")
+        raise PhantomError(f"bit_depth must be 8 or 16, got {bit_depth!r}")
     return tuple(f for f in FORMATS if f in fmts)
 
 
@@ -277,7 +277,7 @@ def make_phantom_dataset(
     """
     fmts = _validate(n_studies, difficulty, contrast, formats, workers, crop_size, bit_depth)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise PhantomError(f"seed must be a non-negative integer, got {seed!r}")
     freqs = resolve_frequencies(class_frequencies)
     solve_plan(freqs)  # unreachable frequencies fail here, before any work
     params = _params(int(n_studies), int(seed), float(difficulty), contrast, freqs, fmts, crop_size, int(bit_depth))

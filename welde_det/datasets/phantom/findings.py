@@ -38,16 +38,23 @@ from welde_det.datasets.phantom.anatomy import (
     VERTEBRAE,
     Subject,
 )
+from welde_det.errors import UserError
 
 __all__ = [
     "DEFAULT_FREQUENCIES",
     "P_TOP",
     "FindingPlan",
     "Findings",
+    "PhantomError",
     "resolve_frequencies",
     "sample_findings",
     "solve_plan",
 ]
+
+
+class PhantomError(UserError):
+    """Phantom options that cannot be generated (the option and what is allowed named)."""
+
 
 #: Probability that the T11-T12 disc lies fully inside the field (and is boxed).
 P_TOP = 0.69
@@ -79,16 +86,16 @@ def resolve_frequencies(class_frequencies: Mapping[str, float] | Sequence[float]
     if isinstance(class_frequencies, Mapping):
         unknown = sorted(set(class_frequencies) - set(LUMBAR_CLASSES))
         if unknown:
-            raise ValueError(f"class_frequencies has unknown classes {unknown}; allowed: {list(LUMBAR_CLASSES)}")
+            raise PhantomError(f"class_frequencies has unknown classes {unknown}; allowed: {list(LUMBAR_CLASSES)}")
         w = [float(class_frequencies.get(n, 0.0)) for n in LUMBAR_CLASSES]
     else:
         w = [float(x) for x in class_frequencies]
         if len(w) != len(LUMBAR_CLASSES):
-            raise ValueError(
+            raise PhantomError(
                 f"class_frequencies has {len(w)} values; need {len(LUMBAR_CLASSES)} in the order {list(LUMBAR_CLASSES)}"
             )
     if any(x < 0 or not math.isfinite(x) for x in w) or sum(w) <= 0:
-        raise ValueError(f"class_frequencies must be finite, non-negative and not all zero, got {w}")
+        raise PhantomError(f"class_frequencies must be finite, non-negative and not all zero, got {w}")
     total = sum(w)
     return tuple(x / total for x in w)
 
@@ -132,7 +139,7 @@ def _allocate(total: float, weights: dict[str, float], presence: dict[str, float
         return dict.fromkeys(weights, 0.0)
     reach = sum(presence[k] * capacity[k] for k in weights)
     if reach < total - 1e-9:
-        raise ValueError(
+        raise PhantomError(
             f"class frequencies are not reachable: {name} needs {total:.3f} boxes per image but its levels "
             f"{list(weights)} can hold at most {reach:.3f}; lower its frequency or raise the disc classes'"
         )
@@ -159,7 +166,7 @@ def solve_plan(frequencies: tuple[float, ...] = DEFAULT_FREQUENCIES) -> FindingP
     f = dict(zip(LUMBAR_CLASSES, frequencies))
     f_disc = sum(f[n] for n in _DISC_CLASSES)
     if f_disc <= 0:
-        raise ValueError("class frequencies need some disc classes (Normal_IVD, LDB, DDD or TDB): every image has discs")
+        raise PhantomError("class frequencies need some disc classes (Normal_IVD, LDB, DDD or TDB): every image has discs")
     n_img = (6 + P_TOP) / f_disc
     need = {n: f[n] * n_img for n in LUMBAR_CLASSES}
     presence = {lv: (P_TOP if lv == "T11-T12" else 1.0) for lv in BOXED_DISCS}
@@ -177,7 +184,7 @@ def solve_plan(frequencies: tuple[float, ...] = DEFAULT_FREQUENCIES) -> FindingP
         disc_probs[lv] = (max(0.0, 1.0 - t - ld - dd), ld, dd, t)
     ss = _allocate(need["SS"], _W_SS, dict.fromkeys(LUMBAR_DISCS, 1.0), dict.fromkeys(LUMBAR_DISCS, _CAP), "SS")
     if need["Spondylolisthesis"] > _CAP:
-        raise ValueError(
+        raise PhantomError(
             f"class frequencies are not reachable: Spondylolisthesis needs {need['Spondylolisthesis']:.3f} boxes "
             f"per image but an image carries at most {_CAP}"
         )
