@@ -53,7 +53,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from operator import itemgetter
+from operator import itemgetter, methodcaller
 from typing import Any
 
 import numpy as np
@@ -62,10 +62,13 @@ import torch
 from welde_det.classes import ClassStats
 from welde_det.evaluation.flavours import (
     candidate_edges,
-    descending_rank,
     greedy_assign,
+    group_score_order,
     run_rank,
+    score_order,
+    stable_argsort,
     stable_lexsort,
+    subset_order,
     ultralytics_map,
 )
 from welde_det.utils.fileio import load_json
@@ -203,37 +206,55 @@ class _GroundTruth:
         self.cat_ids = np.array([int(c["id"]) for c in cats], dtype=np.int64)
         self.cat_names = [str(c.get("name", c["id"])) for c in cats]
         anns = gt["annotations"]
-        seen_ids: set = set()
-        img, cat, box, area, crowd, ids = [], [], [], [], [], []
-        img_set, cat_set = set(self.img_ids.tolist()), set(self.cat_ids.tolist())
-        for a in anns:
-            aid = a.get("id")
-            if aid in seen_ids:
-                raise ValueError(f"{source}: duplicate annotation id {aid}; pycocotools would silently keep only one")
-            seen_ids.add(aid)
-            if int(a["image_id"]) not in img_set or int(a["category_id"]) not in cat_set:
-                continue  # pycocotools' getAnnIds drops these too
-            if "area" not in a:
-                raise ValueError(
-                    f"{source}: annotation {aid} has no 'area' (pycocotools needs it for the area ranges); "
-                    "set it, e.g. area = w*h of the bbox, or the segmentation area"
-                )
-            if "bbox" not in a:
-                raise ValueError(f"{source}: annotation {aid} has no 'bbox'")
-            img.append(int(a["image_id"]))
-            cat.append(int(a["category_id"]))
-            box.append(a["bbox"])
-            area.append(float(a["area"]))
-            crowd.append(bool(a.get("iscrowd", 0)))
-            ids.append(int(aid) if aid is not None else 0)
-        self.image_id = np.array(img, dtype=np.int64)
-        self.category_id = np.array(cat, dtype=np.int64)
-        self.bbox = np.array(box, dtype=np.float64).reshape(-1, 4)
-        self.area = np.array(area, dtype=np.float64)
-        self.crowd = np.array(crowd, dtype=bool)
-        self.ann_id = np.array(ids, dtype=np.int64)
+        n = len(anns)
+        # one C-level pass per field (itemgetter + np.fromiter), as for the detections
+        try:
+            ids = list(map(_get_id, anns))
+            head = np.fromiter(chain.from_iterable(map(itemgetter("image_id", "category_id"), anns)), np.float64, 2 * n
+                               ).reshape(n, 2)
+        except KeyError as exc:
+            raise ValueError(f"{source}: an annotation lacks {exc.args[0]!r}") from None
+        if len(set(ids)) != n:
+            seen: set = set()
+            dup = next(i for i in ids if i in seen or seen.add(i))
+            raise ValueError(f"{source}: duplicate annotation id {dup}; pycocotools would silently keep only one")
+        img_all, cat_all = head[:, 0].astype(np.int64), head[:, 1].astype(np.int64)
+        # pycocotools' getAnnIds drops annotations of unknown images or categories too
+        known = np.isin(img_all, self.img_ids) & np.isin(cat_all, self.cat_ids)
+        kept = [anns[i] for i in np.flatnonzero(known)] if not known.all() else anns
+        missing_area = [a.get("id") for a in kept if "area" not in a] if not all(map(_has_area, kept)) else []
+        if missing_area:
+            raise ValueError(
+                f"{source}: annotation {missing_area[0]} has no 'area' (pycocotools needs it for the area ranges); "
+                "set it, e.g. area = w*h of the bbox, or the segmentation area"
+            )
+        if not all(map(_has_bbox, kept)):
+            raise ValueError(f"{source}: annotation {next(a.get('id') for a in kept if 'bbox' not in a)} has no 'bbox'")
+        m = len(kept)
+        self.image_id = img_all[known]
+        self.category_id = cat_all[known]
+        boxes = list(map(itemgetter("bbox"), kept))
+        if set(map(len, boxes)) - {4}:
+            bad = next(i for i, b in enumerate(boxes) if len(b) != 4)
+            raise ValueError(f"{source}: annotation {kept[bad].get('id')} has bbox {boxes[bad]!r}; need [x, y, w, h]")
+        self.bbox = np.fromiter(chain.from_iterable(boxes), np.float64, 4 * m).reshape(m, 4)
+        self.area = np.fromiter(map(itemgetter("area"), kept), np.float64, m)
+        self.crowd = np.fromiter(map(_get_crowd, kept), bool, m)
+        self.ann_id = np.array([0 if i is None else i for i in ids], dtype=np.int64)[known] if n else np.zeros(0, np.int64)
         if len(self.bbox) and not np.isfinite(self.bbox).all():
             raise ValueError(f"{source}: a ground-truth bbox is not finite")
+
+
+_get_id = methodcaller("get", "id")
+_get_crowd = methodcaller("get", "iscrowd", 0)
+
+
+def _has_area(ann: Mapping[str, Any]) -> bool:
+    return "area" in ann
+
+
+def _has_bbox(ann: Mapping[str, Any]) -> bool:
+    return "bbox" in ann
 
 
 def _check_dets(d: DetectionArrays, gt: _GroundTruth) -> tuple[DetectionArrays, int]:
@@ -324,7 +345,7 @@ def _edge_ious_cpu(d_box: np.ndarray, g_box: np.ndarray, crowd: np.ndarray | Non
 
 
 def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device, *,
-           score_rank: np.ndarray | None = None) -> dict[str, np.ndarray]:
+           by_score: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Greedy matching for every (image, category) pair, IoU threshold and area range.
 
     All pairs at once: the (detection, GT) edges of each pair with IoU ≥ 0.5 are matched by
@@ -334,7 +355,8 @@ def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device, *,
         Per kept detection (rank < maxDets[-1] within its pair), rows ordered by (image,
         category, rank): ``img`` / ``cat`` index (N,), ``rank`` (N,), ``score`` (N,), ``tp`` /
         ``fp`` (N, T, A) bool, ``det`` (N,) row in ``det``, ``score_rank`` (N,) dense rank of
-        the score (0 = highest; ``score_rank`` argument: the same for ``det``'s rows, if known); per category ``npig`` (K, A) non-ignored GT
+        the score (0 = highest); ``by_score``: :func:`~welde_det.evaluation.flavours.score_order` of
+        ``det.score``, if known; per category ``npig`` (K, A) non-ignored GT
         counts and ``has_pair`` (K,); ``n_img``.
     """
     n_img, n_cat = len(gt.img_ids), len(gt.cat_ids)
@@ -344,8 +366,9 @@ def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device, *,
     g_pair = g_img * n_cat + g_cat
     d_pair = np.searchsorted(gt.img_ids, det.image_id) * n_cat + np.searchsorted(gt.cat_ids, det.category_id)
     # detections: stable by -score within pair (pycocotools' mergesort), rank < maxDets[-1]
-    srank = descending_rank(det.score) if score_rank is None else score_rank
-    order = stable_lexsort([srank, d_pair])
+    by_score = by_score or score_order(det.score)
+    srank = by_score[1]
+    order = group_score_order(d_pair, by_score[0])
     d_pair_s = d_pair[order]
     rank = run_rank(d_pair_s)
     keep = rank < MAX_DETS[-1]
@@ -425,7 +448,10 @@ def _accumulate(m: dict[str, np.ndarray], n_cat: int, device: torch.device) -> d
     scores = -np.ones((T, R, n_cat, A, M))
     eps = np.spacing(1)
     cat, rank, score = m["cat"], m["rank"], m["score"]
-    order = stable_lexsort([rank, m["img"], m.get("score_rank", -score), cat])
+    # pycocotools' order is (category, score, image, rank); the rows come in (image, category,
+    # rank) order, so a stable sort by (category, score rank) alone gives it (one radix sort)
+    srank = m["score_rank"]
+    order = stable_argsort(cat.astype(np.int64) * (int(srank.max(initial=0)) + 1) + srank)
     bounds = np.searchsorted(cat[order], np.arange(n_cat + 1))
     tp_rows, fp_rows = m["tp"].reshape(len(cat), C), m["fp"].reshape(len(cat), C)
     fp_cum = np.empty((C, int(np.diff(bounds).max(initial=0))), np.int32)  # one buffer for all cumsums
@@ -522,13 +548,14 @@ def summary_lines(stats: Sequence[float]) -> list[str]:
 
 
 def confusion_matrix(gt: _GroundTruth, det: DetectionArrays, *, iou_thr: float = 0.5, score_thr: float = 0.25,
-                     device: torch.device | None = None, score_rank: np.ndarray | None = None) -> np.ndarray:
+                     device: torch.device | None = None,
+                     by_score: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """(K+1)×(K+1) confusion counts, rows = GT class (last = background), columns = predicted.
 
     Per image, detections with score ≥ ``score_thr`` are taken in score order and matched to
     the unmatched non-crowd GT (of any class) with the highest IoU ≥ ``iou_thr`` (the last
     such GT on ties). All images at once (:func:`~welde_det.evaluation.flavours.greedy_assign`).
-    ``score_rank``: ``descending_rank(det.score)`` if already known.
+    ``by_score``: :func:`~welde_det.evaluation.flavours.score_order` of ``det.score`` if already known.
     """
     device = device or torch.device("cpu")
     k = len(gt.cat_ids)
@@ -539,8 +566,7 @@ def confusion_matrix(gt: _GroundTruth, det: DetectionArrays, *, iou_thr: float =
     d_cls = np.searchsorted(gt.cat_ids, det.category_id[keep])
     g_img, g_box = gt.image_id[reg], gt.bbox[reg]
     g_cls = np.searchsorted(gt.cat_ids, gt.category_id[reg])
-    srank = (descending_rank(det.score) if score_rank is None else score_rank)[keep]
-    order = stable_lexsort([srank, np.searchsorted(gt.img_ids, d_img)])
+    order = group_score_order(np.searchsorted(gt.img_ids, d_img), subset_order((by_score or score_order(det.score))[0], keep))
     d_img, d_box, d_cls = d_img[order], d_box[order], d_cls[order]
     g_of_det = np.full(len(d_img), k, np.int64)
     taken = np.zeros(len(g_img), bool)
@@ -613,8 +639,8 @@ def evaluate_coco(
     g = _GroundTruth(data, source)
     dets, dropped = _check_dets(DetectionArrays.from_any(detections), g)
     dev = _resolve_device(device)
-    srank = descending_rank(dets.score)
-    matched = _match(g, dets, dev, score_rank=srank)
+    by_score = score_order(dets.score)
+    matched = _match(g, dets, dev, by_score=by_score)
     acc = _accumulate(matched, len(g.cat_ids), dev)
     stats = _summarize(acc["precision"], acc["recall"])
     p_all = acc["precision"][:, :, :, 0, -1]  # T×R×K at area all, maxDets 100
@@ -649,7 +675,7 @@ def evaluate_coco(
         u = ultralytics_map(
             np.searchsorted(g.img_ids, g.image_id), np.searchsorted(g.cat_ids, g.category_id), g.bbox, g.crowd,
             np.searchsorted(g.img_ids, dets.image_id), np.searchsorted(g.cat_ids, dets.category_id), dets.bbox,
-            dets.score, device=dev, score_rank=srank)
+            dets.score, device=dev, by_score=by_score)
         ultra = {
             "map": u.map,
             "map50": u.map50,
@@ -657,7 +683,7 @@ def evaluate_coco(
             "per_class_ap50": {g.cat_names[c]: float(a) for c, a in zip(u.classes, u.ap[:, 0])},
         }
         confusion = confusion_matrix(g, dets, iou_thr=confusion_iou, score_thr=confusion_score, device=dev,
-                                     score_rank=srank)
+                                     by_score=by_score)
     return {
         "stats": stats.tolist(),
         "stat_names": list(STAT_NAMES),

@@ -48,15 +48,15 @@ import numpy as np
 import torch
 
 __all__ = [
-    "UltralyticsResult", "candidate_edges", "descending_rank", "greedy_assign", "run_rank", "stable_lexsort", "ultralytics_map",
-    "ultralytics_match",
+    "UltralyticsResult", "candidate_edges", "descending_rank", "greedy_assign", "group_score_order", "run_rank",
+    "score_order", "stable_argsort", "stable_lexsort", "subset_order", "ultralytics_map", "ultralytics_match",
 ]
 
 ULTRA_IOU_THRS = torch.linspace(0.5, 0.95, 10).numpy()  # float32, as DetectionValidator.iouv
 _AP_X = np.linspace(0, 1, 101)
 
 
-def _stable_argsort(key: np.ndarray) -> np.ndarray:
+def stable_argsort(key: np.ndarray) -> np.ndarray:
     """Stable argsort; non-negative integer keys below 2**32 by 16-bit radix passes (NumPy's
     stable sort is a radix sort only for 16-bit integers, timsort otherwise)."""
     if key.dtype.kind in "iub" and len(key) and key.min() >= 0 and key.max() < 2**32:
@@ -74,20 +74,41 @@ def descending_rank(score: np.ndarray) -> np.ndarray:
     A stable sort by this integer key orders exactly as a stable sort by ``-score`` (the one
     float sort is done here, the later ones are radix passes).
     """
+    return score_order(score)[1]
+
+
+def score_order(score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(order, rank)``: the stable order by descending score and :func:`descending_rank`.
+
+    ``order`` is what every "by score within a group" sort starts from
+    (:func:`group_score_order`), so the one float sort serves them all.
+    """
     if len(score) == 0:
-        return np.zeros(0, np.int64)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     order = np.argsort(-score, kind="stable")
     s = score[order]
     rank = np.empty(len(score), np.int64)
     rank[order] = np.cumsum(np.r_[False, s[1:] != s[:-1]])
-    return rank
+    return order, rank
+
+
+def group_score_order(group: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``stable_lexsort([rank, group])`` from the score ``order`` of :func:`score_order`:
+    by group, then by descending score, ties in index order — one radix sort instead of three."""
+    return order[stable_argsort(group[order])]
+
+
+def subset_order(order: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The score ``order`` of the rows ``keep`` (bool mask), as indices into the kept rows."""
+    pos = np.cumsum(keep) - 1
+    return pos[order[keep[order]]]
 
 
 def stable_lexsort(keys: list[np.ndarray]) -> np.ndarray:
     """Same result as ``np.lexsort(keys)`` (last key primary, stable), faster on integer keys."""
     perm = np.arange(len(keys[0]))
     for key in keys:
-        perm = perm[_stable_argsort(key[perm])]
+        perm = perm[stable_argsort(key[perm])]
     return perm
 
 
@@ -114,7 +135,7 @@ def candidate_edges(
     parts_d, parts_g, parts_i = [], [], []
     if len(d_group) and len(g_group):
         groups, g_idx = np.unique(g_group, return_inverse=True)
-        g_order = _stable_argsort(g_idx)
+        g_order = stable_argsort(g_idx)
         g_cnt = np.bincount(g_idx, minlength=len(groups))
         g_start = np.cumsum(g_cnt) - g_cnt
         pos = np.minimum(np.searchsorted(groups, d_group), len(groups) - 1)
@@ -281,7 +302,7 @@ def _box_iou32_cpu(d_xyxy: np.ndarray, g_xyxy: np.ndarray) -> Callable[[np.ndarr
 def ultralytics_match(
     g_img: np.ndarray, g_cls: np.ndarray, g_xyxy: np.ndarray,
     d_img: np.ndarray, d_cls: np.ndarray, d_xyxy: np.ndarray, d_score: np.ndarray,
-    *, device: torch.device | str = "cpu", score_rank: np.ndarray | None = None,
+    *, device: torch.device | str = "cpu", by_score: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Ultralytics' ``match_predictions`` for every image at once.
 
@@ -291,7 +312,7 @@ def ultralytics_match(
         d_img, d_cls, d_score: (N,) image, class and score of each detection.
         d_xyxy: (N, 4) detection boxes [x1, y1, x2, y2].
         device: where the matching runs.
-        score_rank: :func:`descending_rank` of ``d_score`` if already known.
+        by_score: :func:`score_order` of ``d_score`` if already known.
 
     Returns:
         (N, 10) bool ``tp``: detection i is correct at IoU threshold 0.50 + 0.05 j.
@@ -304,7 +325,7 @@ def ultralytics_match(
     # per image, by descending score, stable; a group is an (image, class) pair since the
     # IoU of a cross-class pair is zeroed (never >= 0.5)
     n_cls = int(max(g_cls.max(), d_cls.max())) + 1
-    order = stable_lexsort([descending_rank(d_score) if score_rank is None else score_rank, d_img])
+    order = group_score_order(d_img, (by_score or score_order(d_score))[0])
     d_pair = (d_img.astype(np.int64) * n_cls + d_cls)[order]
     g_pair = g_img.astype(np.int64) * n_cls + g_cls
     d_t, g_t = np.ascontiguousarray(np.take(d_xyxy, order, axis=0).T), np.ascontiguousarray(g_xyxy.T)
@@ -366,19 +387,19 @@ def _compute_ap(recall: np.ndarray, precision: np.ndarray) -> float:
 
 
 def ap_from_tp(tp: np.ndarray, score: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray,
-               score_rank: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               by_score: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Ultralytics' ``ap_per_class`` AP part: per class with GT, AP at each IoU threshold.
 
     Args:
         tp: (N, T) bool; score, pred_cls: (N,); target_cls: (G,) class of every GT;
-        score_rank: :func:`descending_rank` of ``score`` if already known.
+        by_score: :func:`score_order` of ``score`` if already known.
 
     Returns:
         ``(classes, ap)``: (C,) classes with GT ascending, (C, T) AP.
     """
     classes, n_gt = np.unique(target_cls, return_counts=True)
     ap = np.zeros((len(classes), tp.shape[1]))
-    by_cls = stable_lexsort([descending_rank(score) if score_rank is None else score_rank, pred_cls])
+    by_cls = group_score_order(pred_cls, (by_score or score_order(score))[0])
     bounds = np.searchsorted(pred_cls[by_cls], np.r_[classes, classes + 1] if len(classes) else [])
     for ci in range(len(classes)):
         rows = by_cls[bounds[ci]:bounds[len(classes) + ci]]
@@ -396,7 +417,7 @@ def ap_from_tp(tp: np.ndarray, score: np.ndarray, pred_cls: np.ndarray, target_c
 def ultralytics_map(
     g_img: np.ndarray, g_cls: np.ndarray, g_xywh: np.ndarray, g_crowd: np.ndarray,
     d_img: np.ndarray, d_cls: np.ndarray, d_xywh: np.ndarray, d_score: np.ndarray,
-    *, device: torch.device | str = "cpu", score_rank: np.ndarray | None = None,
+    *, device: torch.device | str = "cpu", by_score: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> UltralyticsResult:
     """The figures Ultralytics' ``DetectionValidator`` reports for the same boxes.
 
@@ -406,7 +427,7 @@ def ultralytics_map(
         d_img, d_cls, d_score: (N,) image, class index and score of each detection.
         d_xywh: (N, 4) detection boxes [x, y, w, h].
         device: where the matching runs.
-        score_rank: :func:`descending_rank` of ``d_score`` if already known.
+        by_score: :func:`score_order` of ``d_score`` if already known.
 
     Returns:
         :class:`UltralyticsResult` (``map``, ``map50``, per-class ``ap``).
@@ -421,8 +442,8 @@ def ultralytics_map(
     g_img, g_cls, g_xywh = g_img[keep], g_cls[keep], np.asarray(g_xywh, np.float64)[keep]
     d_xywh = np.asarray(d_xywh, np.float64)
     to_xyxy = lambda b: np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], 1)  # noqa: E731
-    score_rank = descending_rank(d_score) if score_rank is None else score_rank
+    by_score = by_score or score_order(d_score)
     tp = ultralytics_match(g_img, g_cls, to_xyxy(g_xywh), d_img, d_cls, to_xyxy(d_xywh), d_score, device=device,
-                           score_rank=score_rank)
-    classes, ap = ap_from_tp(tp, d_score, d_cls, g_cls, score_rank)
+                           by_score=by_score)
+    classes, ap = ap_from_tp(tp, d_score, d_cls, g_cls, by_score)
     return UltralyticsResult(classes=classes, ap=ap, tp=tp)
