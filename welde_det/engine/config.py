@@ -186,6 +186,11 @@ class TrainConfig:
             ``nbs / batch`` batches and scales weight decay to it (64, Ultralytics'
             default). Set it to ``batch`` for one optimiser step per batch, which short
             runs on small datasets need (``make demo`` does).
+        cache_frozen: run the frozen network once per image (view) and train the frozen
+            stage's adapters, heads and θ on its cached outputs (:mod:`welde_det.engine.cache`;
+            same loss, gradients and optimiser, one device only).
+        cache_views: with ``cache_frozen``: 0 = one plain (un-augmented) view per image;
+            V ≥ 1 (YOLO) = V augmented views drawn once before training, epoch e on view e mod V.
     """
 
     epochs: int = 30
@@ -206,6 +211,8 @@ class TrainConfig:
     select: str = "last"
     select_fraction: float = 0.15
     measure: str = "val"
+    cache_frozen: bool = False
+    cache_views: int = 0
 
 
 @dataclass(frozen=True)
@@ -394,7 +401,12 @@ def apply_overrides(cfg: ExperimentConfig, overrides: list[str] | tuple[str, ...
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.epochs=3)")
         key, raw = item.split("=", 1)
         key = key.strip()
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote it or fix "
+                              "the brackets") from None
         full = _resolve_key(key, paths)
         node = data
         parts = full.split(".")
