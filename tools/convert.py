@@ -5,14 +5,21 @@ Usage:
     python tools/convert.py yolo   SRC OUT [--class-names A,B,...] [--patient-pattern REGEX|lumbar6]
     python tools/convert.py rsna   ARCHIVE OUT [--class-by condition] [--class-map map.yaml] [--box-mm 10]
     python tools/convert.py masks  SRC OUT --label-map spider|map.yaml [--per component]
-    python tools/convert.py boxes  TABLE.csv OUT --root VOLUMES_DIR
+    python tools/convert.py boxes  TABLE.csv OUT --root VOLUMES_DIR [--series INDEX|HASH]
     python tools/convert.py to-yolo OUT --images ROOT --train train.json [--val val.json] [--test test.json]
 
 Common options: --key-file PATH (or $WELDE_DEID_KEY; with neither, your own key file in
 ~/.config/welde_det/deid.key, created on the first run), --split 0.7,0.15,0.15 | --no-split,
 --seed, --yolo, --workers N (process pool), --bit-depth 8|16, --overwrite,
---verbose. Prints the output folder (or data.yaml for to-yolo) as its last line. The output is
-read by training and evaluation as is (data.source=OUT), for every framework.
+--verbose, --debug (traceback instead of a one-line error). Prints the output folder (or
+data.yaml for to-yolo) as its last line. The output is read by training and evaluation as is
+(data.source=OUT), for every framework.
+
+One conversion writes an OUT at a time: a second one into the same OUT stops at once, naming
+the first (pid, start time); staging folders left by a killed conversion are removed by the next.
+
+boxes only: --series picks the series in DICOM folders holding several (the index or 8-hex
+hash that the error listing them shows); a table's own series column wins.
 
 yolo only: --keep-source-splits keeps the folder's own train/val/test.
 
@@ -32,6 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from welde_det.engine.convert import export_yolo, run_convert
+from welde_det.utils.cli import add_debug_flag, run_cli
 from welde_det.utils.logging import progress_enabled, setup_logging
 
 
@@ -71,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_argument("--workers", type=int, default=1, help="processes for large archives")
     common.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     common.add_argument("--verbose", action="store_true", help="debug logging")
+    add_debug_flag(common)
     sub = parser.add_subparsers(dest="kind", required=True)
 
     p = sub.add_parser("yolo", parents=[common], help="YOLO folder (images + labels/*.txt)")
@@ -110,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--root", help="folder the table's volume paths are relative to (default: the table's)")
     p.add_argument("--class-names", type=_names, help="class order (default: order of first appearance)")
     p.add_argument("--bit-depth", type=int, choices=[8, 16], default=8)
+    p.add_argument("--series", help="DICOM folders with several series: the series INDEX or 8-hex HASH "
+                   "their listing shows (rows with a series column keep theirs)")
 
     p = sub.add_parser("to-yolo", help="COCO split files -> YOLO folder + data.yaml")
     p.add_argument("out")
@@ -121,19 +132,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--copy", action="store_true", help="copy images instead of symlinking")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--verbose", action="store_true")
+    add_debug_flag(p)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        if args.verbose:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -163,11 +169,11 @@ def _run(args: argparse.Namespace) -> int:
         options.update(label_map=label_map, per=args.per, min_pixels=args.min_pixels, bit_depth=args.bit_depth,
                        patient_pattern=args.patient_pattern)
     elif args.kind == "boxes":
-        options.update(root=args.root, class_names=args.class_names, bit_depth=args.bit_depth)
+        options.update(root=args.root, class_names=args.class_names, bit_depth=args.bit_depth, series=args.series)
     result = run_convert(args.kind, args.source, args.out, key_file=args.key_file, **options)
     print(result.out_dir)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -34,13 +34,13 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from welde_det.errors import UserError
 from welde_det.utils.fileio import atomic_write_json, atomic_write_text, load_json
+from welde_det.utils.locking import OWNER_FILE, make_staging
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -510,7 +510,7 @@ def coco_to_yolo(
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{out_dir}: exists and is not empty; pass overwrite=True to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = make_staging(out_dir, suffix=".tmp")  # records its owner, so a killed export's is cleaned up
     try:
         for name, data in loaded.items():
             where = str(splits[name]) if not isinstance(splits[name], Mapping) else f"<{name} COCO dict>"
@@ -525,6 +525,7 @@ def coco_to_yolo(
                 yaml_data[name] = f"images/{name}"
         yaml_data["names"] = dict(enumerate(names))
         atomic_write_text(tmp / "data.yaml", _yaml_dump(yaml_data))
+        (tmp / OWNER_FILE).unlink(missing_ok=True)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,6 +20,13 @@ output folder, the ``WELDE_DEID_KEY`` environment variable, or — on a first ru
 these — the user's own key file, created with a random key in the user's configuration
 directory (:func:`welde_det.io.deid.default_key_path`, mode 0600); the log says which.
 
+One process writes an output folder at a time: every converter (and :func:`export_yolo`)
+holds an exclusive lock on ``OUT`` (file ``OUT.lock`` beside it, released when the process
+ends however it ends) while it stages and moves the result into place; a second one fails at
+once with :class:`~welde_det.utils.locking.OutputLockedError` naming the holder. Staging
+folders (``.OUT.*.staging``) left by a conversion that died are removed by the next one into
+the same ``OUT``; a live process's are never touched.
+
 The output layout (``annotations.json``, ``splits/{train,val,test}.json``, ``images/``) is
 read as is by :func:`welde_det.datasets.resolve.resolve_data` (kind ``convert``), for every
 framework, with or without ``--yolo``.
@@ -127,9 +134,20 @@ def export_yolo(
     link_images: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    """Write a YOLO folder from COCO files ``{"train": path, "val": path, ...}``; returns ``data.yaml``."""
-    from welde_det.datasets.coco import coco_to_yolo
+    """Write a YOLO folder from COCO files ``{"train": path, "val": path, ...}``; returns ``data.yaml``.
 
-    return coco_to_yolo(
-        dict(splits), image_root, out_dir, class_names=class_names, link_images=link_images, overwrite=overwrite
-    )
+    Runs under the same output lock as :func:`run_convert` (a second export or conversion into
+    ``out_dir`` fails at once, naming this one) and first removes staging folders of ``out_dir``
+    left by exports that died.
+
+    Raises:
+        OutputLockedError: another process is writing ``out_dir``.
+    """
+    from welde_det.datasets.coco import coco_to_yolo
+    from welde_det.utils.locking import output_lock, remove_dead_staging
+
+    with output_lock(out_dir, what="convert to-yolo"):
+        remove_dead_staging(out_dir)
+        return coco_to_yolo(
+            dict(splits), image_root, out_dir, class_names=class_names, link_images=link_images, overwrite=overwrite
+        )

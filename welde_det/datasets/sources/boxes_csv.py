@@ -11,7 +11,9 @@ class      yes       class name (must be in ``class_names`` when that is given)
 x, y, w, h yes [*]_  box in pixels of the displayed slice (top-left corner and size)
 x0 .. y1   [*]_      alternatively the corners ``x0, y0, x1, y1``
 slice      no        index along the sagittal axis; empty or ``mid`` = mid-sagittal
-series     no        series to pick in a DICOM folder with several (``read_volume(series=)``)
+series     no        series to pick in a DICOM folder with several: its index or 8-hex series hash
+                     as the reader's listing shows them (``read_volume(series=)``); default:
+                     the converter's ``series`` argument (``--series``), else the one sagittal series
 patient    no        patient identifier (default: the volume path); pseudonymised
 =========  ========  =================================================================
 
@@ -157,17 +159,19 @@ class _VolumeJob:
     patient: str
     volume_id: str
     bit_depth: int
+    key: bytes | str | None = None
 
 
 def _convert_volume(job: _VolumeJob) -> list[ImageRecord]:
     from welde_det.io import mid_sagittal, read_volume
 
+    volume_name = job.rows[0].volume  # as the table gives it (relative to root), never an absolute path
     if not job.path.exists():
-        raise ConversionError(f"{job.rows[0].where}: volume {job.path} not found")
+        raise ConversionError(f"{job.rows[0].where}: volume {volume_name} not found")
     try:
-        volume = read_volume(job.path, series=job.series) if job.series is not None else read_volume(job.path)
+        volume = read_volume(job.path, series=job.series, deid_key=job.key)
     except (OSError, ValueError) as exc:
-        raise ConversionError(f"{job.rows[0].where}: cannot read {job.path}: {exc}") from exc
+        raise ConversionError(f"{job.rows[0].where}: cannot read volume {volume_name}: {exc}") from exc
     sag = mid_sagittal(volume)
     array = np.asarray(volume.array)
     axis = int(sag.axis)
@@ -175,7 +179,7 @@ def _convert_volume(job: _VolumeJob) -> list[ImageRecord]:
     for row in job.rows:
         index = int(sag.index) if row.slice is None else row.slice
         if not 0 <= index < array.shape[axis]:
-            raise ConversionError(f"{row.where}: slice {index} is outside 0..{array.shape[axis] - 1} of {job.path}")
+            raise ConversionError(f"{row.where}: slice {index} is outside 0..{array.shape[axis] - 1} of {volume_name}")
         by_slice.setdefault(index, []).append(row)
     records = []
     for index, rows in sorted(by_slice.items()):
@@ -217,6 +221,7 @@ def convert_boxes_table(
     workers: int = 1,
     progress: bool = False,
     overwrite: bool = False,
+    series: str | int | None = None,
 ) -> ConversionResult:
     """Convert a CSV/JSON box table plus its volumes to a COCO dataset.
 
@@ -233,9 +238,13 @@ def convert_boxes_table(
         workers: processes (one volume per task).
         progress: show a progress bar.
         overwrite: replace an existing ``out_dir``.
+        series: for DICOM volumes whose row gives no ``series``: the series index or 8-hex
+            series hash (as the reader's ambiguity error lists them, keyed with ``key``);
+            None reads the one sagittal series and refuses several.
 
     Raises:
         MissingColumnsError, UnknownClassError, ConversionError: with the file and line.
+        OutputLockedError: another process is writing ``out_dir``.
         Nothing is written on error.
     """
     source = Path(source)
@@ -243,19 +252,21 @@ def convert_boxes_table(
     names = list(class_names) if class_names is not None else list(dict.fromkeys(r.class_name for r in rows))
     base = Path(root) if root is not None else source.parent
     groups: dict[tuple[str, str | None], list[BoxRow]] = {}
+    default_series = None if series is None else str(series)
     for row in rows:
-        groups.setdefault((row.volume, row.series), []).append(row)
+        groups.setdefault((row.volume, row.series if row.series is not None else default_series), []).append(row)
     final_dir = Path(out_dir).absolute()
     with staging_dir(final_dir, overwrite=overwrite) as staging:
         jobs = []
-        for (volume, series), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+        for (volume, which), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
             patients = {r.patient for r in group}
             if len(patients) > 1:
                 raise ConversionError(f"{group[0].where}: volume {volume!r} is given {len(patients)} different patients")
             patient_raw = group[0].patient if group[0].patient is not None else volume
             jobs.append(_VolumeJob(
-                base / volume, series, tuple(group), staging / "images",
-                pseudonym(f"patient:{patient_raw}", key), pseudonym(f"volume:{volume}|{series}", key), bit_depth,
+                base / volume, which, tuple(group), staging / "images",
+                pseudonym(f"patient:{patient_raw}", key), pseudonym(f"volume:{volume}|{which}", key), bit_depth,
+                key,
             ))
         records: list[ImageRecord] = []
         for _job, result in map_items(_convert_volume, jobs, workers=workers, progress=progress, desc="volumes"):

@@ -23,7 +23,6 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -41,6 +40,13 @@ from welde_det.datasets.coco import (
 )
 from welde_det.errors import UserError
 from welde_det.utils.fileio import atomic_write_bytes, atomic_write_json
+from welde_det.utils.locking import (
+    OWNER_FILE,
+    OutputLockedError,
+    make_staging,
+    output_lock,
+    remove_dead_staging,
+)
 
 __all__ = [
     "BoxRecord",
@@ -48,6 +54,7 @@ __all__ = [
     "ConversionResult",
     "ImageRecord",
     "MissingColumnsError",
+    "OutputLockedError",
     "UnknownClassError",
     "map_items",
     "pseudonym",
@@ -280,26 +287,37 @@ def map_items(
 def staging_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """A temporary sibling of ``out_dir``; moved into place on success, deleted on failure.
 
+    The whole block runs under an exclusive lock on ``out_dir``
+    (:func:`welde_det.utils.locking.output_lock`, file ``OUT.lock`` beside it): a second
+    conversion into the same folder fails at once, naming the first. Staging folders of
+    ``out_dir`` left by conversions that died (killed, power loss) are removed first; a live
+    process's are never touched (:func:`welde_det.utils.locking.remove_dead_staging`).
+
     Raises:
+        OutputLockedError: another process is writing ``out_dir``.
         FileExistsError: ``out_dir`` exists, is not empty and ``overwrite`` is false.
     """
     out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir}: exists and is not empty; pass overwrite=True to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".staging", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with output_lock(out_dir, what="convert"):
+        remove_dead_staging(out_dir)
+        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+            raise FileExistsError(f"{out_dir.name}: exists and is not empty; pass overwrite=True (--overwrite) "
+                                  "to replace it")
+        tmp = make_staging(out_dir, suffix=".staging")
+        try:
+            yield tmp
+            (tmp / OWNER_FILE).unlink(missing_ok=True)
+            if out_dir.exists():
+                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+                os.replace(out_dir, old)
+                os.replace(tmp, out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 # ---------------------------------------------------------------------------- final layout
