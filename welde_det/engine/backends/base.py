@@ -79,6 +79,8 @@ class Backend:
         keys = set(self.UNUSED)
         if cfg.data.source != "phantom":
             keys |= PHANTOM_KEYS
+        if not cfg.train.cache_frozen:  # the views are those of the cache
+            keys.add("train.cache_views")
         return keys
 
     def check(self, cfg: ExperimentConfig) -> None:
@@ -102,6 +104,12 @@ class DetectionBackend(Backend, abc.ABC):
     """A detector: :mod:`welde_det.engine.run` resolves, plans, selects, predicts and reports; this fits."""
 
     task = "detect"
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        super().check(cfg)
+        from welde_det.engine.cache import check_cache_config
+
+        check_cache_config(cfg, self.framework)
 
     @abc.abstractmethod
     def fit_stage(self, cfg: ExperimentConfig, stage: Any, data: Any, stats: ClassStats, run_dir: Path, *,

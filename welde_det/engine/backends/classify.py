@@ -73,7 +73,8 @@ class ClassifyBackend(Backend):
     framework = "classify"
     task = "classify"
     UNUSED = frozenset({"train.nbs", "train.conf", "train.imgsz", "data.bit_depth", "data.names",
-                        "data.class_floor", "train.select_fraction", "loss.cls_pw", "data.repeat_threshold"})
+                        "data.class_floor", "train.select_fraction", "loss.cls_pw", "data.repeat_threshold",
+                        "train.cache_frozen", "train.cache_views"})
 
     def title(self, cfg: ExperimentConfig) -> str:
         return f"classifier ({cfg.model.arch})"

@@ -167,6 +167,10 @@ class RCNNBackend(DetectionBackend):
         from welde_det.checkpoint import load_checkpoint, save_checkpoint
         from welde_det.integrations.rcnn import freeze_for_stage2, train_frozen
 
+        if stage.frozen and cfg.train.cache_frozen:  # the frozen network once per image (engine.cache)
+            from welde_det.engine.cache.rcnn import fit_rcnn_cached
+
+            return fit_rcnn_cached(self, cfg, stage, data, stats, run_dir, init=init)
         rank, world = _dist_env()
         device = torch.device(device_for(cfg.train.device))
         if device.type == "cuda" and world > 1:

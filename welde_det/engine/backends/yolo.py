@@ -123,8 +123,9 @@ class YOLOBackend(DetectionBackend):
                   init: Path | None) -> Path:
         from welde_det.checkpoint import safe_load
         from welde_det.datasets.resolve import yolo_view
-        from welde_det.integrations.yolo import WELDEDetectionTrainer
+        from welde_det.engine.cache.yolo import yolo_trainer_class
 
+        trainer_cls = yolo_trainer_class(cfg, stage)  # WELDEDetectionTrainer, or train.cache_frozen's
         sdir = run_dir / stage.name
         last = sdir / "weights" / "last.pt"
         spec = self.trainer_spec(cfg, stage, data, stats, init)
@@ -145,10 +146,10 @@ class YOLOBackend(DetectionBackend):
             with spec_env(spec), ultralytics_offline():
                 if last.is_file():
                     logger.info("resuming stage %s from %s", stage.name, last)
-                    trainer = WELDEDetectionTrainer(overrides={"resume": str(last)})
+                    trainer = trainer_cls(overrides={"resume": str(last)})
                 else:
                     data_yaml = yolo_view(self.view(data), run_dir / "data", channels=cfg.data.channels)
-                    trainer = WELDEDetectionTrainer(overrides=ultralytics_args(
+                    trainer = trainer_cls(overrides=ultralytics_args(
                         cfg, data_yaml, run_dir, stage, validate=data.select is not None))
                 trainer.train()
         else:

@@ -1,0 +1,279 @@
+"""The cached frozen stage for torchvision Faster R-CNN (see :mod:`welde_det.engine.cache`).
+
+In the frozen stage only the box predictor's K heads (adapters, classifiers) and θ train
+(:func:`~welde_det.integrations.rcnn.freeze_for_stage2`); backbone and FPN run in eval mode
+(:func:`~welde_det.integrations.rcnn.train_frozen`), the RPN, the RoI pooler, the shared
+TwoMLPHead and the box regressor are fixed. Per image, :func:`build_rcnn_cache` keeps what the
+trainable part and the loss read, computed once by torchvision's own code:
+
+- the training-mode RPN proposals with the ground-truth boxes appended, matched to the ground
+  truth by ``roi_heads.select_training_samples`` with its fg/bg sampler set to keep every
+  proposal it could draw: their labels (0 = background) and box-regression targets;
+- the box-head features of all of them (``box_head(box_roi_pool(...))``, 1024 floats each).
+
+Every batch, :func:`rcnn_cached_losses` draws the RoIs with torchvision's own sampler
+(``roi_heads.subsample``: at most 512 per image, a quarter foreground) — sampling stays
+stochastic — and computes the loss as ``WELDERoIHeads.forward`` does in training: the box
+predictor on the sampled features, the WELDE objective on their labels, torchvision's
+smooth-L1 box term (constant here: the regressor is frozen). The RPN's losses, constant in the
+frozen stage, are neither computed nor logged.
+
+Images are padded to one canvas (``imgsz`` rounded up to the transform's 32) before the
+backbone; the through-network stage pads each batch to its largest image instead, which is
+the same canvas for square slices (all of lumbar6) and differs at the border otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from welde_det.engine.cache import refuse_over_limit
+from welde_det.engine.config import ConfigError, ExperimentConfig
+
+__all__ = ["RCNNFeatureCache", "build_rcnn_cache", "fit_rcnn_cached", "rcnn_cached_losses"]
+
+logger = logging.getLogger(__name__)
+
+
+class RCNNFeatureCache:
+    """Per image: box-head features (P_i, D), labels (P_i,) and regression targets (P_i, 4) of its proposals.
+
+    Attributes:
+        features, labels, regression_targets: lists over the images, on the CPU.
+        build_seconds: time taken to fill the cache.
+    """
+
+    def __init__(self, features: list[torch.Tensor], labels: list[torch.Tensor],
+                 regression_targets: list[torch.Tensor], build_seconds: float) -> None:
+        self.features, self.labels, self.regression_targets = features, labels, regression_targets
+        self.build_seconds = build_seconds
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (features, labels and targets)."""
+        return sum(t.numel() * t.element_size() for group in (self.features, self.labels, self.regression_targets)
+                   for t in group)
+
+    @property
+    def proposals(self) -> int:
+        """Cached proposals over all images."""
+        return sum(len(lab) for lab in self.labels)
+
+
+def _all_proposals(labels: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``subsample`` that keeps every proposal torchvision's sampler could draw (label ≥ 0)."""
+    return [torch.where(lab >= 0)[0] for lab in labels]
+
+
+@torch.no_grad()
+def rcnn_frozen_outputs(model: nn.Module, images: Sequence[torch.Tensor], targets: Sequence[dict[str, torch.Tensor]],
+                        imgsz: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Box-head features, labels and regression targets of every proposal, per image of a batch.
+
+    ``model`` must be in the frozen stage's mode (:func:`~welde_det.integrations.rcnn.train_frozen`).
+    """
+    from torchvision.models.detection.image_list import ImageList
+
+    rh = model.roi_heads
+    tr = model.transform
+    image_list, tgts = tr(list(images), [dict(t) for t in targets])
+    side = int(math.ceil(imgsz / tr.size_divisible) * tr.size_divisible)
+    tensors = image_list.tensors
+    if tensors.shape[-1] > side or tensors.shape[-2] > side:
+        raise ConfigError(f"train.cache_frozen: a resized image is {tuple(tensors.shape[-2:])}, larger than "
+                          f"train.imgsz={imgsz}")
+    canvas = tensors.new_zeros((*tensors.shape[:-2], side, side))
+    canvas[..., :tensors.shape[-2], :tensors.shape[-1]] = tensors
+    image_list = ImageList(canvas, image_list.image_sizes)
+    features = model.backbone(canvas)
+    proposals, _ = model.rpn(image_list, features, tgts)
+    rh.subsample = _all_proposals  # an instance attribute: torchvision's own matching, every proposal kept
+    try:
+        proposals, _, labels, regression_targets = rh.select_training_samples(proposals, tgts)
+    finally:
+        del rh.subsample
+    feats = rh.box_head(rh.box_roi_pool(features, proposals, image_list.image_sizes))
+    return list(feats.split([len(p) for p in proposals])), labels, regression_targets
+
+
+def build_rcnn_cache(model: nn.Module, dataset: Any, *, batch: int, device: torch.device,
+                     imgsz: int) -> RCNNFeatureCache:
+    """:func:`rcnn_frozen_outputs` of every image of ``dataset`` (a ``CocoDetectionDataset``), once.
+
+    Raises:
+        ConfigError: the cache would exceed :func:`~welde_det.engine.cache.memory_limit` (estimated
+            from the first batch, and checked again as it fills).
+    """
+    from welde_det.integrations.rcnn import train_frozen
+
+    n = len(dataset)
+    features: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    targets_out: list[torch.Tensor] = []
+    held = 0
+    start = time.perf_counter()
+    was_training = model.training
+    train_frozen(model)
+    try:
+        for lo in range(0, n, batch):
+            items = [dataset[i] for i in range(lo, min(lo + batch, n))]
+            imgs = [x.to(device) for x, _ in items]
+            tgts = [{k: v.to(device) for k, v in t.items() if k != "image_id"} for _, t in items]
+            f, lab, reg = rcnn_frozen_outputs(model, imgs, tgts, imgsz)
+            for group, new in ((features, f), (labels, lab), (targets_out, reg)):
+                group.extend(t.cpu() for t in new)
+                held += sum(t.numel() * t.element_size() for t in new)
+            refuse_over_limit(held / len(features), n, "Faster R-CNN")
+    finally:
+        model.train(was_training)
+    return RCNNFeatureCache(features, labels, targets_out, time.perf_counter() - start)
+
+
+def rcnn_cached_losses(model: nn.Module, cache: RCNNFeatureCache, indices: Sequence[int], *,
+                       device: torch.device | str = "cpu",
+                       sampled: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The RoI heads' training losses for images ``indices`` from the cache.
+
+    Args:
+        sampled: per image, the proposal indices to use; None draws them with torchvision's sampler
+            (``roi_heads.subsample``), as the through-network stage does every batch.
+
+    Returns:
+        ``{"loss_classifier", "loss_box_reg"}`` as ``WELDERoIHeads.forward`` returns them; the WELDE
+        terms are in ``roi_heads.last_terms``.
+    """
+    from welde_det.integrations.rcnn import _box_loss
+
+    rh = model.roi_heads
+    labels = [cache.labels[i] for i in indices]
+    inds = list(sampled) if sampled is not None else rh.subsample(labels)
+    inds = [idx.cpu() for idx in inds]
+    feats = torch.cat([cache.features[i][idx] for i, idx in zip(indices, inds)]).to(device)
+    labels_cat = torch.cat([lab[idx] for lab, idx in zip(labels, inds)]).to(device)
+    reg = torch.cat([cache.regression_targets[i][idx] for i, idx in zip(indices, inds)]).to(device)
+    logits_list, box_regression = rh.box_predictor(feats)
+    out = rh.objective(logits_list, labels_cat)
+    rh.last_terms = {k: v for k, v in out.items() if k != "loss"}
+    return {"loss_classifier": out["loss"], "loss_box_reg": _box_loss(box_regression, labels_cat, reg)}
+
+
+def fit_rcnn_cached(backend: Any, cfg: ExperimentConfig, stage: Any, data: Any, stats: Any, run_dir: Path, *,
+                    init: Path | None) -> Path:
+    """``RCNNBackend.fit_stage`` for a frozen stage, on the cache: same model, parameters, optimiser,
+    image order source (a detection sampler or a seeded permutation per epoch), per-epoch ``last.pt``
+    with the optimiser state, selection (``best.pt``, ``patience``), ``terms.csv`` rows and ``model.pt``."""
+    from welde_det.checkpoint import load_checkpoint, save_checkpoint
+    from welde_det.engine.backends.base import device_for, welde_spec
+    from welde_det.engine.backends.rcnn import CocoDetectionDataset, _optimizer
+    from welde_det.engine.config import config_to_dict
+    from welde_det.integrations.rcnn import build_rcnn_model, freeze_for_stage2, train_frozen
+    from welde_det.utils.fileio import append_csv_row
+
+    device = torch.device(device_for(cfg.train.device))
+    arch = backend.arch(cfg)
+    spec = welde_spec(cfg, stage.components, stage.mode, "softmax")
+    sdir = run_dir / stage.name
+    last, best = sdir / "weights" / "last.pt", sdir / "weights" / "best.pt"
+    counts = list(stats.effective_counts)
+
+    def build(weights: Any) -> nn.Module:
+        return build_rcnn_model(arch, counts, spec.to_dict(), channels=cfg.data.channels, imgsz=cfg.train.imgsz,
+                                weights=weights).to(device)
+
+    start, opt_state, best_fit, since_best = 0, None, -math.inf, 0
+    if last.is_file():
+        ck = load_checkpoint(last, map_location="cpu")
+        model = build({})
+        model.load_state_dict(ck.model_state)
+        opt_state, start = ck.optimizer_state, int(ck.epoch) + 1
+        best_fit = float((ck.extra or {}).get("best_fitness", -math.inf))
+        since_best = int((ck.extra or {}).get("since_best", 0))
+        logger.info("resuming stage %s at epoch %d of %d", stage.name, start + 1, stage.epochs)
+    else:
+        model = build(backend._init_state(init) if init is not None else None)
+    params = freeze_for_stage2(model)
+    opt = _optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.weight_decay)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    train_ds = CocoDetectionDataset(data.splits["train"], data.image_roots["train"], stats, cfg.data.channels)
+    sampler: Any = None
+    if cfg.data.sampler:
+        from welde_det.losses.samplers import build_detection_sampler
+
+        try:
+            sampler = build_detection_sampler(cfg.data.sampler, train_ds.labels_per_image(),
+                                              threshold=cfg.data.repeat_threshold, seed=cfg.train.seed)
+        except ValueError as exc:
+            raise ConfigError(f"data.sampler={cfg.data.sampler!r}: {exc}") from exc
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    select_ds = (CocoDetectionDataset(data.splits[data.select], data.image_roots[data.select], stats,
+                                      cfg.data.channels) if data.select else None)
+    cache = RCNNFeatureCache([], [], [], 0.0)
+    if start < stage.epochs:  # a resumed stage that had finished needs no cache
+        cache = build_rcnn_cache(model, train_ds, batch=cfg.train.batch, device=device, imgsz=cfg.train.imgsz)
+    logger.info("frozen-stage cache: %d images, %.0f proposals and %.2f MiB per image, %.1f MiB in all, built in "
+                "%.1f s", len(cache), cache.proposals / max(len(cache), 1), cache.nbytes / max(len(cache), 1) / 2**20,
+                cache.nbytes / 2**20, cache.build_seconds)
+    amp = cfg.train.amp and device.type == "cuda"
+    for epoch in range(start, stage.epochs):
+        gepoch = stage.epoch_offset + epoch
+        if sampler is not None:
+            sampler.set_epoch(gepoch)
+        model.roi_heads.objective.set_epoch(gepoch)
+        train_frozen(model)
+        order = list(iter(sampler)) if sampler is not None else torch.randperm(len(cache), generator=g).tolist()
+        sums: dict[str, float] = defaultdict(float)
+        steps = 0
+        for lo in range(0, len(order), cfg.train.batch):
+            with torch.autocast(device.type, enabled=amp):
+                losses = rcnn_cached_losses(model, cache, order[lo:lo + cfg.train.batch], device=device)
+            loss = sum(losses.values())
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"non-finite loss {float(loss)} at epoch {gepoch} "
+                                         f"({ {k: float(v) for k, v in losses.items()} }); lower train.lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for k, v in {**losses, **model.roi_heads.last_terms}.items():
+                sums[k] += float(v.detach())
+            steps += 1
+        row: dict[str, Any] = {"epoch": gepoch, "stage": stage.name, **{k: v / max(steps, 1) for k, v in sums.items()}}
+        improved = False
+        if select_ds is not None:
+            fitness = backend._fitness(model, select_ds, stats, device, cfg)
+            row["select_map"] = fitness
+            improved = fitness > best_fit
+            best_fit, since_best = (fitness, 0) if improved else (best_fit, since_best + 1)
+        append_csv_row(run_dir / "terms.csv", row)
+        meta = {"framework": "rcnn", "arch": arch, "class_stats": stats.to_dict(), "config": config_to_dict(cfg),
+                "stage": stage.name, "welde": spec.to_dict()}
+        extra = {"channels": cfg.data.channels, "imgsz": cfg.train.imgsz, "best_fitness": best_fit,
+                 "since_best": since_best, "cached": True}
+        save_checkpoint(last, model_state=model.state_dict(), epoch=epoch, optimizer_state=opt.state_dict(),
+                        extra=extra, **meta)
+        if improved:
+            save_checkpoint(best, model_state=model.state_dict(), epoch=epoch, extra=extra, **meta)
+        logger.info("%s epoch %d (cached): %s", stage.name, epoch,
+                    ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("loss", "select"))))
+        if cfg.train.patience and since_best >= cfg.train.patience:
+            logger.info("no gain on %s for %d epochs: stopping", data.select, since_best)
+            break
+    chosen = best if data.select and best.is_file() else last
+    out = sdir / "weights" / "model.pt"
+    ck = load_checkpoint(chosen)
+    save_checkpoint(out, framework="rcnn", arch=arch, model_state=ck.model_state, class_stats=stats.to_dict(),
+                    config=config_to_dict(cfg), stage=stage.name, welde=spec.to_dict(), epoch=ck.epoch,
+                    extra={"channels": cfg.data.channels, "imgsz": cfg.train.imgsz, "source": chosen.name})
+    return out

@@ -1,0 +1,318 @@
+"""The cached frozen stage for Ultralytics YOLO (see :mod:`welde_det.engine.cache`).
+
+The frozen stage freezes everything but the WELDE heads and θ
+(:func:`~welde_det.integrations.yolo.stage2_freeze_names`: backbone, neck, box branch
+``cv2``, DFL and each level's classification branch ``cv3`` — its stem and the original
+classifier, BatchNorm statistics fixed by Ultralytics' ``_model_train``). The trainable part
+starts at :meth:`~welde_det.integrations.yolo.WELDEDetect.forward_head`, on each level's stem
+output ``cv3[l][:-1](x_l)``; the loss also needs the frozen box branch's DFL logits
+``cv2[l](x_l)`` (box and DFL terms, and the task-aligned assigner's predicted boxes). Those two
+are cached per image view (:func:`yolo_frozen_outputs`); every batch then calls the unchanged
+``WELDEDetect.forward_head`` on them (:func:`yolo_cached_preds`) and the unchanged
+:class:`~welde_det.integrations.yolo.WELDEDetectionLoss` — assignment included, with the
+current fused scores.
+
+:class:`CachedFrozenTrainer` is :class:`~welde_det.integrations.yolo.WELDEDetectionTrainer`
+with a training loader over the cache (:class:`CachedLoader`) and the training model's loss
+pointed at :func:`yolo_cached_loss`; everything else (optimiser, schedule, accumulation, EMA,
+validation, checkpoints, resume) is Ultralytics' own loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from welde_det.engine.cache import refuse_over_limit
+from welde_det.engine.config import ConfigError, ExperimentConfig
+from welde_det.integrations.yolo import WELDEDetectionTrainer, _core
+
+__all__ = ["CachedFrozenTrainer", "CachedLoader", "YOLOFeatureCache", "build_yolo_cache", "yolo_cached_loss",
+           "yolo_cached_preds", "yolo_frozen_outputs", "yolo_trainer_class"]
+
+logger = logging.getLogger(__name__)
+
+
+def yolo_trainer_class(cfg: ExperimentConfig, stage: Any) -> type[WELDEDetectionTrainer]:
+    """The trainer of a stage: :class:`CachedFrozenTrainer` for a frozen stage with
+    ``train.cache_frozen``, else :class:`~welde_det.integrations.yolo.WELDEDetectionTrainer`."""
+    return CachedFrozenTrainer if stage.frozen and cfg.train.cache_frozen else WELDEDetectionTrainer
+
+
+class _StopAtHead(Exception):
+    """Raised by the pre-hook on the detection head once its inputs are captured."""
+
+
+@torch.no_grad()
+def yolo_frozen_outputs(model: nn.Module, img: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The frozen network's outputs for a batch of preprocessed images (B, C, H, W), values in [0, 1].
+
+    Returns:
+        ``(stems, boxes)``, one tensor per level: ``stems[l] = cv3[l][:-1](x_l)`` (B, c3, h, w) — the
+        input of the trainable WELDE heads — and ``boxes[l] = cv2[l](x_l)`` (B, 4·reg_max, h, w), with
+        ``x_l`` the neck feature the head receives. Every module runs in eval mode (BatchNorm on its
+        fixed statistics, as the frozen stage's trainer keeps the frozen layers); the modules' own
+        train/eval flags are restored afterwards.
+    """
+    head = model.model[-1]
+    captured: dict[str, list[torch.Tensor]] = {}
+
+    def grab(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        captured["x"] = list(args[0])
+        raise _StopAtHead
+
+    modes = [(m, m.training) for m in model.modules()]
+    handle = head.register_forward_pre_hook(grab)
+    model.eval()
+    try:
+        model.predict(img)
+    except _StopAtHead:
+        pass
+    finally:
+        handle.remove()
+        for m, mode in modes:
+            m.training = mode
+    x = captured["x"]
+    stems = [head.cv3[i][:-1](x[i]) for i in range(head.nl)]
+    boxes = [head.cv2[i](x[i]) for i in range(head.nl)]
+    return stems, boxes
+
+
+class _Cached(nn.Module):
+    """Stands in for one level's box branch: returns that level's cached DFL logits."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, _x: torch.Tensor) -> torch.Tensor:
+        return self.value
+
+
+#: stands in for a classification branch whose stem is already applied: ``[:-1]`` is the identity
+_STEM_DONE = nn.Sequential(nn.Identity(), nn.Identity())
+
+
+def yolo_cached_preds(head: nn.Module, stems: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor]) -> dict:
+    """``WELDEDetect.forward_head`` on cached stems and box logits: the training predictions dict
+    (``boxes``, fused ``scores``, ``scores_heads``, ``feats`` = the stems, whose shapes give the anchors)."""
+    return head.forward_head(list(stems), box_head=[_Cached(b) for b in boxes],
+                             cls_head=[_STEM_DONE] * len(stems))
+
+
+def yolo_cached_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``DetectionModel.loss`` on a cached batch (``stems``, ``boxes``, ``batch_idx``, ``cls``, ``bboxes``):
+    the model's own criterion (:class:`~welde_det.integrations.yolo.WELDEDetectionLoss`) on
+    :func:`yolo_cached_preds`."""
+    if getattr(model, "criterion", None) is None:
+        model.criterion = model.init_criterion()
+    return model.criterion(yolo_cached_preds(model.model[-1], batch["stems"], batch["boxes"]), batch)
+
+
+class YOLOFeatureCache:
+    """The frozen outputs and labels of ``views × images`` entries (entry ``v · n + i``: view v of image i).
+
+    Attributes:
+        stems, boxes: per level, one tensor (entries, channels, h, w) on the CPU.
+        cls, bboxes: per entry, the view's labels as the dataset gives them ((n, 1), (n, 4) xywh normalised).
+        images, views: the counts.
+        imgsz: the views' side in pixels.
+        build_seconds: time taken to fill the cache.
+    """
+
+    def __init__(self, stems: list[torch.Tensor], boxes: list[torch.Tensor], cls: list[torch.Tensor],
+                 bboxes: list[torch.Tensor], images: int, views: int, imgsz: int, build_seconds: float) -> None:
+        self.stems, self.boxes, self.cls, self.bboxes = stems, boxes, cls, bboxes
+        self.images, self.views, self.imgsz, self.build_seconds = images, views, imgsz, build_seconds
+
+    @property
+    def bytes_per_entry(self) -> int:
+        """Bytes of one cached image view (features only; the labels are a few bytes per box)."""
+        return sum(t[0].numel() * t.element_size() for t in (*self.stems, *self.boxes))
+
+    def batch(self, view: int, indices: Sequence[int]) -> dict[str, Any]:
+        """A training batch of images ``indices`` in view ``view``, in the layout the criterion reads."""
+        rows = torch.as_tensor([view * self.images + i for i in indices], dtype=torch.long)
+        cls = [self.cls[int(r)] for r in rows]
+        return {"stems": [s.index_select(0, rows) for s in self.stems],
+                "boxes": [b.index_select(0, rows) for b in self.boxes],
+                "cls": torch.cat(cls, 0), "bboxes": torch.cat([self.bboxes[int(r)] for r in rows], 0),
+                "batch_idx": torch.cat([torch.full((len(c),), float(j)) for j, c in enumerate(cls)], 0),
+                # what Ultralytics' loop reads of "img": its batch size and side (progress line)
+                "img": torch.empty((len(rows), 0, self.imgsz, self.imgsz))}
+
+
+def _plain_view(dataset: Any, hyp: Any) -> Callable[[], None]:
+    """Switch ``dataset`` to its plain transforms (letterbox, no random augmentation); returns the undo."""
+    augment, transforms = dataset.augment, dataset.transforms
+    dataset.augment = False
+    dataset.transforms = dataset.build_transforms(hyp=hyp)
+
+    def undo() -> None:
+        dataset.augment, dataset.transforms = augment, transforms
+
+    return undo
+
+
+def build_yolo_cache(model: nn.Module, dataset: Any, *, views: int, batch: int, device: torch.device,
+                     preprocess: Callable[[dict], dict], hyp: Any, imgsz: int) -> YOLOFeatureCache:
+    """Run the frozen network over every image view of ``dataset`` once (:func:`yolo_frozen_outputs`).
+
+    Args:
+        model: the stage's model (frozen parts as they will stay).
+        dataset: Ultralytics' training dataset of the stage (its transforms give the views).
+        views: 0 = one plain view per image; V ≥ 1 = V draws through the dataset's own (augmenting)
+            transforms, in order: all images of view 0, then view 1, ...
+        batch: images per forward pass.
+        preprocess: the trainer's batch preprocessing (to the device, ``/ 255``).
+        hyp: the trainer's arguments (the plain transforms are built from them).
+        imgsz: the views' side.
+
+    Raises:
+        ConfigError: the cache would exceed :func:`~welde_det.engine.cache.memory_limit` (checked
+            after the first batch, before the rest is computed).
+    """
+    n = len(dataset)
+    n_views = max(views, 1)
+    undo = _plain_view(dataset, hyp) if views == 0 else (lambda: None)
+    stems: list[torch.Tensor] = []
+    boxes: list[torch.Tensor] = []
+    cls: list[torch.Tensor] = []
+    bboxes: list[torch.Tensor] = []
+    start = time.perf_counter()
+    try:
+        for v in range(n_views):
+            for lo in range(0, n, batch):
+                items = [dataset[i] for i in range(lo, min(lo + batch, n))]
+                b = preprocess(dataset.collate_fn(items))
+                if tuple(b["img"].shape[-2:]) != (imgsz, imgsz):
+                    raise ConfigError(f"train.cache_frozen: a training view is {tuple(b['img'].shape[-2:])} pixels, "
+                                      f"not {imgsz}×{imgsz}; the cache needs square views (rect=False)")
+                s, bx = yolo_frozen_outputs(model, b["img"])
+                if not stems:
+                    per_view = sum(t[0].numel() * t.element_size() for t in (*s, *bx))
+                    refuse_over_limit(per_view, n * n_views, "YOLO")
+                    stems = [torch.empty((n * n_views, *t.shape[1:]), dtype=t.dtype) for t in s]
+                    boxes = [torch.empty((n * n_views, *t.shape[1:]), dtype=t.dtype) for t in bx]
+                rows = slice(v * n + lo, v * n + lo + len(items))
+                for dst, src in zip((*stems, *boxes), (*s, *bx)):
+                    dst[rows] = src.cpu()
+                idx = b["batch_idx"].cpu()
+                for j in range(len(items)):
+                    keep = idx == j
+                    cls.append(b["cls"].cpu()[keep])
+                    bboxes.append(b["bboxes"].cpu()[keep])
+    finally:
+        undo()
+    return YOLOFeatureCache(stems, boxes, cls, bboxes, n, n_views, imgsz, time.perf_counter() - start)
+
+
+class CachedLoader:
+    """Ultralytics' training loader, as far as its trainer uses one, over a :class:`YOLOFeatureCache`.
+
+    Each pass (one epoch) takes view ``epoch mod views`` (``epoch`` read from ``epoch_fn``) and visits
+    the images in the order of ``sampler`` (a detection sampler, re-drawn per epoch) or of a random
+    permutation from a generator seeded once, as a shuffling ``DataLoader`` does.
+    """
+
+    num_workers = 0
+    drop_last = False
+
+    def __init__(self, cache: YOLOFeatureCache, batch_size: int, *, dataset: Any, epoch_fn: Callable[[], int],
+                 seed: int, sampler: Any = None) -> None:
+        self.cache, self.batch_size, self.dataset, self.epoch_fn = cache, batch_size, dataset, epoch_fn
+        self.sampler = sampler if sampler is not None else range(cache.images)
+        self._shuffle = sampler is None
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self):
+        epoch = int(self.epoch_fn())
+        if self._shuffle:
+            order = torch.randperm(self.cache.images, generator=self.generator).tolist()
+        else:
+            if hasattr(self.sampler, "set_epoch"):
+                self.sampler.set_epoch(epoch)
+            order = list(iter(self.sampler))
+        view = epoch % self.cache.views
+        for lo in range(0, len(order), self.batch_size):
+            yield self.cache.batch(view, order[lo:lo + self.batch_size])
+
+    def reset(self) -> None:
+        """Nothing to rebuild: the views were drawn when the cache was filled."""
+
+    def close(self) -> None:
+        """No worker processes to stop."""
+
+
+class CachedFrozenTrainer(WELDEDetectionTrainer):
+    """:class:`~welde_det.integrations.yolo.WELDEDetectionTrainer` for a frozen stage, on cached outputs.
+
+    - ``get_dataloader("train")`` builds the same training dataset (and detection sampler) as the
+      parent, fills a :class:`YOLOFeatureCache` from it with the stage's model (``cache_views`` from
+      the run's config, travelling in the trainer spec) and returns a :class:`CachedLoader`;
+    - ``preprocess_batch`` moves cached tensors to the device;
+    - after Ultralytics' set-up (model, freeze, optimiser, EMA), the training model's ``loss`` is
+      :func:`yolo_cached_loss` (an instance attribute, removed when training ends; the EMA copy and
+      the checkpoints never carry it).
+
+    Raises:
+        ValueError: the spec is not a frozen stage's, or Ultralytics' ``multi_scale``/``compile``
+            (which need images) is on.
+    """
+
+    def __init__(self, cfg=None, overrides=None, _callbacks=None):
+        super().__init__(cfg, overrides, _callbacks)
+        if not self.welde_spec.get("stage2"):
+            raise ValueError("CachedFrozenTrainer trains a frozen stage only (the spec's stage2 is false)")
+        if self.args.multi_scale or self.args.compile:
+            raise ValueError(f"train.cache_frozen: Ultralytics' multi_scale={self.args.multi_scale} / "
+                             f"compile={self.args.compile} need images in the loop; turn them off")
+        self.cache_views = int(self.welde_spec.get("config", {}).get("train", {}).get("cache_views", 0))
+        self.cache: YOLOFeatureCache | None = None
+
+    def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train"):
+        if mode != "train":
+            return super().get_dataloader(dataset_path, batch_size, rank, mode)
+        from welde_det.integrations.yolo import yolo_image_classes
+        from welde_det.losses import build_detection_sampler
+
+        dataset = self.build_dataset(dataset_path, mode, batch_size)
+        sampler = None
+        if self.sampler_name not in (None, "none"):
+            sampler = build_detection_sampler(self.sampler_name, yolo_image_classes(dataset),
+                                              threshold=self.repeat_threshold, seed=int(self.args.seed))
+        self.cache = build_yolo_cache(_core(self.model), dataset, views=self.cache_views, batch=batch_size,
+                                      device=self.device, preprocess=super().preprocess_batch, hyp=self.args,
+                                      imgsz=int(self.args.imgsz))
+        c = self.cache
+        logger.info("frozen-stage cache: %d images × %d view(s), %.2f MiB per view, %.1f MiB in all, built in %.1f s",
+                    c.images, c.views, c.bytes_per_entry / 2**20, c.bytes_per_entry * c.images * c.views / 2**20,
+                    c.build_seconds)
+        return CachedLoader(c, batch_size, dataset=dataset, epoch_fn=lambda: self.epoch, seed=int(self.args.seed),
+                            sampler=sampler)
+
+    def preprocess_batch(self, batch: dict) -> dict:
+        if "stems" not in batch:  # images (the validator's)
+            return super().preprocess_batch(batch)
+        dev = self.device
+        return {k: ([t.to(dev) for t in v] if isinstance(v, list) else v.to(dev)) for k, v in batch.items()}
+
+    def _setup_train(self):
+        super()._setup_train()
+        core = _core(self.model)
+        core.loss = lambda batch, preds=None: yolo_cached_loss(core, batch)
+
+    def _do_train(self):
+        try:
+            return super()._do_train()
+        finally:
+            _core(self.model).__dict__.pop("loss", None)
