@@ -31,6 +31,18 @@ from welde_det.viz import class_colour, draw_detections
 
 ROOT = Path(__file__).resolve().parents[2]
 STATS = ClassStats.from_counts(LUMBAR_CLASSES, LUMBAR_COUNTS)
+KEY = "test-infer-key"
+
+
+@pytest.fixture(autouse=True)
+def _deid_key(monkeypatch):
+    """Outputs are named by keyed pseudonyms: a fixed key (never the user's key file)."""
+    monkeypatch.setenv("WELDE_DEID_KEY", KEY)
+
+
+def _outputs(folder: Path) -> dict[str, dict]:
+    """The JSON records of an inference output folder, by kind of input."""
+    return {json.loads(p.read_text())["kind"]: json.loads(p.read_text()) for p in folder.glob("*.json")}
 
 
 class FixedDetector(Detector):
@@ -192,11 +204,15 @@ def test_inputs_of_a_folder_and_their_slices(sources):
 
 def test_one_png_and_json_per_input_with_world_coordinates(tmp_path, sources):
     summary = run_inference(FIXED, sources, tmp_path / "out", conf=0.25)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "slice.json", "slice.png", "study_dcm.json", "study_dcm.png", "vol.json", "vol.png"]
+    recs = _outputs(tmp_path / "out")
+    assert sorted(recs) == ["dicom", "image2d", "nifti"]
+    # named by keyed pseudonyms, never by the input's name
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        f"{r['source']}.{ext}" for r in recs.values() for ext in ("json", "png"))
+    assert all(len(r["source"]) == 16 and int(r["source"], 16) >= 0 for r in recs.values())
     assert summary.num_inputs == 3 and summary.num_detections == 6
-    rec = json.loads((tmp_path / "out" / "study_dcm.json").read_text())
-    assert rec["source"] == str(sources / "study_dcm") and rec["image_size"] == {"height": 48, "width": 40}
+    rec = recs["dicom"]
+    assert rec["source"] == rec["provenance"]["series_uid"] and rec["image_size"] == {"height": 48, "width": 40}
     assert rec["class_names"] == list(LUMBAR_CLASSES) and rec["tail_classes"] == list(STATS.tail_names)
     assert rec["slice"]["index"] == 2 and rec["slice"]["pixel_spacing"] == pytest.approx([0.9, 0.8])
     d = rec["detections"][0]
@@ -210,7 +226,7 @@ def test_one_png_and_json_per_input_with_world_coordinates(tmp_path, sources):
     # slice k = 2; RAS = origin + i*0.8*(0,-1,0) + j*0.9*(0,0,-1) + k*3.5*(1,0,0)
     assert d["world"]["top_left"] == pytest.approx([-7.0 + 2 * 3.5, 60.0 - 9.5 * 0.8, 40.0 - 13.9 * 0.9])
     assert d["world"]["centre"] == pytest.approx([0.0, 60.0 - 16.5 * 0.8, 40.0 - 23.5 * 0.9])
-    flat = json.loads((tmp_path / "out" / "slice.json").read_text())
+    flat = recs["image2d"]
     assert flat["slice"]["index"] is None and "no patient geometry" in flat["slice"]["note"]
     assert flat["detections"][0]["world"]["top_left"] == pytest.approx([16.0, 18.0])  # 1 mm pixels
     assert [x["tail"] for x in flat["detections"]] == [False, True]
@@ -253,7 +269,9 @@ def test_bad_inputs_fail_before_writing(tmp_path, sources):
         run_inference(FIXED, src / "photo.png", out)
     assert not out.exists()
     summary = run_inference(FIXED, src, out, skip_bad=True)
-    assert sorted(p.name for p in out.iterdir()) == ["good.json", "good.png"]
+    (good,) = out.glob("*.json")
+    assert sorted(p.name for p in out.iterdir()) == [good.name, good.with_suffix(".png").name]
+    assert "good" not in good.name
     assert sorted(p.name for p, _ in summary.skipped) == ["broken.nii", "line.png", "photo.png"]
 
 
@@ -281,9 +299,15 @@ def test_unique_output_names(tmp_path, sources):
     for name in ("a.png", "a.jpg", "a b.png"):
         cv2.imwrite(str(src / name), cv2.imread(str(sources / "slice.png")))
     run_inference(FIXED, src, tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.json")) == ["a-2.json", "a.json", "a_b.json"]
+    names = sorted(p.stem for p in (tmp_path / "out").glob("*.json"))
+    assert len(names) == 3 and not any(n == "a" or " " in n for n in names)
     sources_seen = {json.loads(p.read_text())["source"] for p in (tmp_path / "out").glob("*.json")}
-    assert len(sources_seen) == 3
+    assert sources_seen == set(names)
+    # the same input gets the same name under the same key, another under another key
+    run_inference(FIXED, src, tmp_path / "again")
+    assert sorted(p.stem for p in (tmp_path / "again").glob("*.json")) == names
+    run_inference(FIXED, src, tmp_path / "other", key="another key")
+    assert not set(names) & {p.stem for p in (tmp_path / "other").glob("*.json")}
 
 
 def test_cli_on_a_dicom_series(tmp_path, rcnn_ckpt):
@@ -293,8 +317,10 @@ def test_cli_on_a_dicom_series(tmp_path, rcnn_ckpt):
                           "--source", str(series), "--out", str(tmp_path / "out"), "--conf", "0.0",
                           "--device", "cpu"], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
-    rec = json.loads((tmp_path / "out" / "series.json").read_text())
-    assert rec["checkpoint"] == str(rcnn_ckpt) and rec["framework"] == "rcnn"
+    (rec_path,) = (tmp_path / "out").glob("*.json")
+    rec = json.loads(rec_path.read_text())
+    assert rec["checkpoint"]["file"] == "model.pt" and rec["framework"] == "rcnn"
+    assert rec["checkpoint"]["sha256"] == __import__("hashlib").sha256(rcnn_ckpt.read_bytes()).hexdigest()
     assert res.stdout.strip().splitlines()[-1].startswith(f"1 input(s), {rec['num_detections']} detection(s)")
     assert str(tmp_path / "out") in res.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "tools" / "infer.py"), "--weights", str(rcnn_ckpt),

@@ -9,6 +9,14 @@
   writes one overlay PNG and one JSON per input (atomically), so a bad input never leaves
   a half-written output folder.
 
+No identifiers in the outputs: each input's files are named by a keyed pseudonym (the
+converter's de-identification key: ``key``, ``key_file``, ``$WELDE_DEID_KEY`` or the user's
+key file, :func:`welde_det.engine.convert.resolve_key`) — a DICOM series by its
+pseudonymised series UID, any other input by the pseudonym of its path inside the source.
+The JSON's ``source`` is that pseudonym, the checkpoint is recorded by file name and
+SHA-256, the overlay's title shows the pseudonym, and the PNGs carry no text chunks. The
+pseudonym → input mapping is written only on request (``keep_names``: ``names.csv``).
+
 Coordinates: boxes are ``[x1, y1, x2, y2]`` in continuous pixel units of the slice as
 displayed (superior up, anterior left; ``(0, 0)`` is the top-left corner of the first
 pixel). :meth:`SagittalSlice.pixel_to_world` puts pixel *centres* at integers, so a box
@@ -17,9 +25,9 @@ corner ``(x, y)`` is at ``pixel_to_world(rows=y - 0.5, cols=x - 0.5)`` in RAS mm
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +35,19 @@ from typing import Any
 
 import numpy as np
 
+from welde_det.checkpoint import CheckpointError
+from welde_det.errors import UserError
 from welde_det.integrations.base import Detector, image_to_float
 from welde_det.integrations.registry import load_detector
 from welde_det.io import SagittalSlice, WeldeIOError, mid_sagittal, read_volume, window_image
-from welde_det.io.image2d import IMAGE_SUFFIXES, is_image2d
+from welde_det.io.deid import pseudonymise
+from welde_det.io.image2d import is_image2d
 from welde_det.io.nifti import is_nifti
-from welde_det.utils.fileio import atomic_write_bytes, atomic_write_json
+from welde_det.utils.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from welde_det.utils.logging import progress_enabled
 
 __all__ = [
+    "NAMES_FILE",
     "Detector",
     "InferenceInput",
     "InferenceInputError",
@@ -44,11 +56,15 @@ __all__ = [
     "detection_record",
     "image_to_float",
     "load_detector",
+    "output_name",
     "read_input",
     "run_inference",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: the pseudonym -> input mapping, written only with ``keep_names``
+NAMES_FILE = "names.csv"
 
 
 class InferenceInputError(WeldeIOError):
@@ -138,12 +154,19 @@ _EXPECTED = {
 }
 
 
-def read_input(path: str | os.PathLike) -> InferenceInput:
+def read_input(path: str | os.PathLike, *, series: Any = None, key: str | bytes | None = None) -> InferenceInput:
     """Read one input and return its windowed mid-sagittal slice.
 
     Volumes (DICOM, NIfTI) give their mid-sagittal slice (superior up, anterior left),
     windowed to uint8 with the DICOM window when the series has one, else the 0.5–99.5
     percentiles. 2D images are used as stored.
+
+    Args:
+        path: the input (see :func:`collect_inputs`).
+        series: DICOM only: which series of a folder holding several (an index or the
+            keyed hash the error listing shows; see :func:`welde_det.io.read_volume`).
+        key: the de-identification key (pseudonymised series UID in the provenance, and the
+            hashes of a several-series listing).
 
     Raises:
         InferenceInputError: unreadable file, colour image, too small, not reducible to one
@@ -152,7 +175,7 @@ def read_input(path: str | os.PathLike) -> InferenceInput:
     path = Path(path)
     kind = _kind(path)
     try:
-        volume = read_volume(path)
+        volume = read_volume(path, series if kind == "dicom" else None, deid_key=key)
         sl = mid_sagittal(volume)
     except (WeldeIOError, OSError, ValueError) as exc:
         reason = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
@@ -209,7 +232,7 @@ def detection_record(det: dict[str, Any], item: InferenceInput, tail: Sequence[s
 
 
 def _input_record(item: InferenceInput, dets: list[dict[str, Any]], detector: Detector, conf: float,
-                  overlay: Path) -> dict[str, Any]:
+                  name: str, checkpoint: dict[str, Any] | None) -> dict[str, Any]:
     sl = item.slice
     rows, cols = item.image.shape
     if item.kind == "image2d":
@@ -224,14 +247,14 @@ def _input_record(item: InferenceInput, dets: list[dict[str, Any]], detector: De
                       "col_axis": sl.col_axis, "flip_rows": sl.flip_rows, "flip_cols": sl.flip_cols,
                       "affine": np.asarray(sl.affine).tolist(), "display": "superior up, anterior left"}
     return {
-        "source": str(item.source),
+        "source": name,
         "kind": item.kind,
         "slice": slice_info,
         "window": item.window,
         "image_size": {"height": rows, "width": cols},
         "image_dtype": str(item.image.dtype),
         "provenance": item.provenance,
-        "checkpoint": str(detector.weights) if detector.weights is not None else None,
+        "checkpoint": checkpoint,
         "framework": detector.framework,
         "class_names": list(detector.names),
         "tail_classes": list(detector.tail),
@@ -239,34 +262,71 @@ def _input_record(item: InferenceInput, dets: list[dict[str, Any]], detector: De
         "coordinates": "bbox_xyxy in continuous pixels of the slice as shown (0,0 = top-left corner of the "
                        "first pixel); world corners of volumes are RAS mm from SagittalSlice.pixel_to_world("
                        "y - 0.5, x - 0.5)",
-        "overlay": overlay.name,
+        "overlay": f"{name}.png",
         "num_detections": len(dets),
         "detections": [detection_record(d, item, detector.tail) for d in dets],
     }
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".dcm", *IMAGE_SUFFIXES):
-        if name.lower().endswith(suffix) and len(name) > len(suffix):
-            name = name[: -len(suffix)]
-            break
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "input"
+def _relative_input(path: Path, source: Path) -> str:
+    """The input's path inside the source (POSIX), or its own name when the source is the input."""
+    try:
+        rel = path.relative_to(source)
+    except ValueError:
+        rel = Path(path.name)
+    return rel.as_posix() if str(rel) not in ("", ".") else path.name
 
 
-def _output_names(paths: Sequence[Path]) -> list[str]:
-    """File stems derived from the input names, made unique with ``-2``, ``-3``… suffixes."""
+def output_name(item: InferenceInput, source: Path, key: str | bytes) -> str:
+    """The keyed pseudonym naming an input's outputs.
+
+    A DICOM series is named by its pseudonymised series UID (the same input gives the same
+    name in every run under the same key); any other input by the pseudonym of its path
+    inside the source. Nothing of the input's name or folder survives.
+    """
+    uid = item.provenance.get("series_uid")
+    if item.kind == "dicom" and uid:
+        return str(uid)
+    return pseudonymise(f"input:{_relative_input(item.source, source)}", key)
+
+
+def _output_names(items: Sequence[InferenceInput], source: Path, key: str | bytes) -> list[str]:
+    """Pseudonyms per input, made unique with ``-2``, ``-3``… suffixes (one series given twice)."""
     used: set[str] = set()
     names = []
-    for p in paths:
-        base = _stem(p)
+    for item in items:
+        base = output_name(item, source, key)
         name, n = base, 1
-        while name.lower() in used:
+        while name in used:
             n += 1
             name = f"{base}-{n}"
-        used.add(name.lower())
+        used.add(name)
         names.append(name)
     return names
+
+
+def _checkpoint_record(weights: Any) -> dict[str, Any] | None:
+    """The checkpoint by file name and SHA-256 (never its folder: a path can name a patient or a user)."""
+    if weights is None or not Path(weights).is_file():
+        return None
+    digest = hashlib.sha256()
+    with Path(weights).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return {"file": Path(weights).name, "sha256": digest.hexdigest()}
+
+
+def _names_csv(names: Sequence[str], items: Sequence[InferenceInput], source: Path) -> str:
+    import csv
+    import io
+
+    base = source.parent
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["name", "input"])
+    for name, item in zip(names, items):
+        writer.writerow([name, _relative_input(item.source, base)])
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- runner
@@ -309,11 +369,16 @@ def run_inference(
     skip_bad: bool = False,
     progress: bool | None = None,
     batch: int = 16,
+    series: Any = None,
+    key: str | bytes | None = None,
+    key_file: str | os.PathLike | None = None,
+    keep_names: bool = False,
 ) -> InferenceSummary:
     """Detect on every input of ``source``; write ``<name>.png`` (overlay) and ``<name>.json`` to ``out``.
 
-    Order: load the detector, read and validate all inputs, predict, then write — a bad
-    input (or a wrong checkpoint) fails before anything is written.
+    ``<name>`` is a keyed pseudonym (:func:`output_name`), never the input's name. Order:
+    load the detector, read and validate all inputs, predict, then write — a bad input (or
+    a wrong checkpoint) fails before anything is written.
 
     Args:
         weights: a checkpoint path (see :func:`load_detector`) or a ready :class:`Detector`.
@@ -327,6 +392,12 @@ def run_inference(
         progress: tqdm bars (default :func:`progress_enabled`).
         batch: slices per forward pass (``tools/evaluate.py --weights`` uses the same, so
             both give the same detections).
+        series: DICOM inputs holding several series or patients: which one (an index or
+            the keyed hash their error listing shows).
+        key: de-identification key (see :func:`welde_det.engine.convert.resolve_key`).
+        key_file: file holding it (outside ``out``).
+        keep_names: also write ``names.csv`` (pseudonym, input path inside the source's
+            folder) — the only output that names the inputs.
 
     Returns:
         An :class:`InferenceSummary`.
@@ -334,22 +405,36 @@ def run_inference(
     Raises:
         InferenceInputError: a bad input (all bad inputs are listed), unless ``skip_bad``
             and at least one input is good.
-        ValueError: bad ``conf``, not a welde_det checkpoint, another class list.
+        CheckpointError: not a welde_det detector checkpoint, another class list.
+        UserError: bad ``conf`` or de-identification key.
     """
     if not 0.0 <= float(conf) <= 1.0:
-        raise ValueError(f"conf must be in [0, 1], got {conf}")
+        raise UserError(f"conf must be in [0, 1], got {conf}")
     progress = progress_enabled() if progress is None else progress
-    if isinstance(weights, Detector):
-        detector = weights
-        detector.check_names(expected_names)
-    else:
-        detector = load_detector(weights, device, expected_names=expected_names)
+    try:
+        if isinstance(weights, Detector):
+            detector = weights
+            detector.check_names(expected_names)
+        else:
+            detector = load_detector(weights, device, expected_names=expected_names)
+    except UserError:
+        raise
+    except ValueError as exc:  # the checkpoint the user passed: another class list, not a detector
+        raise CheckpointError(str(exc)) from exc
+    from welde_det.engine.convert import resolve_key
+
+    try:
+        secret = resolve_key(key, key_file, out_dir=out)
+    except UserError:
+        raise
+    except ValueError as exc:  # an empty or missing key file, a key file inside the output folder
+        raise UserError(f"de-identification key: {exc}") from exc
     paths = collect_inputs(source)
     items: list[InferenceInput] = []
     bad: list[tuple[Path, str]] = []
     for p in _bar(paths, progress, "reading"):
         try:
-            items.append(read_input(p))
+            items.append(read_input(p, series=series, key=secret))
         except InferenceInputError as exc:
             bad.append((p, str(exc)))
     if bad and (not skip_bad or not items):
@@ -366,13 +451,16 @@ def run_inference(
     from welde_det.viz.overlay import render_detections
 
     out_dir = Path(out)
+    src = Path(source)
     tail = set(detector.tail)
+    checkpoint = _checkpoint_record(detector.weights)
+    names = _output_names(items, src, secret)
     rendered = []
-    for item, name, dets in zip(items, _output_names([i.source for i in items]), predictions):
+    for item, name, dets in zip(items, names, predictions):
         n_tail = sum(d["class_name"] in tail for d in dets)
-        title = f"{item.source.name}: {len(dets)} detection(s), {n_tail} tail (conf ≥ {conf:g})"
+        title = f"{name}: {len(dets)} detection(s), {n_tail} tail (conf ≥ {conf:g})"
         png, _ = render_detections(item.image, dets, detector.names, detector.tail, title=title)
-        record = _input_record(item, dets, detector, conf, out_dir / f"{name}.png")
+        record = _input_record(item, dets, detector, conf, name, checkpoint)
         rendered.append((out_dir / f"{name}.png", png, out_dir / f"{name}.json", record))
     summary = InferenceSummary(out_dir=out_dir, skipped=bad)
     for png_path, png, json_path, record in rendered:
@@ -380,6 +468,8 @@ def run_inference(
         atomic_write_json(json_path, record)
         summary.outputs.append((png_path, json_path))
         summary.num_detections += record["num_detections"]
+    if keep_names:
+        atomic_write_text(out_dir / NAMES_FILE, _names_csv(names, items, src))
     logger.info("%s", summary.line())
     return summary
 

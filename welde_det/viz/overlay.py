@@ -8,7 +8,8 @@ in print and for readers who cannot tell the colours apart.
 
 Rendering uses matplotlib's object API (``Figure`` + the Agg canvas) with its bundled
 DejaVu font, so nothing global (the pyplot backend, rcParams) changes and no font is
-downloaded. The PNG is written atomically.
+downloaded. The PNG is written atomically and carries no text chunks (no ``Software``,
+no title): the title drawn in the pixels is the caller's, and callers pass a pseudonym.
 
 Example:
     >>> layout = draw_detections(image, dets, ["DDD", "SS"], ["SS"], "out/case.png",
@@ -114,7 +115,7 @@ def render_detections(
         names: all class names, in class-index order (the legend lists every one).
         tail: names of the tail classes (dashed boxes, "(tail)" in the legend, which also
             gives each class's detection count).
-        title: text above the slice (input name, counts).
+        title: text above the slice (a pseudonym or index and counts — never an input's name).
 
     Returns:
         The PNG bytes and an :class:`OverlayLayout` mapping slice pixels to output pixels.
@@ -174,5 +175,6 @@ def render_detections(
     legend_ax.legend(handles=handles, loc="upper left", fontsize=9, frameon=False, title="classes",
                      title_fontsize=9, handlelength=2.5)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI, facecolor="white")
+    # no text chunks: Matplotlib would write a "Software" tEXt chunk (outputs carry no metadata at all)
+    fig.savefig(buf, format="png", dpi=_DPI, facecolor="white", metadata={"Software": None})
     return buf.getvalue(), OverlayLayout(path=None, scale=scale, origin=(0, top), size=(fig_w, fig_h))
