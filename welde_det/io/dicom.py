@@ -618,8 +618,9 @@ def read_dicom(
     if damaged:
         bad = damaged[0]
         more = f" (and {len(damaged) - 1} more damaged file(s))" if len(damaged) > 1 else ""
+        reason = str(bad.skip_reason).removeprefix(f"{bad.key}: ")
         raise UnreadableSliceError(
-            f"{bad.key}: {bad.skip_reason}{more}; it is, or may be, a slice of the series read, which would "
+            f"{bad.key}: {reason}{more}; it is, or may be, a slice of the series read, which would "
             "be read without it (a lost slice moves the mid slice) — repair or remove the file", bad.key)
     if info.duplicates is not None:
         a, b = info.duplicates

@@ -11,7 +11,8 @@ naming the file and the form it came from. A file whose sform and qform codes ar
 gets nibabel's pixdim affine (voxel sizes on the diagonal, x flipped, origin at the centre):
 that is a valid, orthogonal geometry — the world position is arbitrary but distances and
 the lateral axis are right — so it is read (``provenance["affine_source"] == "pixdim"``);
-a zero or non-finite pixdim still fails the check. Only the form nibabel uses is checked: a
+a zero or non-finite pixdim (which nibabel would silently set to 1 mm) is refused for the
+pixdim and qform forms, both scaled by it. Only the form nibabel uses is checked: a
 broken sform with code 0 next to a valid qform does not matter.
 
 Errors name the file by its name only, never its absolute path.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from welde_det.io.errors import WeldeIOError
+from welde_det.io.errors import InvalidAffineError, WeldeIOError
 from welde_det.io.volume import Volume, check_affine
 
 __all__ = ["NIFTI_SUFFIXES", "is_nifti", "read_nifti"]
@@ -36,6 +37,19 @@ def is_nifti(path: str | os.PathLike) -> bool:
     """Whether the file name has a NIfTI/Analyze suffix."""
     name = str(path).lower()
     return any(name.endswith(s) for s in NIFTI_SUFFIXES)
+
+
+def _raw_pixdim(img) -> np.ndarray | None:
+    """pixdim[1:4] as stored in the file (nibabel's loader replaces zeros by 1), or None if unreadable."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        holder = img.file_map["header"] if "header" in img.file_map else img.file_map["image"]
+        with ImageOpener(holder.filename) as fobj:
+            header = type(img.header).from_fileobj(fobj, check=False)
+        return np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    except (KeyError, AttributeError, TypeError):  # no header file in the file map (not a file on disk)
+        return None
 
 
 def _reason(exc: BaseException, path: Path) -> str:
@@ -77,7 +91,16 @@ def read_nifti(path: str | os.PathLike, *, volume_index: int = 0) -> Volume:
         form = "qform"
     else:
         form = "pixdim"
-    with np.errstate(all="ignore"):  # nibabel divides by zero pixdims; check_affine reports them
+    if form != "sform":
+        # the qform and pixdim affines scale by pixdim, whose zeros nibabel silently sets to 1 mm on
+        # loading: check the pixdims as stored
+        raw = _raw_pixdim(img)
+        if raw is not None and not (np.isfinite(raw).all() and np.all(raw > 0)):
+            raise InvalidAffineError(
+                f"{name}: the voxel sizes (pixdim[1:4] = {raw.tolist()}) are not positive finite numbers and the "
+                f"{form} affine is scaled by them, so the affine is singular or undefined; fix the header "
+                "(nibabel would silently assume 1 mm)")
+    with np.errstate(all="ignore"):
         affine = np.asarray(img.affine, dtype=np.float64)
     affine = check_affine(affine, f"{name} ({form} affine, sform_code={sform_code}, qform_code={qform_code})")
     try:

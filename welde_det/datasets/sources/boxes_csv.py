@@ -120,7 +120,8 @@ def read_box_table(path: str | os.PathLike, class_names: Sequence[str] | None = 
         )
     out = []
     for lineno, row in rows:
-        where = f"{path}[{lineno}]" if is_json else f"{path}:{lineno}"
+        # the table's name only: messages carry no absolute path
+        where = f"{path.name}[{lineno}]" if is_json else f"{path.name}:{lineno}"
         absent = [c for c in need if row.get(c) in (None, "")]
         if absent:
             raise MissingColumnsError(f"{where}: empty value(s) for {absent}")
@@ -171,7 +172,8 @@ def _convert_volume(job: _VolumeJob) -> list[ImageRecord]:
     try:
         volume = read_volume(job.path, series=job.series, deid_key=job.key)
     except (OSError, ValueError) as exc:
-        raise ConversionError(f"{job.rows[0].where}: cannot read volume {volume_name}: {exc}") from exc
+        # the row names the volume; its folder name (often a patient's name) is not repeated here
+        raise ConversionError(f"{job.rows[0].where}: cannot read the row's volume: {exc}") from exc
     sag = mid_sagittal(volume)
     array = np.asarray(volume.array)
     axis = int(sag.axis)
