@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -326,6 +327,21 @@ def _did_you_mean(key: str, known: Any) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys are {sorted(known)}"
 
 
+#: a number in exponent notation without a dot (``1e-4``), which YAML 1.1 (PyYAML) reads as a string
+_EXPONENT_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _yaml12_numbers(value: Any) -> Any:
+    """``value`` with exponent-notation strings (``"1e-4"``) inside mappings and lists read as floats."""
+    if isinstance(value, str) and _EXPONENT_NUMBER.match(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _yaml12_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml12_numbers(v) for v in value]
+    return value
+
+
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     """Check ``value`` against the annotation ``hint`` (int/float/bool/str, Optional, tuple, dict)."""
     origin = typing.get_origin(hint)
@@ -344,7 +360,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
-        return dict(value)
+        return _yaml12_numbers(dict(value))  # e.g. loss.params.focal.gamma: 1e-4
     if hint is bool:
         if isinstance(value, bool):
             return value
