@@ -20,6 +20,7 @@ validation, checkpoints, resume) is Ultralytics' own loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -71,16 +72,16 @@ def yolo_frozen_outputs(model: nn.Module, img: torch.Tensor) -> tuple[list[torch
     handle = head.register_forward_pre_hook(grab)
     model.eval()
     try:
-        model.predict(img)
-    except _StopAtHead:
-        pass
+        with contextlib.suppress(_StopAtHead):
+            model.predict(img)
+        x = captured["x"]
+        # still in eval mode: the head's stems and box branch have BatchNorm layers too
+        stems = [head.cv3[i][:-1](x[i]) for i in range(head.nl)]
+        boxes = [head.cv2[i](x[i]) for i in range(head.nl)]
     finally:
         handle.remove()
         for m, mode in modes:
             m.training = mode
-    x = captured["x"]
-    stems = [head.cv3[i][:-1](x[i]) for i in range(head.nl)]
-    boxes = [head.cv2[i](x[i]) for i in range(head.nl)]
     return stems, boxes
 
 

@@ -1,0 +1,262 @@
+"""The cached frozen stage (#16): loss and gradients equal the through-network ones on the same batch (YOLO and
+Faster R-CNN), cached views cycle over epochs, both backends run it end to end into the one checkpoint schema with
+the frozen network unchanged, and the settings it cannot honour are ConfigErrors."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from welde_det.checkpoint import load_checkpoint
+from welde_det.engine.config import ConfigError
+from welde_det.engine.run import run_training
+from welde_det.integrations.registry import load_detector
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    return tmp_path_factory.mktemp("phantom_cache")
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+
+
+def _perturb_adapters(model: torch.nn.Module) -> None:
+    """Adapters start as the identity (zero up-projection), which gives their down-projection no gradient;
+    a trained adapter does not, so move the up-projections off zero."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters." in name and ".up." in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+
+
+# ----------------------------------------------------------------------------------------- YOLO
+def _yolo_frozen_model(dtype: torch.dtype):
+    from ultralytics.cfg import DEFAULT_CFG, get_cfg
+
+    from welde_det.integrations.yolo import WELDEDetectionModel, stage2_freeze_names
+    from welde_det.welde import build_spec
+
+    torch.manual_seed(0)
+    spec = build_spec(components=("ce", "focal", "ldam"), mode="welde", activation="sigmoid",
+                      objective_kw={"warmup_steps": 0})
+    model = WELDEDetectionModel("yolov8n.yaml", ch=1, nc=6, class_counts=[50, 30, 10, 5, 3, 1],
+                                **spec.model_kwargs()).to(dtype)
+    model.args = get_cfg(DEFAULT_CFG)
+    model.head.spread_first_head()
+    _perturb_adapters(model)
+    # what the frozen stage's trainer does: Ultralytics' freeze= names, their BatchNorm in eval mode
+    frozen = [f"model.{x}." for x in stage2_freeze_names(model)] + [".dfl"]
+    for name, p in model.named_parameters():
+        p.requires_grad_(not any(f in name for f in frozen))
+    model.train()
+    for name, m in model.named_modules():
+        if any(f in name for f in frozen) and isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    return model
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_yolo_cached_loss_and_gradients_equal_through_network(dtype, tol):
+    """Same batch: the cached path's loss items and every trainable parameter's gradient equal the network's, with
+    the cache built image by image (other batching than the through-network pass)."""
+    from welde_det.engine.cache.yolo import yolo_cached_loss, yolo_frozen_outputs
+
+    model = _yolo_frozen_model(dtype)
+    g = torch.Generator().manual_seed(1)
+    img = torch.rand(4, 1, 64, 64, generator=g, dtype=dtype)
+    batch = {"img": img, "batch_idx": torch.tensor([0.0, 0, 1, 2, 3]),
+             "cls": torch.tensor([[0.0], [3], [5], [1], [2]]),
+             "bboxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2], [0.5, 0.5, 0.4, 0.4],
+                                     [0.2, 0.7, 0.1, 0.2], [0.5, 0.4, 0.3, 0.3]])}
+    net, cached = copy.deepcopy(model), copy.deepcopy(model)
+    loss_net, items_net = net.loss(dict(batch))
+    loss_net.sum().backward()
+    outs = [yolo_frozen_outputs(cached, img[i:i + 1]) for i in range(4)]
+    stems = [torch.cat([o[0][lvl] for o in outs]) for lvl in range(3)]
+    boxes = [torch.cat([o[1][lvl] for o in outs]) for lvl in range(3)]
+    loss_c, items_c = yolo_cached_loss(cached, {**batch, "stems": stems, "boxes": boxes})
+    loss_c.sum().backward()
+
+    assert float(items_net["cls_loss"]) > 0 and float(items_net["box_loss"]) > 0
+    assert _rel_err(loss_net.detach(), loss_c.detach()) <= tol
+    for k in items_net:
+        assert abs(float(items_net[k]) - float(items_c[k])) <= tol * max(1.0, abs(float(items_net[k]))), k
+    trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    theirs = dict(cached.named_parameters())
+    assert len(trainable) == 55 and "model.22.objective.theta" in trainable  # 3 levels × 3 heads × (4 + 2) + θ
+    assert not any(".cv2." in n or ".cv3." in n or n.startswith("model.0.") for n in trainable)
+    for name, p in trainable.items():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+        assert _rel_err(p.grad, theirs[name].grad) <= tol, name
+    # the frozen network received nothing and its BatchNorm statistics did not move
+    assert all(p.grad is None for n, p in cached.named_parameters() if n not in trainable)
+    for (n, a), b in zip(model.state_dict().items(), cached.state_dict().values()):
+        if "running_" in n:
+            assert torch.equal(a, b), n
+
+
+def test_cached_views_cycle_over_epochs():
+    """Epoch e reads view e mod V; every image of the view once per epoch, with its own labels."""
+    from welde_det.engine.cache.yolo import CachedLoader, YOLOFeatureCache
+
+    n, views = 5, 2
+    stems = [torch.arange(n * views, dtype=torch.float32).reshape(-1, 1, 1, 1)]
+    boxes = [torch.zeros(n * views, 1, 1, 1)]
+    cls = [torch.full((e % 3 + 1, 1), float(e)) for e in range(n * views)]
+    bboxes = [torch.full((e % 3 + 1, 4), 0.5) for e in range(n * views)]
+    cache = YOLOFeatureCache(stems, boxes, cls, bboxes, n, views, 32, 0.0)
+    epoch = {"e": 0}
+    loader = CachedLoader(cache, 2, dataset=None, epoch_fn=lambda: epoch["e"], seed=0)
+    assert len(loader) == 3 and len(loader.sampler) == n
+    for e in range(4):
+        epoch["e"] = e
+        seen = []
+        for b in loader:
+            rows = b["stems"][0].reshape(-1).long().tolist()
+            seen += rows
+            assert b["img"].shape == (len(rows), 0, 32, 32)
+            # labels travel with their entry: cls holds the entry number, batch_idx the position in the batch
+            for j, r in enumerate(rows):
+                assert b["cls"][b["batch_idx"] == j].reshape(-1).tolist() == [float(r)] * (r % 3 + 1)
+        assert sorted(seen) == [(e % views) * n + i for i in range(n)]
+
+
+def test_yolo_cached_frozen_run(tmp_path, phantom):
+    """tools/train.py's pipeline with train.cache_frozen=true and two augmented views: the frozen stage trains only
+    the heads and θ (every frozen tensor, BatchNorm statistics included, equals the model it started from), writes
+    the one checkpoint schema, and the run reports on it."""
+    run = run_training(ROOT / "configs" / "yolo_welde.yaml", [
+        "epochs=2", "stage1_epochs=1", "imgsz=64", "n_images=6", "batch=4", "workers=0", "warmup_steps=1",
+        f"output={tmp_path / 'runs'}", f"cache_dir={phantom}", "conf=0.0", "cache_frozen=true", "cache_views=2"])
+    s1 = load_checkpoint(run / "stage1" / "weights" / "model.pt").model_state
+    s2 = load_checkpoint(run / "stage2" / "weights" / "model.pt")
+    assert (s2.framework, s2.stage, s2.epoch) == ("yolo", "stage2", 1)
+    moved = {k for k, v in s2.model_state.items() if k in s1 and v.is_floating_point() and not torch.equal(v, s1[k])}
+    assert moved and all(".welde_heads." in k or ".objective." in k or "fusion_weight" in k for k in moved), moved
+    assert any(k.endswith("running_mean") for k in s1)  # BatchNorm statistics were among the compared tensors
+    rows = list(csv.DictReader((run / "stage2" / "results.csv").open()))
+    assert len(rows) == 2 and float(rows[-1]["train/cls_loss"]) > 0
+    assert "weight_ldam" in (run / "stage2" / "terms.csv").read_text().splitlines()[0]
+    assert json.loads((run / "report.json").read_text())["num_detections"] > 0
+    assert len(load_detector(run / "weights" / "model.pt", "cpu").model.head.components) == 4
+
+
+# ------------------------------------------------------------------------------------ Faster R-CNN
+def _rcnn_batch(dtype: torch.dtype):
+    g = torch.Generator().manual_seed(2)
+    images = [torch.rand(1, 64, 64, generator=g, dtype=dtype) for _ in range(3)]
+    targets = [{"boxes": torch.tensor([[5.0, 5, 30, 30], [20, 30, 50, 60]], dtype=dtype), "labels": torch.tensor([1, 3])},
+               {"boxes": torch.tensor([[10.0, 12, 40, 36]], dtype=dtype), "labels": torch.tensor([2])},
+               {"boxes": torch.zeros((0, 4), dtype=dtype), "labels": torch.zeros((0,), dtype=torch.int64)}]
+    return images, targets
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_rcnn_cached_loss_and_gradients_equal_through_network(dtype, tol):
+    """Same images, same sampled RoIs (the through-network draw replayed): equal classification and box losses,
+    WELDE terms and gradients of every trainable parameter; the frozen backbone's statistics stay put."""
+    from welde_det.engine.cache.rcnn import (
+        RCNNFeatureCache,
+        rcnn_cached_losses,
+        rcnn_frozen_outputs,
+    )
+    from welde_det.integrations.rcnn import build_faster_rcnn, freeze_for_stage2, train_frozen
+
+    torch.manual_seed(0)
+    model = build_faster_rcnn("fasterrcnn_mobilenet_v3_large_fpn", foreground_counts=[5, 3, 2], in_channels=1,
+                              min_size=64, max_size=64, components=("ce", "ldam", "focal"), mode="welde",
+                              objective_kw={"warmup_steps": 0}).to(dtype)
+    model.roi_heads.objective.float()  # the losses compute in float32 whatever the logits' dtype
+    _perturb_adapters(model)
+    freeze_for_stage2(model)
+    train_frozen(model)
+    images, targets = _rcnn_batch(dtype)
+    net, cached = copy.deepcopy(model), copy.deepcopy(model)
+    drawn = []
+    subsample = net.roi_heads.subsample
+    net.roi_heads.subsample = lambda labels: drawn.append(subsample(labels)) or drawn[-1]
+    losses_net = net(images, targets)
+    sum(losses_net.values()).backward()
+
+    parts = [rcnn_frozen_outputs(cached, images[i:i + 1], targets[i:i + 1], 64) for i in range(3)]
+    cache = RCNNFeatureCache(*[[t for p in parts for t in p[j]] for j in range(3)], build_seconds=0.0)
+    assert all(len(s) <= len(lab) for s, lab in zip(drawn[0], cache.labels))
+    losses_c = rcnn_cached_losses(cached, cache, [0, 1, 2], sampled=drawn[0])
+    sum(losses_c.values()).backward()
+
+    for k in ("loss_classifier", "loss_box_reg"):
+        assert float(losses_net[k].detach()) > 0
+        assert abs(float(losses_net[k].detach() - losses_c[k].detach())) <= tol * float(losses_net[k].detach()), k
+    for k, v in net.roi_heads.last_terms.items():
+        assert abs(float(v) - float(cached.roi_heads.last_terms[k])) <= tol * max(1.0, abs(float(v))), k
+    trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    theirs = dict(cached.named_parameters())
+    assert len(trainable) == 18 and "roi_heads.objective.theta" in trainable  # 3 × (adapter 4 + classifier 2) + θ
+    for name, p in trainable.items():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+        assert _rel_err(p.grad, theirs[name].grad) <= tol, name
+    for (n, a), b in zip(model.state_dict().items(), net.state_dict().values()):
+        if "running_" in n:  # train_frozen: a through-network step leaves the backbone's statistics alone
+            assert torch.equal(a, b), n
+    # without a replayed draw the cache samples with torchvision's sampler: ≤ 512 RoIs an image, ≤ 25 % foreground
+    torch.manual_seed(3)
+    rcnn_cached_losses(cached, cache, [0, 1, 2])
+    for lab in cache.labels:
+        pos, neg = model.roi_heads.fg_bg_sampler([lab])
+        assert int(pos[0].sum()) <= 128 and int(pos[0].sum() + neg[0].sum()) <= 512
+
+
+def test_rcnn_cached_frozen_run_with_selection(tmp_path, phantom):
+    """The rcnn backend's frozen stage through the cache, selected on a holdout with patience: per-epoch rows with
+    the selection mAP, best/last/model checkpoints in the one schema, the frozen network unchanged."""
+    run = run_training(ROOT / "configs" / "rcnn_welde.yaml", [
+        f"output={tmp_path / 'runs'}", f"cache_dir={phantom}", "epochs=2", "stage1_epochs=1", "n_images=8",
+        "imgsz=64", "batch=2", "warmup_steps=1", "cache_frozen=true", "select=holdout", "select_fraction=0.3",
+        "patience=3"])
+    rows = [r for r in csv.DictReader((run / "terms.csv").open()) if r["stage"] == "stage2"]
+    assert len(rows) == 2 and all(r["select_map"] != "" and r["weight_ldam"] for r in rows)
+    assert all(r["loss_objectness"] == "" for r in rows)  # the RPN's (constant) losses are not computed
+    last = load_checkpoint(run / "stage2" / "weights" / "last.pt")
+    assert last.extra["cached"] is True and last.optimizer_state is not None
+    s1 = load_checkpoint(run / "stage1" / "weights" / "model.pt").model_state
+    s2 = load_checkpoint(run / "stage2" / "weights" / "model.pt")
+    assert (s2.framework, s2.stage) == ("rcnn", "stage2") and s2.extra["source"] in ("best.pt", "last.pt")
+    for k, v in s2.model_state.items():
+        if k.startswith(("backbone.", "rpn.", "roi_heads.box_head.", "roi_heads.box_predictor.bbox_pred.")):
+            assert torch.equal(v, s1[k]), k
+    assert "holdout" in (run / "report.md").read_text()
+    assert len(load_detector(run / "weights" / "model.pt", "cpu").model.roi_heads.box_predictor.heads) == 4
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_settings_the_cache_cannot_honour(tmp_path, phantom, monkeypatch):
+    common = [f"output={tmp_path / 'runs'}", f"cache_dir={phantom}", "n_images=6", "imgsz=64", "epochs=1",
+              "batch=4", "workers=0"]
+    with pytest.raises(ConfigError, match=r"cache_frozen=true, but this run has no frozen stage"):
+        run_training(ROOT / "configs" / "yolo_ce.yaml", [*common, "cache_frozen=true"])
+    with pytest.raises(ConfigError, match=r"train\.cache_views.*not used"):
+        run_training(ROOT / "configs" / "yolo_welde.yaml", [*common, "cache_views=2"])
+    with pytest.raises(ConfigError, match=r"rcnn backend does not augment"):
+        run_training(ROOT / "configs" / "rcnn_welde.yaml", [*common, "cache_frozen=true", "cache_views=2"])
+    with pytest.raises(ConfigError, match=r"one device"):
+        run_training(ROOT / "configs" / "yolo_welde.yaml", [*common, "cache_frozen=true", "device=0,1"])
+    with pytest.raises(ConfigError, match=r"cache_views=-1"):
+        run_training(ROOT / "configs" / "yolo_welde.yaml", [*common, "cache_frozen=true", "cache_views=-1"])
+    # over the memory limit: refused with the estimate before the cache is filled; no half-made run folder
+    monkeypatch.setenv("WELDE_CACHE_MAX_GB", "0.00001")
+    with pytest.raises(ConfigError, match=r"YOLO cache would take about .* MiB per image view × \d+ views.*"
+                                          r"WELDE_CACHE_MAX_GB"):
+        run_training(ROOT / "configs" / "yolo_welde.yaml", [*common, "cache_frozen=true", "stage1_epochs=0",
+                                                            "name=over"])
+    (run,) = (tmp_path / "runs").glob("over-*")
+    assert not list(run.rglob("*.pt"))  # refused before the frozen stage trained a step
