@@ -85,7 +85,11 @@ def test_bad_tables(tmp_path):
     with pytest.raises(UnknownClassError, match=r"b\.csv:3: class 'Fracture' is not one of"):
         read_box_table(t, ["LDB"])
     t = _write_csv(tmp_path / "c.csv", ["volume", "class", "x", "y", "w", "h"], [["v.nii.gz", "LDB", 1, 2, -3, 4]])
-    with pytest.raises(ConversionError, match=r"c\.csv:2: box .* width and height >= 0"):
+    with pytest.raises(ConversionError, match=r"c\.csv:2: box .* width and height > 0\.01 px"):
+        read_box_table(t)
+    # zero-area boxes are refused like everywhere else (#17)
+    t = _write_csv(tmp_path / "z.csv", ["volume", "class", "x", "y", "w", "h"], [["v.nii.gz", "LDB", 1, 2, 0, 4]])
+    with pytest.raises(ConversionError, match=r"z\.csv:2: box .* \(zero-area boxes are refused\)"):
         read_box_table(t)
     t = _write_csv(tmp_path / "d.csv", ["volume", "class", "x", "y", "w", "h"], [])
     with pytest.raises(ConversionError, match="no rows"):

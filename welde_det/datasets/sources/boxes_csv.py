@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from welde_det.datasets.coco import MIN_BOX_SIDE
 from welde_det.datasets.sources.common import (
     BoxRecord,
     ConversionError,
@@ -134,8 +135,9 @@ def read_box_table(path: str | os.PathLike, class_names: Sequence[str] | None = 
             raise ConversionError(f"{where}: box coordinates must be numbers, got {[row[c] for c in need[2:]]}") from None
         if corner_style:
             vals = [vals[0], vals[1], vals[2] - vals[0], vals[3] - vals[1]]
-        if not all(math.isfinite(v) for v in vals) or vals[2] < 0 or vals[3] < 0:
-            raise ConversionError(f"{where}: box {vals} must be finite with width and height >= 0")
+        if not all(math.isfinite(v) for v in vals) or vals[2] <= MIN_BOX_SIDE or vals[3] <= MIN_BOX_SIDE:
+            raise ConversionError(f"{where}: box {vals} must be finite with width and height > {MIN_BOX_SIDE} px "
+                                  "(zero-area boxes are refused); fix or remove the row")
         slice_raw = row.get("slice")
         slice_index = None
         if slice_raw not in (None, "") and str(slice_raw).lower() != "mid":
