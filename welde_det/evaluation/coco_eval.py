@@ -312,20 +312,28 @@ def _edge_ious(d_box: np.ndarray, g_box: np.ndarray, crowd: np.ndarray | None, d
     return iou
 
 
-def _edge_ious_cpu(d_box: np.ndarray, g_box: np.ndarray, crowd: np.ndarray | None
+def _box_rows(box: np.ndarray) -> np.ndarray:
+    """(6, N) rows x, y, w, h, w + x, h + y of (N, 4) [x, y, w, h] boxes (bbIou's operands)."""
+    r = np.empty((6, len(box)))
+    r[:4] = box.T
+    np.add(r[2], r[0], out=r[4])
+    np.add(r[3], r[1], out=r[5])
+    return r
+
+
+def _edge_ious_cpu(d: np.ndarray, g_box: np.ndarray, crowd: np.ndarray | None, det_of: np.ndarray | None = None
                    ) -> Callable[[np.ndarray, np.ndarray], torch.Tensor]:
     """:func:`_edge_ious` on CPU: the same float64 operations, done only for the edges whose
-    boxes overlap in x (the others have IoU 0, as in bbIou)."""
-    def rows(box: np.ndarray) -> np.ndarray:  # x, y, w, h, w + x, h + y
-        r = np.empty((6, len(box)))
-        r[:4] = box.T
-        np.add(r[2], r[0], out=r[4])
-        np.add(r[3], r[1], out=r[5])
-        return r
+    boxes overlap in x (the others have IoU 0, as in bbIou).
 
-    d, g = rows(d_box), rows(g_box)
+    ``d``: the detections' :func:`_box_rows`, shared by every caller of one evaluation;
+    ``det_of``: the column of ``d`` of each detection id the edges use (None: the same).
+    """
+    g = _box_rows(g_box)
 
     def iou(e_det: np.ndarray, e_gt: np.ndarray) -> torch.Tensor:
+        if det_of is not None:
+            e_det = det_of.take(e_det)
         w = np.minimum(d[4].take(e_det), g[4].take(e_gt))
         w -= np.maximum(d[0].take(e_det), g[0].take(e_gt))
         out = np.zeros(len(e_det))
@@ -345,7 +353,8 @@ def _edge_ious_cpu(d_box: np.ndarray, g_box: np.ndarray, crowd: np.ndarray | Non
 
 
 def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device, *,
-           by_score: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+           by_score: tuple[np.ndarray, np.ndarray] | None = None, d_rows: np.ndarray | None = None
+           ) -> dict[str, np.ndarray]:
     """Greedy matching for every (image, category) pair, IoU threshold and area range.
 
     All pairs at once: the (detection, GT) edges of each pair with IoU ≥ 0.5 are matched by
@@ -356,7 +365,7 @@ def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device, *,
         category, rank): ``img`` / ``cat`` index (N,), ``rank`` (N,), ``score`` (N,), ``tp`` /
         ``fp`` (N, T, A) bool, ``det`` (N,) row in ``det``, ``score_rank`` (N,) dense rank of
         the score (0 = highest); ``by_score``: :func:`~welde_det.evaluation.flavours.score_order` of
-        ``det.score``, if known; per category ``npig`` (K, A) non-ignored GT
+        ``det.score``, if known; ``d_rows``: ``_box_rows(det.bbox)``, if known; per category ``npig`` (K, A) non-ignored GT
         counts and ``has_pair`` (K,); ``n_img``.
     """
     n_img, n_cat = len(gt.img_ids), len(gt.cat_ids)
@@ -374,13 +383,17 @@ def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device, *,
     keep = rank < MAX_DETS[-1]
     order, rank, d_pair_s = order[keep], rank[keep], d_pair_s[keep]
     n = len(order)
-    box = np.take(det.bbox, order, axis=0)
     rng = np.array(AREA_RNG)
-    d_area = box[:, 2] * box[:, 3]
+    if device.type == "cpu":  # boxes stay in input order; edges index them through ``order``
+        d_rows = _box_rows(det.bbox) if d_rows is None else d_rows
+        d_area = d_rows[2].take(order) * d_rows[3].take(order)
+        iou_fn = _edge_ious_cpu(d_rows, gt.bbox, gt.crowd, order)
+    else:
+        box = np.take(det.bbox, order, axis=0)
+        d_area = box[:, 2] * box[:, 3]
+        iou_fn = _edge_ious(box, gt.bbox, gt.crowd, device)
     d_out = (d_area[:, None] < rng[:, 0]) | (d_area[:, None] > rng[:, 1])  # (N, A)
     g_ig = gt.crowd[:, None] | (gt.area[:, None] < rng[:, 0]) | (gt.area[:, None] > rng[:, 1])  # (G, A)
-    iou_fn = (_edge_ious_cpu(box, gt.bbox, gt.crowd) if device.type == "cpu"
-              else _edge_ious(box, gt.bbox, gt.crowd, device))
     e_det, e_gt, iou = candidate_edges(d_pair_s, g_pair, iou_fn, 0.5, device)
     if len(e_det):
         thr = torch.as_tensor(np.minimum(IOU_THRS, 1 - 1e-10), dtype=torch.float64, device=device)
@@ -484,7 +497,9 @@ def _accumulate(m: dict[str, np.ndarray], n_cat: int, device: torch.device) -> d
                 continue
             # precision only at TP rows: between two TPs it can only fall, so the envelope at
             # the row where the TP count reaches v is the suffix max over TP counts >= v
-            c_idx, j_idx = np.nonzero(tpk)  # TP rows, column by column
+            flat = np.flatnonzero(tpk)  # TP rows, column by column (faster than a 2-D nonzero)
+            c_idx = flat // nd
+            j_idx = flat - c_idx * nd
             n_tp = np.bincount(c_idx, minlength=C)  # = tp_sum[-1] per column
             v = np.arange(1, len(c_idx) + 1) - np.repeat(np.cumsum(n_tp) - n_tp, n_tp)
             fp_at = np.cumsum(fpk.view(np.uint8), 1, dtype=np.int32, out=fp_cum[:, :nd])[c_idx, j_idx]
@@ -548,29 +563,35 @@ def summary_lines(stats: Sequence[float]) -> list[str]:
 
 
 def confusion_matrix(gt: _GroundTruth, det: DetectionArrays, *, iou_thr: float = 0.5, score_thr: float = 0.25,
-                     device: torch.device | None = None,
-                     by_score: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                     device: torch.device | None = None, by_score: tuple[np.ndarray, np.ndarray] | None = None,
+                     d_rows: np.ndarray | None = None) -> np.ndarray:
     """(K+1)×(K+1) confusion counts, rows = GT class (last = background), columns = predicted.
 
     Per image, detections with score ≥ ``score_thr`` are taken in score order and matched to
     the unmatched non-crowd GT (of any class) with the highest IoU ≥ ``iou_thr`` (the last
     such GT on ties). All images at once (:func:`~welde_det.evaluation.flavours.greedy_assign`).
-    ``by_score``: :func:`~welde_det.evaluation.flavours.score_order` of ``det.score`` if already known.
+    ``by_score``: :func:`~welde_det.evaluation.flavours.score_order` of ``det.score``, ``d_rows``:
+    ``_box_rows(det.bbox)``, if already known.
     """
     device = device or torch.device("cpu")
     k = len(gt.cat_ids)
     cm = np.zeros((k + 1, k + 1), np.int64)
     keep = det.score >= score_thr
     reg = ~gt.crowd
-    d_img, d_box = det.image_id[keep], det.bbox[keep]
-    d_cls = np.searchsorted(gt.cat_ids, det.category_id[keep])
+    kept = np.flatnonzero(keep)
+    img_kept = det.image_id.take(kept)
+    # the kept detections' rows in (image, score) order; boxes are read through them
+    rows = kept.take(group_score_order(img_kept, subset_order((by_score or score_order(det.score))[0], keep)))
+    d_img = det.image_id.take(rows)
+    d_cls = np.searchsorted(gt.cat_ids, det.category_id.take(rows))
     g_img, g_box = gt.image_id[reg], gt.bbox[reg]
     g_cls = np.searchsorted(gt.cat_ids, gt.category_id[reg])
-    order = group_score_order(np.searchsorted(gt.img_ids, d_img), subset_order((by_score or score_order(det.score))[0], keep))
-    d_img, d_box, d_cls = d_img[order], d_box[order], d_cls[order]
     g_of_det = np.full(len(d_img), k, np.int64)
     taken = np.zeros(len(g_img), bool)
-    iou_fn = _edge_ious_cpu(d_box, g_box, None) if device.type == "cpu" else _edge_ious(d_box, g_box, None, device)
+    if device.type == "cpu":
+        iou_fn = _edge_ious_cpu(_box_rows(det.bbox) if d_rows is None else d_rows, g_box, None, rows)
+    else:
+        iou_fn = _edge_ious(np.take(det.bbox, rows, axis=0), g_box, None, device)
     e_det, e_gt, iou = candidate_edges(d_img, g_img, iou_fn, iou_thr, device)
     if len(e_det):
         new = np.r_[True, e_det[1:] != e_det[:-1]]
@@ -640,7 +661,8 @@ def evaluate_coco(
     dets, dropped = _check_dets(DetectionArrays.from_any(detections), g)
     dev = _resolve_device(device)
     by_score = score_order(dets.score)
-    matched = _match(g, dets, dev, by_score=by_score)
+    d_rows = _box_rows(dets.bbox) if dev.type == "cpu" else None  # shared by the matchers
+    matched = _match(g, dets, dev, by_score=by_score, d_rows=d_rows)
     acc = _accumulate(matched, len(g.cat_ids), dev)
     stats = _summarize(acc["precision"], acc["recall"])
     p_all = acc["precision"][:, :, :, 0, -1]  # T×R×K at area all, maxDets 100
@@ -683,7 +705,7 @@ def evaluate_coco(
             "per_class_ap50": {g.cat_names[c]: float(a) for c, a in zip(u.classes, u.ap[:, 0])},
         }
         confusion = confusion_matrix(g, dets, iou_thr=confusion_iou, score_thr=confusion_score, device=dev,
-                                     by_score=by_score)
+                                     by_score=by_score, d_rows=d_rows)
     return {
         "stats": stats.tolist(),
         "stat_names": list(STAT_NAMES),

@@ -212,17 +212,18 @@ def greedy_assign(
     local = torch.as_tensor(seq - seq[np.minimum(bounds[step], n_e - 1)], device=device)
     # (T, A) flattened to C columns (c = t * A + a). Keys and flat indices are built per step
     # from the step's edges only (no (E, C) array is ever held: memory, not arithmetic, is what
-    # costs here). Edge n_e is a sentinel (payload 0, a dummy GT row n_gt): "no edge" maps to
-    # it, so no step needs a mask.
+    # costs here). Edges n_e .. big - 1 are sentinels (payload 0, a dummy GT row n_gt), with
+    # ``big`` a power of two: "no edge" (key -1) maps to big - 1 by one bitwise and, so no step
+    # needs a mask or a division.
     n_c = n_t * n_a
-    big = n_e + 1
+    big = 1 << int(n_e).bit_length()  # > n_e
     key_dtype = torch.int32 if 2 * big < 2**31 else torch.int64  # keys < 2 * big
-    gt_ext = torch.as_tensor(np.r_[gt, n_gt].astype(np.int64), device=device) * n_c
+    gt_ext = torch.as_tensor(np.r_[gt, np.full(big - n_e, n_gt)].astype(np.int64), device=device) * n_c
     cols = torch.arange(n_c, device=device)
     none = torch.tensor(-1, dtype=key_dtype, device=device)
     bonus = None if preferred is None else preferred.to(key_dtype) * big  # (E, A)
     if payload is not None:
-        payload_ext = torch.cat([payload, torch.zeros((1, n_a), dtype=payload.dtype, device=device)]).view(-1)
+        payload_ext = torch.cat([payload, torch.zeros((big - n_e, n_a), dtype=payload.dtype, device=device)]).view(-1)
         pay_col = torch.arange(n_a, device=device).repeat(n_t)  # area of each column
     used = torch.zeros((n_gt + 1) * n_c, dtype=torch.bool, device=device)
     choice = torch.full((len(dets), n_c), none_out, dtype=out_dtype, device=device)
@@ -242,11 +243,11 @@ def greedy_assign(
         d0, d1 = int(seq[s0]), int(seq[s1 - 1]) + 1
         best = torch.full((d1 - d0, n_c), -1, dtype=key_dtype, device=device)
         best.scatter_reduce_(0, local[s0:s1, None].expand(-1, n_c), key, "amax")
-        edge = (best % big).long()  # -1 (nothing eligible) -> the sentinel n_e
+        edge = best.bitwise_and_(big - 1).long()  # -1 (nothing eligible) -> the sentinel big - 1
         choice[d0:d1] = edge if payload is None else torch.take(payload_ext, edge * n_a + pay_col)
         used.index_fill_(0, (gt_ext.index_select(0, edge.view(-1)).view(edge.shape) + cols).view(-1), True)
     if payload is None:
-        choice[choice == n_e] = -1
+        choice[choice == big - 1] = -1
     choice = choice.view(len(dets), n_t, n_a)
     return dets, choice
 
@@ -274,16 +275,20 @@ def _box_iou32(d_xyxy: torch.Tensor, g_xyxy: torch.Tensor) -> torch.Tensor:
     return inter / ((gx2 - gx1) * (gy2 - gy1) + (dx2 - dx1) * (dy2 - dy1) - inter + 1e-7)
 
 
-def _box_iou32_cpu(d_xyxy: np.ndarray, g_xyxy: np.ndarray) -> Callable[[np.ndarray, np.ndarray], torch.Tensor]:
+def _box_iou32_cpu(d_xyxy: np.ndarray, g_xyxy: np.ndarray, det_of: np.ndarray | None = None
+                   ) -> Callable[[np.ndarray, np.ndarray], torch.Tensor]:
     """``(e_det, e_gt) -> IoU``: :func:`_box_iou32` in NumPy, the same float32 operations, done
     only for the edges whose boxes overlap in x (the others have IoU 0).
 
     Shape:
-        d_xyxy, g_xyxy: (4, N) and (4, G) rows x1, y1, x2, y2.
+        d_xyxy, g_xyxy: (4, N) and (4, G) rows x1, y1, x2, y2; ``det_of`` (optional): the
+        row of ``d_xyxy`` of each detection id the edges use (ids are then positions in it).
     """
-    d, g = d_xyxy.astype(np.float32), g_xyxy.astype(np.float32)
+    d, g = d_xyxy.astype(np.float32, copy=False), g_xyxy.astype(np.float32, copy=False)
 
     def iou(e_det: np.ndarray, e_gt: np.ndarray) -> torch.Tensor:
+        if det_of is not None:
+            e_det = det_of.take(e_det)
         w = np.minimum(g[2].take(e_gt), d[2].take(e_det))
         w -= np.maximum(g[0].take(e_gt), d[0].take(e_det))
         out = np.zeros(len(e_det), np.float32)
@@ -328,10 +333,13 @@ def ultralytics_match(
     order = group_score_order(d_img, (by_score or score_order(d_score))[0])
     d_pair = (d_img.astype(np.int64) * n_cls + d_cls)[order]
     g_pair = g_img.astype(np.int64) * n_cls + g_cls
-    d_t, g_t = np.ascontiguousarray(np.take(d_xyxy, order, axis=0).T), np.ascontiguousarray(g_xyxy.T)
+    # boxes stay in input order, as float32 rows (one copy); edges index them through ``order``
+    d_t = np.empty((4, n), np.float32)
+    np.copyto(d_t, np.asarray(d_xyxy).T, casting="same_kind")
+    g_t = np.ascontiguousarray(g_xyxy.T)
     thr = torch.as_tensor(ULTRA_IOU_THRS, device=device)
-    iou_fn = (_box_iou32_cpu(d_t, g_t) if device.type == "cpu" else
-              lambda ed, eg: _box_iou32(torch.as_tensor(np.take(d_t, ed, axis=1), device=device),
+    iou_fn = (_box_iou32_cpu(d_t, g_t, order) if device.type == "cpu" else
+              lambda ed, eg: _box_iou32(torch.as_tensor(np.take(d_t, order.take(ed), axis=1), device=device),
                                         torch.as_tensor(np.take(g_t, eg, axis=1), device=device)))
     e_det, e_gt, iou = candidate_edges(d_pair, g_pair, iou_fn, float(ULTRA_IOU_THRS[0]), device)  # e_det: `order`
     if len(e_det) == 0:
@@ -405,12 +413,11 @@ def ap_from_tp(tp: np.ndarray, score: np.ndarray, pred_cls: np.ndarray, target_c
         rows = by_cls[bounds[ci]:bounds[len(classes) + ci]]
         if len(rows) == 0:
             continue
-        t = np.ascontiguousarray(tp[rows].T)  # (T, n): cumulative sums along contiguous rows
-        tpc = t.cumsum(1, dtype=np.int32)
+        tpc = np.take(tp, rows, axis=0).cumsum(0, dtype=np.int32)  # (n, T)
         recall = tpc / (n_gt[ci] + 1e-16)
-        precision = tpc / np.arange(1, len(rows) + 1, dtype=np.float64)  # tpc + fpc: the same integers
-        for j in range(t.shape[0]):
-            ap[ci, j] = _compute_ap(recall[j], precision[j])
+        precision = tpc / np.arange(1, len(rows) + 1, dtype=np.float64)[:, None]  # tpc + fpc: the same integers
+        for j in range(tpc.shape[1]):
+            ap[ci, j] = _compute_ap(recall[:, j], precision[:, j])
     return classes, ap
 
 
