@@ -331,6 +331,8 @@ def _table(tmp_path: Path, volume: str, series: str | None = None) -> Path:
 
 def _nothing_written(tmp_path: Path, out: Path) -> None:
     assert not out.exists()
+    if not out.parent.exists():
+        return
     leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith((f".{out.name}.", f"{out.name}."))]
     assert leftovers == []
 
@@ -386,3 +388,31 @@ def test_convert_tool_series_flag_picks_one_and_writes_finite_geometry(tmp_path,
     assert image["slice_index"] == 2 and np.isfinite(image["world_x"])
     assert image["pixel_spacing"] == pytest.approx([0.8, 0.7])
     assert (image["height"], image["width"]) == vb[:, :, 2].T.shape
+
+
+# ---------------------------------------------------------------------------- other converters' geometry
+def test_rsna_non_finite_position_is_refused_before_anything_is_written(tmp_path):
+    from tests.datasets.test_rsna_lsdc import SERIES_SAG, STUDY, _make_archive
+    from welde_det.datasets.sources.rsna_lsdc import convert_rsna_lsdc
+
+    root = _make_archive(tmp_path / "rsna")
+    victim = sorted((root / "train_images" / STUDY / SERIES_SAG).glob("*.dcm"))[0]
+    ds = pydicom.dcmread(victim)
+    ds.ImagePositionPatient = ["nan", "-50", "60"]
+    ds.save_as(victim)
+    out = tmp_path / "out" / "ds"
+    with pytest.raises(ConversionError, match=rf"{victim.name}: malformed geometry values"):
+        convert_rsna_lsdc(root, out, key=KEY, fractions=None)
+    _nothing_written(tmp_path, out)
+
+
+@pytest.mark.parametrize("spacing", [(float("nan"), 1.0), (0.0, 1.0), (1.0, float("inf"))])
+def test_yolo_pixel_spacing_must_be_finite(tmp_path, spacing):
+    from tests.datasets.test_yolo_dir import _lumbar_folder
+    from welde_det.datasets.sources.yolo_dir import convert_yolo_dir
+
+    src = _lumbar_folder(tmp_path / "src", n=2)
+    out = tmp_path / "out" / "ds"
+    with pytest.raises(ConversionError, match=r"pixel_spacing .* must be two positive finite numbers"):
+        convert_yolo_dir(src, out, key=KEY, class_names=list("abcdef"), pixel_spacing=spacing, fractions=None)
+    _nothing_written(tmp_path, out)

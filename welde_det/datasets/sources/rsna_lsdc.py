@@ -185,7 +185,8 @@ def _geometry(ds: Any, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
             f"{path}: missing or malformed geometry (ImageOrientationPatient, ImagePositionPatient, "
             f"PixelSpacing, Rows, Columns): {exc}"
         ) from None
-    if iop.shape != (6,) or ipp.shape != (3,) or spacing.shape != (2,) or not np.all(spacing > 0):
+    finite = all(np.isfinite(v).all() for v in (iop, ipp, spacing))
+    if iop.shape != (6,) or ipp.shape != (3,) or spacing.shape != (2,) or not finite or not np.all(spacing > 0):
         raise ConversionError(f"{path}: malformed geometry values (IOP {iop}, IPP {ipp}, spacing {spacing})")
     return iop, ipp, spacing, rows, cols
 

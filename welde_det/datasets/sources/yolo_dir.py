@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -174,6 +175,10 @@ def convert_yolo_dir(
     source = Path(source)
     if not source.exists():
         raise ConversionError(f"{source}: no such YOLO dataset")
+    if pixel_spacing is not None:
+        spacing = [float(v) for v in pixel_spacing]
+        if len(spacing) != 2 or not all(math.isfinite(v) and v > 0 for v in spacing):
+            raise ConversionError(f"pixel_spacing {list(pixel_spacing)} must be two positive finite numbers (mm)")
     if patient_pattern == "lumbar6":
         pattern: re.Pattern | None = LUMBAR6_PATIENT_PATTERN
     else:
