@@ -103,8 +103,8 @@ class SeriesInfo:
     :meth:`series_hash` / :meth:`patient_hash` instead.
     """
 
-    key: str
-    description: str
+    key: str = field(repr=False)  # a raw UID: never in repr, logs or messages
+    description: str = field(repr=False)  # free text: may name a person
     orientation: str
     obliquity_deg: float
     size: tuple[int, int, int]
