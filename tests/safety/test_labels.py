@@ -257,3 +257,25 @@ def test_require_boxes_counts_non_crowd_boxes():
         require_boxes(coco, "x")
     with pytest.raises(DataError, match=r"^src: the YOLO folder has no boxes;"):
         require_boxes(0, "src", what="the YOLO folder")
+
+
+def test_carving_a_selection_split_must_leave_boxes_for_training():
+    from welde_det.datasets.resolve import carve_split
+
+    coco = coco_dict()
+    coco["images"].append({"id": 3, "file_name": "c.png", "width": W, "height": H})
+    for img, patient in zip(coco["images"], ("p1", "p2", "p3")):
+        img["patient_id"] = patient
+    coco["annotations"] = coco["annotations"][:1]  # only patient p1 has a box
+    with pytest.raises(DataError, match=r"^<COCO dict>: the training part left after carving 0\.6 for selection "
+                                        r"has no boxes \(\d image\(s\), 0 boxes\)"):
+        carve_split(coco, 0.6, seed=0)
+
+
+def test_label_file_with_byte_order_mark_and_crlf(tmp_path):
+    label = tmp_path / "a.txt"
+    label.write_bytes(b"\xef\xbb\xbf1 0.5 0.5 0.2 0.2\r\n0 0.25 0.25 0.1 0.1\r\n")
+    assert parse_yolo_label_file(label, 2, image_size=(W, H)) == [(1, 0.5, 0.5, 0.2, 0.2), (0, 0.25, 0.25, 0.1, 0.1)]
+    label.write_bytes(b"\xff\xfe0\x00")
+    with pytest.raises(YoloFormatError, match=r"a\.txt: not a UTF-8 text label file"):
+        parse_yolo_label_file(label, 2)

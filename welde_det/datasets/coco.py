@@ -793,7 +793,7 @@ def parse_yolo_label_file(
     path = Path(path)
     shown = _shown(path, None if root is None else Path(root))
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark from Windows editors is not a value
     except UnicodeDecodeError as exc:
         raise YoloFormatError(f"{shown}: not a UTF-8 text label file ({exc.reason}); YOLO labels are text "
                               "lines 'cls cx cy w h'") from None

@@ -26,7 +26,11 @@ error unless ``names=`` gives them; names that disagree with the dataset's are a
 (see :func:`image_group`), for choosing epochs and thresholds on data that is not the
 measured split.
 
-Every problem is a :class:`DataError` (a ``ValueError``) naming the path and what to do.
+Every problem is a :class:`DataError` (a ``ValueError``) naming the path and what to do,
+raised before anything is written to ``work_dir``. Labels are checked by the readers of
+:mod:`welde_det.datasets.coco` (a bad YOLO line names ``file:line`` relative to the dataset
+folder; zero-area boxes are refused, never dropped), and a training split without a single
+box is an error (:func:`require_boxes`).
 """
 
 from __future__ import annotations
@@ -250,7 +254,8 @@ def carve_split(
 
     Raises:
         DataError: ``fraction`` outside (0, 1), fewer than two groups, a carve that would
-            leave either part without images, or no way to tell patients apart.
+            leave either part without images or the kept part without boxes, or no way to
+            tell patients apart.
     """
     source = str(coco) if not isinstance(coco, Mapping) else "<COCO dict>"
     try:
@@ -283,6 +288,7 @@ def carve_split(
             f"{len(kept_ids)} kept and {len(carved_ids)} carved; change the fraction"
         )
     kept, carved = subset_coco(data, kept_ids), subset_coco(data, carved_ids)
+    require_boxes(kept, source, what=f"the training part left after carving {fraction:g} for selection")
     logger.info("carved %d images (%d groups) of %d for selection (seed %d)", len(carved_ids),
                 int((assigned == 1).sum()), len(group_of), seed)
     return kept, carved
