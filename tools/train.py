@@ -4,9 +4,11 @@
 Usage:
     python tools/train.py --config configs/yolo_welde.yaml [key=value ...]
     python tools/train.py --config configs/cls_welde.yaml --task classify data.source=x.npz
-    python tools/train.py --resume runs/yolo_welde-20260101-120000
+    python tools/train.py --resume runs/yolo_welde-20260101-120000 [epochs=N]
 
-Prints the run folder (checkpoint, config.yaml, report.json, report.md) as its last line.
+On --resume only the schedule may grow (epochs, stage1_epochs); everything is checked
+before the run folder is touched. Prints the run folder (checkpoint, config.yaml,
+report.json, report.md) as its last line.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from welde_det.engine.run import run_training
+from welde_det.utils.cli import add_debug_flag, run_cli
 from welde_det.utils.logging import setup_logging
 
 
@@ -27,10 +30,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--task", choices=["detect", "classify"], help="shortcut for task=...")
     parser.add_argument("--resume", help="run folder or checkpoint to continue")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
+    add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=1 imgsz=160")
     args = parser.parse_args(argv)
     if not args.config and not args.resume:
         parser.error("give --config configs/<name>.yaml (or --resume <run folder>)")
+    if args.config and args.resume:
+        parser.error("give --config or --resume, not both (a resume uses the run's own config.yaml)")
     return args
 
 
@@ -48,4 +54,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -43,9 +43,16 @@ from welde_det.engine.config import (
     apply_overrides,
     config_to_dict,
     load_config,
-    save_config,
 )
-from welde_det.engine.stages import RunData, Stage, plan_stages, selection_label
+from welde_det.engine.stages import (
+    RunData,
+    Stage,
+    map_paths,
+    plan_stages,
+    run_relative_paths,
+    selection_label,
+    working_paths,
+)
 from welde_det.utils.fileio import atomic_write_json
 
 __all__ = [
@@ -56,19 +63,29 @@ __all__ = [
     "check_weights_classes",
     "class_stats_for",
     "finish_detection_run",
+    "load_run_config",
     "make_run_dir",
     "plan_stages",
     "resolve_run_data",
+    "resume_gate",
+    "resume_overrides",
+    "run_relative_paths",
     "run_stages",
     "run_training",
+    "save_run_config",
     "seed_everything",
     "selection_label",
+    "working_paths",
 ]
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.yaml"
 DONE = "done.json"
+#: first line of a run folder's config.yaml: its paths are relative to the run folder
+RUN_RELATIVE_MARK = "# welde_det run config: paths are relative to this run folder"
+#: what ``--resume RUN key=value`` may change: the schedule, nothing else
+RESUME_KEYS: frozenset[str] = frozenset({"train.epochs", "train.stage1_epochs"})
 #: the selected model of a finished run, in the one checkpoint schema
 FINAL = Path("weights") / "model.pt"
 
@@ -165,6 +182,7 @@ def resolve_run_data(cfg: ExperimentConfig, run_dir: Path) -> RunData:
     if t.measure == "train":
         raise ConfigError("train.measure='train': the split trained on measures nothing; measure val or test")
     select: str | None
+    private = resolved.kind in PRIVATE_KINDS
     if t.select == "last":
         select = None
     elif t.select == "holdout":
@@ -172,9 +190,12 @@ def resolve_run_data(cfg: ExperimentConfig, run_dir: Path) -> RunData:
             kept, carved = carve_split(splits["train"], t.select_fraction, cfg.data.seed)
         except DataError as exc:
             raise ConfigError(f"train.select=holdout: {exc}") from exc
-        splits["train"], splits["holdout"] = work / "train_kept.json", work / "holdout.json"
-        atomic_write_json(splits["train"], kept)
-        atomic_write_json(splits["holdout"], carved)
+        if private:  # pseudonymised below: the carve's files are never written with the user's names
+            carved_splits = {"train": kept, "holdout": carved}
+        else:
+            splits["train"], splits["holdout"] = work / "train_kept.json", work / "holdout.json"
+            atomic_write_json(splits["train"], kept)
+            atomic_write_json(splits["holdout"], carved)
         roots["holdout"] = roots["train"]
         select = "holdout"
     else:
@@ -189,8 +210,87 @@ def resolve_run_data(cfg: ExperimentConfig, run_dir: Path) -> RunData:
         raise ConfigError(f"train.select={select!r} is the measured split (train.measure={t.measure!r}): a figure "
                           "must be measured on a split that chose nothing (METHOD.md §5). Use train.select=last, "
                           "train.select=holdout, or measure another split")
+    if private:
+        from welde_det.datasets.coco import load_coco
+
+        cocos = {s: load_coco(p) for s, p in splits.items()}
+        if select == "holdout":
+            cocos.update(carved_splits)
+        splits, roots = private_image_view(cocos, roots, work)
     return RunData(splits=splits, image_roots=roots, names=tuple(resolved.names), measure=t.measure, select=select,
                    selection=selection_label(select, t.select_fraction), resolved=resolved)
+
+
+#: data layouts whose file names are the user's own (a raw YOLO or COCO folder): the run works on a private view
+PRIVATE_KINDS = ("yolo", "coco")
+#: image fields kept in the run's private COCO files (``patient_id`` replaced by a group index)
+_KEPT_IMAGE_FIELDS = ("id", "width", "height", "pixel_spacing", "slice_index", "slice_axis", "world_x")
+_KEPT_ANN_FIELDS = ("id", "image_id", "category_id", "bbox", "area", "iscrowd")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` (same bytes, no copy, and no path stored), else a copy."""
+    if dst.exists():
+        import filecmp
+
+        if os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False):
+            return
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed: the bytes are copied instead
+        shutil.copyfile(src, dst)
+
+
+def private_image_view(cocos: dict[str, dict[str, Any]], roots: dict[str, Path], work: Path
+                       ) -> tuple[dict[str, Path], dict[str, Path]]:
+    """The run's own copy of a user's data view: indexed image names, nothing named after the user's files.
+
+    Every image of every split is linked (hard link, else copied) into ``work/images`` as
+    ``<index>.<ext>`` — the same image keeps one index across splits (a holdout carved from
+    train) — and each split's COCO file is written to ``work/gt/<split>.json`` with those
+    names, only the technical image fields (:data:`_KEPT_IMAGE_FIELDS`) and the patient
+    grouping as an index (``patient_id``: ``"g<k>"``) when the data defines one. Nothing in
+    the run folder then carries the user's file or folder names, no symbolic link points into
+    the user's data, and Ultralytics' label cache is written under ``work`` only.
+
+    Returns:
+        ``(splits, image_roots)`` of the view (every root is ``work/images``).
+    """
+    from welde_det.datasets.coco import save_coco
+    from welde_det.datasets.resolve import DataError, image_group
+
+    images_dir = work / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    index: dict[tuple[str, str], str] = {}
+    groups: dict[Any, str] = {}
+    order = sorted(cocos, key=lambda s: (("train", "val", "test", "holdout").index(s)
+                                         if s in ("train", "val", "test", "holdout") else 9, s))
+    splits: dict[str, Path] = {}
+    for split in order:
+        coco = cocos[split]
+        root = Path(roots[split]).absolute()
+        try:
+            group_of = image_group(coco)
+        except DataError:
+            group_of = {}
+        images = []
+        for img in sorted(coco["images"], key=lambda im: int(im["id"])):
+            key = (str(root.resolve()), str(img["file_name"]))
+            if key not in index:
+                suffix = Path(str(img["file_name"])).suffix.lower()
+                index[key] = f"{len(index) + 1:06d}{suffix}"
+                _link_or_copy(root / str(img["file_name"]), images_dir / index[key])
+            entry = {k: img[k] for k in _KEPT_IMAGE_FIELDS if k in img}
+            entry["file_name"] = index[key]
+            if img["id"] in group_of:
+                entry["patient_id"] = groups.setdefault(group_of[img["id"]], f"g{len(groups) + 1}")
+            images.append(entry)
+        anns = [{k: a[k] for k in _KEPT_ANN_FIELDS if k in a} for a in coco["annotations"]]
+        cats = [{k: c[k] for k in ("id", "name", "supercategory") if k in c} for c in coco["categories"]]
+        splits[split] = save_coco({"images": images, "annotations": anns, "categories": cats},
+                                  work / "gt" / f"{split}.json")
+    return splits, {split: images_dir for split in splits}
 
 
 def class_stats_for(cfg: ExperimentConfig, train_coco: Path) -> ClassStats:
@@ -207,6 +307,70 @@ def class_stats_for(cfg: ExperimentConfig, train_coco: Path) -> ClassStats:
     return stats
 
 
+# ----------------------------------------------------------------------------- config paths
+def save_run_config(cfg: ExperimentConfig, run_dir: Path) -> Path:
+    """Write ``config.yaml`` with paths relative to the run folder (marked on its first line), atomically."""
+    import yaml
+
+    from welde_det.utils.fileio import atomic_write_text
+
+    text = yaml.safe_dump(config_to_dict(run_relative_paths(cfg, run_dir)), sort_keys=False)
+    return atomic_write_text(Path(run_dir) / CONFIG_NAME, f"{RUN_RELATIVE_MARK}\n{text}")
+
+
+def load_run_config(run_dir: Path) -> ExperimentConfig:
+    """A run folder's ``config.yaml`` with its paths made usable from the working folder.
+
+    Paths of a config written by :func:`save_run_config` are relative to the run folder;
+    older run folders (no mark on the first line) hold paths as they were given.
+    """
+    saved = Path(run_dir) / CONFIG_NAME
+    cfg = load_config(saved)
+    first = saved.read_text(encoding="utf-8").split("\n", 1)[0].strip()
+    if first != RUN_RELATIVE_MARK:
+        return cfg
+    base = Path(run_dir).absolute()
+    return map_paths(cfg, lambda p: p if os.path.isabs(p) else os.path.relpath(os.path.normpath(base / p)))
+
+
+# ----------------------------------------------------------------------------- resume
+def resume_overrides(cfg: ExperimentConfig, overrides: list[str] | tuple[str, ...], run_dir: Path) -> ExperimentConfig:
+    """The saved config with ``--resume`` overrides applied: the schedule may grow, nothing else may change.
+
+    Raises:
+        ConfigError: a key other than :data:`RESUME_KEYS` (named), a bad value, a schedule
+            that shrinks or changes the stage plan, or one that grows a stage after which a
+            later stage has already begun. Nothing is written.
+    """
+    from welde_det.engine.config import _field_paths, _resolve_key
+
+    if not overrides:
+        return cfg
+    paths = _field_paths()
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        full = _resolve_key(key, paths) if "=" in item else key
+        if full not in RESUME_KEYS:
+            raise ConfigError(
+                f"--resume {run_dir}: {key!r} cannot change on resume (only the schedule can grow: "
+                f"{', '.join(sorted(k.split('.')[-1] for k in RESUME_KEYS))}); the run's data, model and loss are "
+                "fixed — start a new run (tools/train.py --config ...) to change them")
+    new = apply_overrides(cfg, list(overrides))
+    old_plan, new_plan = plan_stages(cfg), plan_stages(new)
+    if [s.name for s in old_plan] != [s.name for s in new_plan]:
+        raise ConfigError(f"--resume {run_dir}: {' '.join(overrides)} changes the stage plan "
+                          f"({[s.name for s in old_plan]} -> {[s.name for s in new_plan]}); start a new run")
+    for i, (old, grown) in enumerate(zip(old_plan, new_plan)):
+        if grown.epochs < old.epochs:
+            raise ConfigError(f"--resume {run_dir}: stage {old.name} would shrink from {old.epochs} to {grown.epochs} "
+                              "epochs; a resume can only extend the schedule")
+        later = [s.name for s in old_plan[i + 1:] if (run_dir / s.name).exists()]
+        if grown.epochs > old.epochs and later:
+            raise ConfigError(f"--resume {run_dir}: stage {old.name} cannot grow to {grown.epochs} epochs: stage "
+                              f"{later[0]} has already begun from it; start a new run from its weights")
+    return new
+
+
 # ----------------------------------------------------------------------------- the skeleton
 def _load_cfg(config, overrides, resume) -> tuple[ExperimentConfig, Path | None]:
     if resume is not None:
@@ -216,7 +380,7 @@ def _load_cfg(config, overrides, resume) -> tuple[ExperimentConfig, Path | None]
         saved = run_dir / CONFIG_NAME
         if not saved.is_file():
             raise ConfigError(f"cannot resume: {saved} not found (is {resume} a welde_det run folder?)")
-        return load_config(saved, overrides), run_dir
+        return resume_overrides(load_run_config(run_dir), list(overrides), run_dir), run_dir
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
     if isinstance(config, ExperimentConfig) and overrides:
         cfg = apply_overrides(cfg, list(overrides))
@@ -264,7 +428,9 @@ def run_training(
         config: a YAML path, an :class:`ExperimentConfig`, or None for the defaults.
         overrides: ``key=value`` strings applied on top of the file.
         resume: a previous run folder (or its checkpoint) to continue; its saved config is
-            used, and ``overrides`` may only extend the schedule.
+            used, and ``overrides`` may only extend the schedule (:func:`resume_overrides`).
+            Every check runs before anything is written, and ``config.yaml`` is rewritten
+            only when the resumed training starts.
 
     Returns:
         The run folder (``weights/model.pt``, ``config.yaml``, ``report.json``, ``report.md``).
@@ -273,39 +439,78 @@ def run_training(
     backend = get_backend(cfg)
     backend.check(cfg)
     check_unused_keys(cfg, backend.framework, backend.unused_keys(cfg))
-    if run_dir is None:
+    resuming = run_dir is not None
+    if run_dir is not None:
+        resume_gate(backend, cfg, run_dir)
+    else:
         run_dir = _shared_run_dir(cfg)
+    cfg = working_paths(cfg)  # checkpoints and reports carry no absolute path
     try:
-        if _rank() == 0:
-            save_config(cfg, run_dir / CONFIG_NAME)
+        if _rank() == 0 and not resuming:
+            save_run_config(cfg, run_dir)
         seed_everything(cfg.train.seed)
         logger.info("run folder: %s", run_dir)
         if backend.task != "detect":
-            return Path(backend.run(cfg, run_dir, resume=resume is not None))
+            if _rank() == 0 and resuming:
+                save_run_config(cfg, run_dir)
+            return Path(backend.run(cfg, run_dir, resume=resuming))
         data = resolve_run_data(cfg, run_dir)
         stats = class_stats_for(cfg, data.splits["train"])
         logger.info("%s", stats.summary())
-        final = run_stages(backend, cfg, run_dir, data, stats, resume=resume is not None)
+        final = run_stages(backend, cfg, run_dir, data, stats, resume=resuming)
         if _rank() == 0:  # under torchrun only rank 0 predicts, evaluates and reports
             finish_detection_run(backend, cfg, run_dir, data, stats, final)
         _end_process_group()
         return run_dir
     except BaseException:
-        if resume is None:
+        if not resuming:
             _discard_if_unstarted(run_dir)
         raise
 
 
+def _stages_to_train(cfg: ExperimentConfig, run_dir: Path) -> list[Stage]:
+    """The planned stages without a ``done.json`` for their (possibly grown) schedule."""
+    todo = []
+    for stage in plan_stages(cfg):
+        done = run_dir / stage.name / DONE
+        if not done.is_file() or json.loads(done.read_text())["epochs"] < stage.epochs:
+            todo.append(stage)
+    return todo
+
+
+def resume_gate(backend: Any, cfg: ExperimentConfig, run_dir: Path) -> None:
+    """Every check a resume needs, before it writes anything: the backend's ``resume_gate`` per stage to train.
+
+    Raises:
+        ConfigError: (from the backend) a stage that cannot continue to its schedule.
+    """
+    gate = getattr(backend, "resume_gate", None)
+    if gate is None:
+        return
+    for stage in _stages_to_train(cfg, run_dir):
+        gate(cfg, stage, run_dir)
+
+
 def run_stages(backend: Any, cfg: ExperimentConfig, run_dir: Path, data: RunData, stats: ClassStats, *,
                resume: bool) -> Path:
-    """Fit every planned stage (skipping finished ones) and return the final checkpoint ``weights/model.pt``."""
+    """Fit every planned stage (skipping finished ones) and return the final checkpoint ``weights/model.pt``.
+
+    On ``resume`` the run's ``config.yaml`` is rewritten (grown schedule) only here, when the
+    first stage to train is about to start — after every check has passed.
+    """
     if not resume:
         check_weights_classes(cfg.model.weights, stats.names)
     init: Path | None = Path(cfg.model.weights) if cfg.model.weights else None
     ckpt: Path | None = None
+    committed = not resume
     for stage in plan_stages(cfg):
         done = run_dir / stage.name / DONE
-        if done.is_file() and json.loads(done.read_text())["epochs"] < stage.epochs:
+        grown = done.is_file() and json.loads(done.read_text())["epochs"] < stage.epochs
+        if (grown or not done.is_file()) and not committed:
+            if _rank() == 0:
+                save_run_config(cfg, run_dir)
+            committed = True
+        if grown:
             logger.info("stage %s: the schedule grew to %d epochs; continuing it", stage.name, stage.epochs)
             done.unlink()
         if done.is_file():

@@ -1,14 +1,22 @@
-"""The stage plan and the run's data after selection: what every backend shares, below the skeleton."""
+"""The stage plan, the run's data after selection and the config's paths: what every backend shares,
+below the skeleton."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from welde_det.engine.config import ExperimentConfig
 
-__all__ = ["RunData", "Stage", "plan_stages", "selection_label"]
+__all__ = ["PATH_KEYS", "RunData", "Stage", "map_paths", "plan_stages", "run_relative_paths", "selection_label",
+           "working_paths"]
+
+#: config fields holding paths (``data.source`` only when it is not ``"phantom"``)
+PATH_KEYS: tuple[tuple[str, str], ...] = (("data", "source"), ("data", "cache_dir"), ("model", "weights"),
+                                         ("", "output"))
 
 
 @dataclass(frozen=True)
@@ -84,3 +92,40 @@ def selection_label(select: str | None, fraction: float | None = None) -> str:
     if select == "holdout":
         return f"best mAP on a holdout carved from train ({100 * (fraction or 0):.0f} %, patients kept whole)"
     return f"best mAP on the {select} split"
+
+
+# ----------------------------------------------------------------------------- config paths
+def map_paths(cfg: ExperimentConfig, fn: Any) -> ExperimentConfig:
+    """``cfg`` with ``fn(path) -> str`` applied to every path field in use.
+
+    ``data.source`` ``"phantom"`` is a name, not a path; ``data.cache_dir`` is a path only
+    for the phantom (left as it is otherwise: a key a backend does not read keeps its value).
+    """
+    from welde_det.engine.config import replace_section
+
+    phantom = str(cfg.data.source) == "phantom"
+    for section, name in PATH_KEYS:
+        holder = getattr(cfg, section) if section else cfg
+        value = getattr(holder, name)
+        if value is None or ((section, name) == ("data", "source") and phantom) or \
+                ((section, name) == ("data", "cache_dir") and not phantom):
+            continue
+        new = fn(str(value))
+        if new != value:
+            cfg = replace_section(cfg, section, **{name: new}) if section else dataclasses.replace(cfg, **{name: new})
+    return cfg
+
+
+def working_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Absolute path fields made relative to the working folder (relative ones stay as given).
+
+    The config a run carries into its checkpoints and reports then holds no absolute path
+    (a user's folder names can name a patient or a person).
+    """
+    return map_paths(cfg, lambda p: os.path.relpath(p) if os.path.isabs(p) else p)
+
+
+def run_relative_paths(cfg: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
+    """Path fields relative to the run folder (what ``config.yaml`` stores, so a resume works from anywhere)."""
+    base = Path(run_dir).absolute()
+    return map_paths(cfg, lambda p: os.path.relpath(os.path.abspath(p), base))

@@ -101,8 +101,12 @@ class YOLOBackend(DetectionBackend):
                               "weights — pass the path of a saved .pt, or leave it unset for random initialisation")
 
     def trainer_spec(self, cfg: ExperimentConfig, stage: Any, data: Any, stats: ClassStats,
-                     init: Path | None) -> dict[str, Any]:
-        """What :func:`~welde_det.integrations.yolo.trainer_spec` reads in the trainer (and its DDP workers)."""
+                     init: Path | None, *, run_dir: Path | None = None) -> dict[str, Any]:
+        """What :func:`~welde_det.integrations.yolo.trainer_spec` reads in the trainer (and its DDP workers).
+
+        ``config`` (saved into Ultralytics' checkpoints) has its paths relative to ``run_dir``
+        when given (:func:`welde_det.engine.run.run_relative_paths`): no absolute input path.
+        """
         from welde_det.integrations.yolo import WELDEDetectionModel, stage2_freeze_names
 
         spec = welde_spec(cfg, stage.components, stage.mode, "sigmoid")
@@ -111,7 +115,7 @@ class YOLOBackend(DetectionBackend):
         out = {"welde": spec.to_dict(), "class_counts": counts, "repeat_threshold": cfg.data.repeat_threshold, "stage2": stage.frozen, "epoch_offset": stage.epoch_offset,
                "val_coco": str(data.splits[sel]) if sel else None,
                "val_images": str(data.image_roots[sel]) if sel else None,
-               "class_stats": stats.to_dict(), "config": config_to_dict(cfg), "conf": cfg.train.conf,
+               "class_stats": stats.to_dict(), "config": _stored_config(cfg, run_dir), "conf": cfg.train.conf,
                "bit_depth": cfg.data.bit_depth, "init_weights": str(init) if init else None,
                "sampler": cfg.data.sampler}
         if stage.frozen:
@@ -119,16 +123,20 @@ class YOLOBackend(DetectionBackend):
             out["freeze"] = stage2_freeze_names(probe)
         return out
 
-    def fit_stage(self, cfg: ExperimentConfig, stage: Any, data: Any, stats: ClassStats, run_dir: Path, *,
-                  init: Path | None) -> Path:
-        from welde_det.checkpoint import safe_load
-        from welde_det.datasets.resolve import yolo_view
-        from welde_det.engine.cache.yolo import yolo_trainer_class
+    def resume_gate(self, cfg: ExperimentConfig, stage: Any, run_dir: Path) -> bool:
+        """Whether the stage's Ultralytics run had finished (``last.pt`` checked with the safe loader first).
 
-        trainer_cls = yolo_trainer_class(cfg, stage)  # WELDEDetectionTrainer, or train.cache_frozen's
+        Called by the skeleton for every stage a resume will train, before anything is
+        written, and again by :meth:`fit_stage`.
+
+        Raises:
+            ConfigError: a finished stage asked to grow (Ultralytics cannot extend it).
+            UnsafeCheckpointError: a ``last.pt`` that fails the safe loader's gate.
+        """
+        from welde_det.checkpoint import safe_load
+
         sdir = run_dir / stage.name
         last = sdir / "weights" / "last.pt"
-        spec = self.trainer_spec(cfg, stage, data, stats, init)
         finished, epoch = False, -1
         if last.is_file():
             ck = safe_load(last, allow_modules=True)  # the gate before Ultralytics unpickles it
@@ -139,6 +147,18 @@ class YOLOBackend(DetectionBackend):
             raise ConfigError(f"stage {stage.name} finished {epoch + 1} epochs; Ultralytics cannot extend a "
                               f"finished YOLO stage to {stage.epochs} — start a new run from its weights "
                               f"(model.weights={sdir / 'weights' / 'model.pt'})")
+        return finished
+
+    def fit_stage(self, cfg: ExperimentConfig, stage: Any, data: Any, stats: ClassStats, run_dir: Path, *,
+                  init: Path | None) -> Path:
+        from welde_det.datasets.resolve import yolo_view
+        from welde_det.engine.cache.yolo import yolo_trainer_class
+
+        trainer_cls = yolo_trainer_class(cfg, stage)  # WELDEDetectionTrainer, or train.cache_frozen's
+        sdir = run_dir / stage.name
+        last = sdir / "weights" / "last.pt"
+        spec = self.trainer_spec(cfg, stage, data, stats, init, run_dir=run_dir)
+        finished = self.resume_gate(cfg, stage, run_dir)
         if not finished:
             from welde_det.integrations.offline import ultralytics_offline
 
@@ -180,10 +200,19 @@ class YOLOBackend(DetectionBackend):
         model = (ck.get("ema") or ck.get("model")).float()
         return save_checkpoint(out, framework="yolo", arch=cfg.model.arch,
                                model_state={k: v.detach().clone() for k, v in model.state_dict().items()},
-                               class_stats=stats.to_dict(), config=config_to_dict(cfg), stage=stage.name,
+                               class_stats=stats.to_dict(), config=spec["config"], stage=stage.name,
                                welde=spec["welde"], epoch=int(ck.get("epoch", -1)),
                                extra={"yaml": _plain(model.yaml), "channels": cfg.data.channels,
                                       "imgsz": cfg.train.imgsz, "source": src.name})
+
+
+def _stored_config(cfg: ExperimentConfig, run_dir: Path | None) -> dict[str, Any]:
+    """The config as checkpoints store it: paths relative to the run folder (none absolute)."""
+    if run_dir is None:
+        return config_to_dict(cfg)
+    from welde_det.engine.run import run_relative_paths
+
+    return config_to_dict(run_relative_paths(cfg, run_dir))
 
 
 def _plain(obj: Any) -> Any:
