@@ -174,6 +174,7 @@ def greedy_assign(
     preferred: torch.Tensor | None = None,
     sticky: torch.Tensor | None = None,
     payload: torch.Tensor | None = None,
+    n_rows: int | None = None,
 ) -> tuple[np.ndarray, torch.Tensor]:
     """Sequential greedy matching, vectorised over groups, thresholds and columns.
 
@@ -195,9 +196,14 @@ def greedy_assign(
         payload: (E, A) uint8 or None: return this value of the chosen edge instead of its
             index (0 where none), which keeps the (D, T, A) output small.
 
+        n_rows: with it, ``choice`` has one row per detection id in ``[0, n_rows)`` (rows of
+            detections without edges hold the "none" value), written in place step by step:
+            no (D, T, A) array to scatter afterwards.
+
     Returns:
         ``(dets, choice)``: (D,) the distinct detection ids in edge order, and (D, T, A)
-        int64 chosen edge index, −1 where none (or the uint8 ``payload`` of it).
+        int64 chosen edge index, −1 where none (or the uint8 ``payload`` of it); with
+        ``n_rows``, ``choice`` is (n_rows, T, A) indexed by detection id.
     """
     device = thr_ok.device
     n_e, n_t = thr_ok.shape
@@ -226,7 +232,8 @@ def greedy_assign(
         payload_ext = torch.cat([payload, torch.zeros((big - n_e, n_a), dtype=payload.dtype, device=device)]).view(-1)
         pay_col = torch.arange(n_a, device=device).repeat(n_t)  # area of each column
     used = torch.zeros((n_gt + 1) * n_c, dtype=torch.bool, device=device)
-    choice = torch.full((len(dets), n_c), none_out, dtype=out_dtype, device=device)
+    choice = torch.full((len(dets) if n_rows is None else n_rows, n_c), none_out, dtype=out_dtype, device=device)
+    dets_t = None if n_rows is None else torch.as_tensor(dets, device=device)
     for s in range(len(bounds) - 1):
         s0, s1 = int(bounds[s]), int(bounds[s + 1])
         if s0 == s1:
@@ -244,11 +251,15 @@ def greedy_assign(
         best = torch.full((d1 - d0, n_c), -1, dtype=key_dtype, device=device)
         best.scatter_reduce_(0, local[s0:s1, None].expand(-1, n_c), key, "amax")
         edge = best.bitwise_and_(big - 1).long()  # -1 (nothing eligible) -> the sentinel big - 1
-        choice[d0:d1] = edge if payload is None else torch.take(payload_ext, edge * n_a + pay_col)
+        value = edge if payload is None else torch.take(payload_ext, edge * n_a + pay_col)
+        if dets_t is None:
+            choice[d0:d1] = value
+        else:
+            choice.index_copy_(0, dets_t[d0:d1], value)
         used.index_fill_(0, (gt_ext.index_select(0, edge.view(-1)).view(edge.shape) + cols).view(-1), True)
     if payload is None:
         choice[choice == big - 1] = -1
-    choice = choice.view(len(dets), n_t, n_a)
+    choice = choice.view(len(choice), n_t, n_a)
     return dets, choice
 
 
