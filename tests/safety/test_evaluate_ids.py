@@ -1,7 +1,7 @@
 """Detections that do not fit their ground truth (#17 item 8): unknown image or category ids, non-finite
 or negative boxes and scores are a ``CocoResultsError`` naming the detections file and the ids (first few
 and their count), for ``--dets`` and ``--compare`` alike, before anything is written. A CUDA ``--device``
-on a machine without one is a ``ConfigError``.
+on a machine without one is a ``DeviceError``.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from welde_det.datasets.coco import CocoFormatError, CocoResultsError
-from welde_det.engine.config import ConfigError
 from welde_det.engine.evaluate import (
     eval_device,
     load_detections,
     read_ground_truth,
     write_detection_report,
 )
+from welde_det.utils.device import DeviceError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -121,17 +121,17 @@ def test_eval_device():
 
     assert eval_device(None) is None and eval_device("") is None
     assert eval_device("cpu") == "cpu"
-    with pytest.raises(ConfigError, match=r"^--device 'tpu9' is not a device"):
+    with pytest.raises(DeviceError, match=r"^--device 'tpu9' is not a device"):
         eval_device("tpu9")
     if not torch.cuda.is_available():
         for spec in ("cuda", "cuda:0", "0"):
-            with pytest.raises(ConfigError, match=rf"^--device '{spec}': no CUDA device is available here; use "
+            with pytest.raises(DeviceError, match=rf"^--device '{spec}': no CUDA device is available here; use "
                                                   r"--device cpu"):
                 eval_device(spec)
     else:
         n = torch.cuda.device_count()
         assert eval_device("0") == "cuda:0"
-        with pytest.raises(ConfigError, match=rf"this machine has {n} CUDA device"):
+        with pytest.raises(DeviceError, match=rf"this machine has {n} CUDA device"):
             eval_device(f"cuda:{n}")
 
 

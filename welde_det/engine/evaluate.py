@@ -11,7 +11,7 @@ with :func:`load_detections`: a detection for an image or a category that is not
 truth, or with a non-finite or negative box or score, is a
 :class:`~welde_det.datasets.coco.CocoResultsError` naming the detections file and the
 offending ids, never silently scored or dropped. ``device`` is checked with
-:func:`eval_device` (a CUDA device on a machine without one is a ``ConfigError``).
+:func:`eval_device` (a CUDA device on a machine without one is a ``DeviceError``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from welde_det.engine.config import ConfigError
 from welde_det.errors import UserError
 from welde_det.evaluation import DetectionArrays, evaluate_coco
 from welde_det.evaluation.report import detection_analysis, write_report
+from welde_det.utils.device import check_device
 
 __all__ = [
     "eval_device",
@@ -46,39 +47,12 @@ _SHOWN = 8
 
 
 def eval_device(device: str | None, *, flag: str = "--device") -> str | None:
-    """Check an evaluation/inference device string before any work is done.
-
-    ``None`` or ``""`` (CUDA when available, else CPU) and ``"cpu"`` always pass;
-    ``"cuda"``/``"cuda:N"``/``"N"`` need that CUDA device here.
-
-    Returns:
-        ``None`` (the default) or the normalised torch device string.
+    """Check an evaluation device string before any work is done (:func:`welde_det.utils.device.check_device`).
 
     Raises:
-        ConfigError: an unknown device, or a CUDA device that this machine does not have.
+        DeviceError: an unknown device, or a CUDA device that this machine does not have.
     """
-    if device in (None, ""):
-        return None
-    import torch
-
-    spec = str(device).strip()
-    spec = f"cuda:{spec}" if spec.isdigit() else spec
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"{flag} {device!r} is not a device; use cpu, cuda or cuda:N "
-                          "(or leave it unset for CUDA when available)") from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(f"{flag} {device!r}: no CUDA device is available here; use {flag} cpu "
-                              "(or leave it unset for the best available)")
-        if dev.index is not None and dev.index >= count:
-            raise ConfigError(f"{flag} {device!r}: this machine has {count} CUDA device(s) (cuda:0.."
-                              f"cuda:{count - 1}); choose one of them or cpu")
-    elif dev.type != "cpu":
-        raise ConfigError(f"{flag} {device!r}: evaluation runs on cpu or cuda; use one of them")
-    return str(dev)
+    return check_device(device, flag=flag)
 
 
 def read_ground_truth(gt: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
@@ -220,7 +194,8 @@ def write_detection_report(
         CocoFormatError: malformed ground truth (the file and entry named).
         CocoResultsError: detections (or ``compare``) for images or categories the ground
             truth does not have, or non-finite boxes/scores (the file and ids named).
-        ConfigError: a ``device`` that is not available here.
+        DeviceError: a ``device`` that is not available here.
+        ConfigError: a ``class_stats`` file that is not a ClassStats JSON.
         FileNotFoundError: a missing input file.
 
         All of them before anything is written to ``out_dir``.
@@ -330,7 +305,7 @@ def evaluate_checkpoint(
         The evaluation result (see :func:`welde_det.evaluation.evaluate_coco`).
 
     Raises:
-        ConfigError: a ``device`` that is not available here.
+        DeviceError: a ``device`` that is not available here.
         DataError: a data source that cannot be resolved, or no such split.
     """
     import tempfile

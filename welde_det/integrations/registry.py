@@ -56,7 +56,9 @@ def register_loader(framework: str, loader: Callable[[Any, str], Any]) -> None:
 def _device(device: str | None) -> str:
     import torch
 
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from welde_det.utils.device import check_device
+
+    return check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_model(weights: str | os.PathLike, device: str | None = None) -> Any:
@@ -64,11 +66,13 @@ def load_model(weights: str | os.PathLike, device: str | None = None) -> Any:
 
     Raises:
         FileNotFoundError: no such file.
+        welde_det.utils.device.DeviceError: a ``device`` this machine does not have.
         welde_det.checkpoint.CheckpointError: not a welde_det checkpoint, or an unknown framework.
         welde_det.checkpoint.UnsafeCheckpointError: the file needs arbitrary unpickling.
     """
     from welde_det.checkpoint import CheckpointError, load_checkpoint
 
+    device = _device(device)  # before any work: a GPU this machine lacks is one line, not a CUDA traceback
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file (pass a local path; nothing is downloaded)")
@@ -76,7 +80,7 @@ def load_model(weights: str | os.PathLike, device: str | None = None) -> Any:
     loader = LOADERS.get(ckpt.framework)
     if loader is None:
         raise CheckpointError(f"{path}: framework {ckpt.framework!r} has no loader (known: {sorted(LOADERS)})")
-    return loader(ckpt, _device(device))
+    return loader(ckpt, device)
 
 
 def load_detector(weights: str | os.PathLike, device: str | None = None, *,
