@@ -412,7 +412,7 @@ def _worst_md(rep: dict[str, Any]) -> list[str]:
 
 def _save_fig(fig, path: Path) -> None:
     with atomic_writer(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})  # no text chunk
 
 
 def _plots(result: dict[str, Any], out: Path, compare: dict[str, Any] | None, label: str, compare_label: str,
