@@ -193,3 +193,31 @@ def test_many_pairs_span_several_chunks():
                            np.array([d["image_id"] for d in dets]), np.zeros(500, int),
                            np.array([d["bbox"] for d in dets]), np.array([d["score"] for d in dets]))
     np.testing.assert_array_equal(ours.tp, tp_ref)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shared_candidates_change_nothing(seed):
+    """evaluate_coco hands the Ultralytics flavour the COCO matcher's intersecting pairs
+    (float64) instead of letting it search its own (float32 IoU >= 0.5): the same tp, on
+    boxes built to sit at IoU 0.5 within float32 rounding, at large coordinates, and crowd."""
+    from welde_det.evaluation.coco_eval import DetectionArrays, _GroundTruth, _pair_edges
+
+    gt, dets = make_case(seed, crowd_p=0.2)
+    rng = np.random.default_rng(100 + seed)
+    for d in dets[::3]:  # half-overlapping copies: IoU exactly around 0.5 (1/3 of union)
+        x, y, w, h = d["bbox"]
+        dets.append({**d, "bbox": [x + w / 3.0, y, w, h], "score": float(rng.random())})
+    for a in gt["annotations"][::4]:  # far from the origin: float32 coordinates round coarsely
+        a["bbox"] = [a["bbox"][0] + 1e5, *a["bbox"][1:]]
+        dets.append({"image_id": a["image_id"], "category_id": a["category_id"], "score": 0.5,
+                     "bbox": [a["bbox"][0] + 1e-3, a["bbox"][1], a["bbox"][2] * 0.5 + 2e-3, a["bbox"][3]]})
+    g = _GroundTruth(gt, "gt")
+    d = DetectionArrays.from_any(dets)
+    e_det, e_gt, _ = _pair_edges(g, d, torch.device("cpu"), None)
+    args = (np.searchsorted(g.img_ids, g.image_id), np.searchsorted(g.cat_ids, g.category_id), g.bbox, g.crowd,
+            np.searchsorted(g.img_ids, d.image_id), np.searchsorted(g.cat_ids, d.category_id), d.bbox, d.score)
+    alone = ultralytics_map(*args)
+    shared = ultralytics_map(*args, candidates=(e_det, e_gt))
+    assert alone.tp.any() and alone.tp[:, 0].sum() > alone.tp[:, -1].sum()
+    np.testing.assert_array_equal(shared.tp, alone.tp)
+    np.testing.assert_array_equal(shared.ap, alone.ap)

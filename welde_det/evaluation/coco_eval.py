@@ -67,6 +67,7 @@ from welde_det.evaluation.flavours import (
     greedy_assign,
     group_score_order,
     run_rank,
+    run_rank_of,
     score_order,
     stable_argsort,
     stable_lexsort,
@@ -354,9 +355,29 @@ def _edge_ious_cpu(d: np.ndarray, g_box: np.ndarray, crowd: np.ndarray | None, d
     return iou
 
 
+def _pair_edges(gt: _GroundTruth, det: DetectionArrays, device: torch.device, d_rows: np.ndarray | None
+                ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """Every (detection, GT) pair of one (image, category) whose boxes intersect, with
+    pycocotools' IoU (float64, crowd rule): ``(e_det, e_gt, iou)``, detections in input order.
+
+    A superset of both flavours' candidates: COCO keeps IoU ≥ 0.5; Ultralytics' float32 IoU
+    can reach 0.5 only where the float64 boxes intersect (rounding to float32 is monotone, so
+    disjoint intervals stay disjoint), and it recomputes its own IoU on these pairs.
+    """
+    n_cat = len(gt.cat_ids)
+    d_pair = np.searchsorted(gt.img_ids, det.image_id) * n_cat + np.searchsorted(gt.cat_ids, det.category_id)
+    g_pair = np.searchsorted(gt.img_ids, gt.image_id) * n_cat + np.searchsorted(gt.cat_ids, gt.category_id)
+    iou_fn = (_edge_ious_cpu(_box_rows(det.bbox) if d_rows is None else d_rows, gt.bbox, gt.crowd)
+              if device.type == "cpu" else _edge_ious(det.bbox, gt.bbox, gt.crowd, device))
+    return candidate_edges(d_pair, g_pair, iou_fn, _SMALLEST_IOU, device)
+
+
+_SMALLEST_IOU = float(np.nextafter(0.0, 1.0))  # candidate_edges keeps iou >= this: iou > 0
+
+
 def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device, *,
-           by_score: tuple[np.ndarray, np.ndarray] | None = None, d_rows: np.ndarray | None = None
-           ) -> dict[str, np.ndarray]:
+           by_score: tuple[np.ndarray, np.ndarray] | None = None, d_rows: np.ndarray | None = None,
+           edges: tuple[np.ndarray, np.ndarray, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
     """Greedy matching for every (image, category) pair, IoU threshold and area range.
 
     All pairs at once: the (detection, GT) edges of each pair with IoU ≥ 0.5 are matched by
@@ -367,7 +388,8 @@ def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device, *,
         category, rank): ``img`` / ``cat`` index (N,), ``rank`` (N,), ``score`` (N,), ``tp`` /
         ``fp`` (N, T, A) bool, ``det`` (N,) row in ``det``, ``score_rank`` (N,) dense rank of
         the score (0 = highest); ``by_score``: :func:`~welde_det.evaluation.flavours.score_order` of
-        ``det.score``, if known; ``d_rows``: ``_box_rows(det.bbox)``, if known; per category ``npig`` (K, A) non-ignored GT
+        ``det.score``, if known; ``d_rows``: ``_box_rows(det.bbox)``, if known; ``edges``:
+        :func:`_pair_edges` of ``det``, if known (shared with the Ultralytics flavour); per category ``npig`` (K, A) non-ignored GT
         counts and ``has_pair`` (K,); ``n_img``.
     """
     n_img, n_cat = len(gt.img_ids), len(gt.cat_ids)
@@ -396,14 +418,19 @@ def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device, *,
         iou_fn = _edge_ious(box, gt.bbox, gt.crowd, device)
     d_out = (d_area[:, None] < rng[:, 0]) | (d_area[:, None] > rng[:, 1])  # (N, A)
     g_ig = gt.crowd[:, None] | (gt.area[:, None] < rng[:, 0]) | (gt.area[:, None] > rng[:, 1])  # (G, A)
-    e_det, e_gt, iou = candidate_edges(d_pair_s, g_pair, iou_fn, 0.5, device)
+    if edges is None:
+        e_det, e_gt, iou = candidate_edges(d_pair_s, g_pair, iou_fn, 0.5, device)
+    else:  # input-order pairs with IoU > 0: to kept rows, IoU >= 0.5
+        row_of = np.full(len(det.score), -1, np.int64)
+        row_of[order] = np.arange(n)
+        e_det = row_of.take(edges[0])
+        sel = (e_det >= 0) & (edges[2] >= 0.5).cpu().numpy()
+        e_det, e_gt, iou = e_det[sel], edges[1][sel], edges[2][torch.as_tensor(sel, device=device)]
     if len(e_det):
         thr = torch.as_tensor(np.minimum(IOU_THRS, 1 - 1e-10), dtype=torch.float64, device=device)
         # step = rank among the pair's candidate detections; within a detection, edges in
         # ascending (IoU, GT index): the last eligible one is pycocotools' choice
-        new = np.r_[True, e_det[1:] != e_det[:-1]] if len(e_det) else np.zeros(0, bool)
-        det_step = run_rank(d_pair_s[e_det[new]])
-        step = np.repeat(det_step, np.diff(np.r_[np.nonzero(new)[0], len(e_det)]))
+        step = run_rank_of(e_det, d_pair_s)
         srt = stable_lexsort([e_gt, iou.cpu().numpy(), e_det, step])
         srt_t = torch.as_tensor(srt, device=device)
         step, e_det, e_gt, iou = step[srt], e_det[srt], e_gt[srt], iou[srt_t]
@@ -718,7 +745,8 @@ def _evaluate_coco(
     dev = _resolve_device(device)
     by_score = score_order(dets.score)
     d_rows = _box_rows(dets.bbox) if dev.type == "cpu" else None  # shared by the matchers
-    matched = _match(g, dets, dev, by_score=by_score, d_rows=d_rows)
+    edges = _pair_edges(g, dets, dev, d_rows) if extras else None  # shared by both flavours
+    matched = _match(g, dets, dev, by_score=by_score, d_rows=d_rows, edges=edges)
     acc = _accumulate(matched, len(g.cat_ids), dev)
     stats = _summarize(acc["precision"], acc["recall"])
     p_all = acc["precision"][:, :, :, 0, -1]  # T×R×K at area all, maxDets 100
@@ -753,7 +781,7 @@ def _evaluate_coco(
         u = ultralytics_map(
             np.searchsorted(g.img_ids, g.image_id), np.searchsorted(g.cat_ids, g.category_id), g.bbox, g.crowd,
             np.searchsorted(g.img_ids, dets.image_id), np.searchsorted(g.cat_ids, dets.category_id), dets.bbox,
-            dets.score, device=dev, by_score=by_score)
+            dets.score, device=dev, by_score=by_score, candidates=edges[:2])
         ultra = {
             "map": u.map,
             "map50": u.map50,

@@ -49,7 +49,7 @@ import torch
 
 __all__ = [
     "UltralyticsResult", "candidate_edges", "descending_rank", "greedy_assign", "group_score_order", "run_rank",
-    "score_order", "stable_argsort", "stable_lexsort", "subset_order", "ultralytics_map", "ultralytics_match",
+    "run_rank_of", "score_order", "stable_argsort", "stable_lexsort", "subset_order", "ultralytics_map", "ultralytics_match",
 ]
 
 ULTRA_IOU_THRS = torch.linspace(0.5, 0.95, 10).numpy()  # float32, as DetectionValidator.iouv
@@ -263,6 +263,20 @@ def greedy_assign(
     return dets, choice
 
 
+def run_rank_of(e_det: np.ndarray, group_of_det: np.ndarray) -> np.ndarray:
+    """Per edge, the rank of its detection among the detections with edges of its group.
+
+    ``group_of_det`` is grouped (detections of a group contiguous, in priority order); the
+    edges may come in any order.
+    """
+    has = np.zeros(len(group_of_det), bool)
+    has[e_det] = True
+    dets = np.flatnonzero(has)
+    step_of = np.zeros(len(group_of_det), np.int64)
+    step_of[dets] = run_rank(group_of_det.take(dets))
+    return step_of.take(e_det)
+
+
 def run_rank(group_sorted: np.ndarray) -> np.ndarray:
     """Rank of each element within its run of equal ids (input grouped by id)."""
     n = len(group_sorted)
@@ -319,6 +333,7 @@ def ultralytics_match(
     g_img: np.ndarray, g_cls: np.ndarray, g_xyxy: np.ndarray,
     d_img: np.ndarray, d_cls: np.ndarray, d_xyxy: np.ndarray, d_score: np.ndarray,
     *, device: torch.device | str = "cpu", by_score: tuple[np.ndarray, np.ndarray] | None = None,
+    candidates: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Ultralytics' ``match_predictions`` for every image at once.
 
@@ -329,6 +344,8 @@ def ultralytics_match(
         d_xyxy: (N, 4) detection boxes [x1, y1, x2, y2].
         device: where the matching runs.
         by_score: :func:`score_order` of ``d_score`` if already known.
+        candidates: ``(e_det, e_gt)`` input-order pairs that include every same-class pair
+            with IoU ≥ 0.5 (e.g. all intersecting ones), or None to find them here.
 
     Returns:
         (N, 10) bool ``tp``: detection i is correct at IoU threshold 0.50 + 0.05 j.
@@ -352,15 +369,20 @@ def ultralytics_match(
     iou_fn = (_box_iou32_cpu(d_t, g_t, order) if device.type == "cpu" else
               lambda ed, eg: _box_iou32(torch.as_tensor(np.take(d_t, order.take(ed), axis=1), device=device),
                                         torch.as_tensor(np.take(g_t, eg, axis=1), device=device)))
-    e_det, e_gt, iou = candidate_edges(d_pair, g_pair, iou_fn, float(ULTRA_IOU_THRS[0]), device)  # e_det: `order`
+    if candidates is None:
+        e_det, e_gt, iou = candidate_edges(d_pair, g_pair, iou_fn, float(ULTRA_IOU_THRS[0]), device)  # e_det: `order`
+    else:
+        pos_of = np.empty(n, np.int64)
+        pos_of[order] = np.arange(n)
+        e_det, e_gt = pos_of.take(candidates[0]), np.asarray(candidates[1], np.int64)
+        iou = iou_fn(e_det, e_gt)
+        keep = iou >= float(ULTRA_IOU_THRS[0])
+        e_det, e_gt, iou = e_det[keep.cpu().numpy()], e_gt[keep.cpu().numpy()], iou[keep]
     if len(e_det) == 0:
         return tp
     # a detection's step = its rank among the candidate detections of its image (the images'
     # detection order is the class pairs' order, and pairs never share GTs)
-    img_of = d_img[order][e_det]
-    new = np.r_[True, e_det[1:] != e_det[:-1]]
-    det_step = run_rank(img_of[new])
-    step = np.repeat(det_step, np.diff(np.r_[np.nonzero(new)[0], len(e_det)]))
+    step = run_rank_of(e_det, d_img[order])
     # argmax over GTs takes the highest IoU, the first GT on ties: ascending (IoU, -GT) order
     iou_np = iou.cpu().numpy()
     srt = stable_lexsort([len(g_img) - e_gt, iou_np, e_det, step])
@@ -436,6 +458,7 @@ def ultralytics_map(
     g_img: np.ndarray, g_cls: np.ndarray, g_xywh: np.ndarray, g_crowd: np.ndarray,
     d_img: np.ndarray, d_cls: np.ndarray, d_xywh: np.ndarray, d_score: np.ndarray,
     *, device: torch.device | str = "cpu", by_score: tuple[np.ndarray, np.ndarray] | None = None,
+    candidates: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> UltralyticsResult:
     """The figures Ultralytics' ``DetectionValidator`` reports for the same boxes.
 
@@ -446,6 +469,8 @@ def ultralytics_map(
         d_xywh: (N, 4) detection boxes [x, y, w, h].
         device: where the matching runs.
         by_score: :func:`score_order` of ``d_score`` if already known.
+        candidates: ``(e_det, e_gt)`` pairs (indices into these arrays, crowd GTs included)
+            that include every same-class pair with IoU ≥ 0.5, or None to find them.
 
     Returns:
         :class:`UltralyticsResult` (``map``, ``map50``, per-class ``ap``).
@@ -458,10 +483,14 @@ def ultralytics_map(
     """
     keep = ~np.asarray(g_crowd, bool)
     g_img, g_cls, g_xywh = g_img[keep], g_cls[keep], np.asarray(g_xywh, np.float64)[keep]
+    if candidates is not None:  # crowd GTs dropped, the others renumbered
+        e_det, e_gt = candidates
+        on = keep[e_gt]
+        candidates = (e_det[on], (np.cumsum(keep) - 1)[e_gt[on]])
     d_xywh = np.asarray(d_xywh, np.float64)
     to_xyxy = lambda b: np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], 1)  # noqa: E731
     by_score = by_score or score_order(d_score)
     tp = ultralytics_match(g_img, g_cls, to_xyxy(g_xywh), d_img, d_cls, to_xyxy(d_xywh), d_score, device=device,
-                           by_score=by_score)
+                           by_score=by_score, candidates=candidates)
     classes, ap = ap_from_tp(tp, d_score, d_cls, g_cls, by_score)
     return UltralyticsResult(classes=classes, ap=ap, tp=tp)
