@@ -42,7 +42,9 @@ __all__ = [
     "write_detection_report",
 ]
 
-#: how many offending ids or detection indices an error message lists
+logger = logging.getLogger(__name__)
+
+#: how many offending ids or detection indices an error message lists (their count is given too)
 _SHOWN = 8
 
 
@@ -94,7 +96,7 @@ def read_ground_truth(gt: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[s
 def _listed(values: Any) -> str:
     values = list(values)
     head = ", ".join(str(v) for v in values[:_SHOWN])
-    return f"{head}, ... ({len(values)} in all)" if len(values) > _SHOWN else head
+    return f"{head}, ..." if len(values) > _SHOWN else head
 
 
 def load_detections(detections: Any, gt: Mapping[str, Any], *, name: str = "detections",
@@ -147,8 +149,6 @@ def load_detections(detections: Any, gt: Mapping[str, Any], *, name: str = "dete
                 "were made on"
             )
     return d
-
-logger = logging.getLogger(__name__)
 
 
 def write_detection_report(
