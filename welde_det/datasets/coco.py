@@ -336,8 +336,8 @@ def validate_coco(coco: Mapping[str, Any], *, source: str = "<dict>") -> Mapping
         if vis_w <= MIN_BOX_SIDE or vis_h <= MIN_BOX_SIDE:
             raise CocoFormatError(
                 f"{where}: zero-area box {list(bbox)} on image id {ann['image_id']} ({img_w}x{img_h} px): its part "
-                f"inside the image is {max(vis_w, 0.0):.3g} x {max(vis_h, 0.0):.3g} px (boxes thinner than "
-                f"{MIN_BOX_SIDE} px are refused); fix or remove the annotation"
+                f"inside the image is {max(vis_w, 0.0):.3g} x {max(vis_h, 0.0):.3g} px (boxes at most "
+                f"{MIN_BOX_SIDE} px wide or high are refused); fix or remove the annotation"
             )
         if "area" not in ann:
             raise CocoFormatError(f"{where}: 'area' is missing (pycocotools needs it for area ranges)")
@@ -838,8 +838,8 @@ def parse_yolo_label_file(
             thin = w <= 0 or h <= 0
             size = f"w {w:g}, h {h:g}"
         if thin:
-            raise YoloFormatError(f"{where}: zero-area box ({size}; boxes thinner than {MIN_BOX_SIDE} px are "
-                                  "refused); fix or remove the line")
+            raise YoloFormatError(f"{where}: zero-area box ({size}; boxes at most {MIN_BOX_SIDE} px wide or high "
+                                  "are refused); fix or remove the line")
         rows.append((int(cls_f), cx, cy, w, h))
     return rows
 
