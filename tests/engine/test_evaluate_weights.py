@@ -3,6 +3,7 @@ Faster R-CNN), on real lumbar6 slices (a YOLO folder with names with spaces); sk
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -15,7 +16,8 @@ from tests.datasets.test_resolve import sources  # noqa: F401  (the fixture)
 from welde_det.engine.run import run_training
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WELDE_NO_PROGRESS": "1", "MPLBACKEND": "Agg", "YOLO_OFFLINE": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WELDE_NO_PROGRESS": "1", "MPLBACKEND": "Agg", "YOLO_OFFLINE": "1",
+       "WELDE_DEID_KEY": "evaluate-weights-test"}
 
 
 def _cli(tool: str, *args: str) -> subprocess.CompletedProcess:
@@ -44,14 +46,17 @@ def test_evaluate_weights_equals_infer_plus_dets(sources, tmp_path, config):  # 
     assert any(" " in im["file_name"] for im in gt["images"])
     # the same images through tools/infer.py, turned into COCO results by hand
     _cli("infer.py", "--weights", str(weights), "--source", str(data / "val" / "images"), "--out",
-         str(tmp_path / "inf"), "--conf", "0.001", "--device", "cpu")
+         str(tmp_path / "inf"), "--conf", "0.001", "--device", "cpu", "--keep-names")
     id_of = {im["file_name"]: im["id"] for im in gt["images"]}
+    # outputs are named by pseudonyms; --keep-names maps them back to the inputs
+    with (tmp_path / "inf" / "names.csv").open(newline="") as fh:
+        input_of = {row["name"]: row["input"] for row in csv.DictReader(fh)}
     cat_of = {c["name"]: c["id"] for c in gt["categories"]}
     names = json.loads(next((tmp_path / "inf").glob("*.json")).read_text())["class_names"]
     by_hand = []
     for rec_path in sorted((tmp_path / "inf").glob("*.json")):
         rec = json.loads(rec_path.read_text())
-        image_id = id_of[Path(rec["source"]).name]
+        image_id = id_of[Path(input_of[rec["source"]]).name]
         for d in rec["detections"]:
             x1, y1, x2, y2 = d["bbox_xyxy"]
             by_hand.append({"image_id": image_id, "category_id": cat_of[gt_name(gt, names, d["class_index"])],
