@@ -110,3 +110,18 @@ def test_importing_welde_det_after_ultralytics_changes_nothing(tmp_path):
     assert out["env_same"] and out["settings_same"]
     assert out["online"] == [True, True]  # restored
     assert out["inside"] == [False, False, False, "1"]  # and closed while welde_det runs Ultralytics
+
+
+def test_the_amp_check_needs_no_download_while_offline_and_is_put_back():
+    """Ultralytics' AMP check loads (downloads) yolo26n.pt on CUDA; inside the offline block a local check runs."""
+    import torch
+    import ultralytics.engine.trainer as ut
+
+    import welde_det.integrations.yolo  # noqa: F401
+    from welde_det.integrations.offline import _offline_amp_check, ultralytics_offline
+
+    original = ut.check_amp
+    with ultralytics_offline():
+        assert ut.check_amp is _offline_amp_check
+        assert ut.check_amp(torch.nn.Conv2d(1, 1, 1)) is False  # AMP only on CUDA
+    assert ut.check_amp is original
