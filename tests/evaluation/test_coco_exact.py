@@ -359,3 +359,23 @@ def test_many_pairs_span_several_chunks():
     g = _GroundTruth(gt, "gt")
     cm = confusion_matrix(g, DetectionArrays.from_any(dets), iou_thr=0.5, score_thr=0.0)
     np.testing.assert_array_equal(cm, reference_confusion(gt, dets, 0.5, 0.0))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_device_code_path_on_cpu_tensors(seed, monkeypatch):
+    """The torch (device) code path — what runs on CUDA — run on CPU tensors by turning off
+    the NumPy host switch: the same 12 stats and arrays as pycocotools, the same confusion
+    matrix and Ultralytics flavour as the host path. No GPU here, but every line of the
+    device branches runs."""
+    from welde_det.evaluation import coco_eval, flavours
+
+    gt, dets = make_dataset(seed, many_dets=True, crowd_p=0.2)
+    host = evaluate_coco(gt, dets, device="cpu")
+    monkeypatch.setattr(flavours, "_host_path", lambda device: False)
+    calls = []
+    device_iou = coco_eval._edge_ious
+    monkeypatch.setattr(coco_eval, "_edge_ious", lambda *a: calls.append(a) or device_iou(*a))
+    ours, _ = assert_exact(gt, dets, device="cpu")
+    assert len(calls) == 2  # the shared pair search and the confusion matrix took the device path
+    np.testing.assert_array_equal(ours["confusion"], host["confusion"])
+    assert ours["ultralytics"] == host["ultralytics"]

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from welde_det.classes import ClassStats
+from welde_det.evaluation import flavours as _flavours
 from welde_det.evaluation.flavours import (
     candidate_edges,
     greedy_assign,
@@ -368,11 +369,16 @@ def _pair_edges(gt: _GroundTruth, det: DetectionArrays, device: torch.device, d_
     d_pair = np.searchsorted(gt.img_ids, det.image_id) * n_cat + np.searchsorted(gt.cat_ids, det.category_id)
     g_pair = np.searchsorted(gt.img_ids, gt.image_id) * n_cat + np.searchsorted(gt.cat_ids, gt.category_id)
     iou_fn = (_edge_ious_cpu(_box_rows(det.bbox) if d_rows is None else d_rows, gt.bbox, gt.crowd)
-              if device.type == "cpu" else _edge_ious(det.bbox, gt.bbox, gt.crowd, device))
+              if _host_path(device) else _edge_ious(det.bbox, gt.bbox, gt.crowd, device))
     return candidate_edges(d_pair, g_pair, iou_fn, _SMALLEST_IOU, device)
 
 
 _SMALLEST_IOU = float(np.nextafter(0.0, 1.0))  # candidate_edges keeps iou >= this: iou > 0
+
+
+def _host_path(device: torch.device) -> bool:
+    """See :func:`welde_det.evaluation.flavours._host_path` (the one switch)."""
+    return _flavours._host_path(device)
 
 
 def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device, *,
@@ -408,17 +414,14 @@ def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device, *,
     order, rank, d_pair_s = order[keep], rank[keep], d_pair_s[keep]
     n = len(order)
     rng = np.array(AREA_RNG)
-    if device.type == "cpu":  # boxes stay in input order; edges index them through ``order``
-        d_rows = _box_rows(det.bbox) if d_rows is None else d_rows
-        d_area = d_rows[2].take(order) * d_rows[3].take(order)
-        iou_fn = _edge_ious_cpu(d_rows, gt.bbox, gt.crowd, order)
-    else:
-        box = np.take(det.bbox, order, axis=0)
-        d_area = box[:, 2] * box[:, 3]
-        iou_fn = _edge_ious(box, gt.bbox, gt.crowd, device)
+    d_area = det.bbox[:, 2].take(order) * det.bbox[:, 3].take(order)
     d_out = (d_area[:, None] < rng[:, 0]) | (d_area[:, None] > rng[:, 1])  # (N, A)
     g_ig = gt.crowd[:, None] | (gt.area[:, None] < rng[:, 0]) | (gt.area[:, None] > rng[:, 1])  # (G, A)
     if edges is None:
+        if _host_path(device):  # boxes stay in input order; edges index them through ``order``
+            iou_fn = _edge_ious_cpu(_box_rows(det.bbox) if d_rows is None else d_rows, gt.bbox, gt.crowd, order)
+        else:
+            iou_fn = _edge_ious(np.take(det.bbox, order, axis=0), gt.bbox, gt.crowd, device)
         e_det, e_gt, iou = candidate_edges(d_pair_s, g_pair, iou_fn, 0.5, device)
     else:  # input-order pairs with IoU > 0: to kept rows, IoU >= 0.5
         row_of = np.full(len(det.score), -1, np.int64)
@@ -619,7 +622,7 @@ def confusion_matrix(gt: _GroundTruth, det: DetectionArrays, *, iou_thr: float =
     g_cls = np.searchsorted(gt.cat_ids, gt.category_id[reg])
     g_of_det = np.full(len(d_img), k, np.int64)
     taken = np.zeros(len(g_img), bool)
-    if device.type == "cpu":
+    if _host_path(device):
         iou_fn = _edge_ious_cpu(_box_rows(det.bbox) if d_rows is None else d_rows, g_box, None, rows)
     else:
         iou_fn = _edge_ious(np.take(det.bbox, rows, axis=0), g_box, None, device)
@@ -744,7 +747,7 @@ def _evaluate_coco(
     dets, dropped = _check_dets(DetectionArrays.from_any(detections), g)
     dev = _resolve_device(device)
     by_score = score_order(dets.score)
-    d_rows = _box_rows(dets.bbox) if dev.type == "cpu" else None  # shared by the matchers
+    d_rows = _box_rows(dets.bbox) if _host_path(dev) else None  # shared by the matchers
     edges = _pair_edges(g, dets, dev, d_rows) if extras else None  # shared by both flavours
     matched = _match(g, dets, dev, by_score=by_score, d_rows=d_rows, edges=edges)
     acc = _accumulate(matched, len(g.cat_ids), dev)

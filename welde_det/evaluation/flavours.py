@@ -56,6 +56,12 @@ ULTRA_IOU_THRS = torch.linspace(0.5, 0.95, 10).numpy()  # float32, as DetectionV
 _AP_X = np.linspace(0, 1, 101)
 
 
+def _host_path(device: torch.device) -> bool:
+    """Whether the NumPy host implementations run (CPU) rather than the torch ones (any other
+    device). One switch, so a test can run the device code path on CPU tensors."""
+    return device.type == "cpu"
+
+
 def stable_argsort(key: np.ndarray) -> np.ndarray:
     """Stable argsort; non-negative integer keys below 2**32 by 16-bit radix passes (NumPy's
     stable sort is a radix sort only for 16-bit integers, timsort otherwise)."""
@@ -141,7 +147,7 @@ def candidate_edges(
         pos = np.minimum(np.searchsorted(groups, d_group), len(groups) - 1)
         n_e = np.where(groups[pos] == d_group, g_cnt[pos], 0)
         ends = np.cumsum(n_e)
-        chunk = 1 << 16 if device.type == "cpu" else 1 << 24
+        chunk = 1 << 16 if _host_path(device) else 1 << 24
         d0 = 0
         while d0 < len(d_group):
             before = ends[d0 - 1] if d0 else 0
@@ -366,7 +372,7 @@ def ultralytics_match(
     np.copyto(d_t, np.asarray(d_xyxy).T, casting="same_kind")
     g_t = np.ascontiguousarray(g_xyxy.T)
     thr = torch.as_tensor(ULTRA_IOU_THRS, device=device)
-    iou_fn = (_box_iou32_cpu(d_t, g_t, order) if device.type == "cpu" else
+    iou_fn = (_box_iou32_cpu(d_t, g_t, order) if _host_path(device) else
               lambda ed, eg: _box_iou32(torch.as_tensor(np.take(d_t, order.take(ed), axis=1), device=device),
                                         torch.as_tensor(np.take(g_t, eg, axis=1), device=device)))
     if candidates is None:
