@@ -125,3 +125,21 @@ def test_the_amp_check_needs_no_download_while_offline_and_is_put_back():
         assert ut.check_amp is _offline_amp_check
         assert ut.check_amp(torch.nn.Conv2d(1, 1, 1)) is False  # AMP only on CUDA
     assert ut.check_amp is original
+
+
+def test_a_ddp_worker_of_an_offline_parent_stays_offline(tmp_path):
+    """A worker re-reads Ultralytics' settings file: an API key there must not switch the platform upload on."""
+    settings = tmp_path / "ycfg" / "Ultralytics" / "settings.json"
+    out = _run(f"""
+        os.environ["LOCAL_RANK"], os.environ["YOLO_OFFLINE"] = "0", "1"  # what the parent's DDP launch gives
+        import welde_det.integrations.yolo  # noqa: F401
+        import ultralytics.utils as uu
+        uu.SETTINGS.update(api_key="ul_" + "0" * 40, sync=True)  # the user's own settings file
+        file_before = {str(settings)!r} and open({str(settings)!r}).read()
+        from welde_det.integrations.offline import offline_worker
+        entered = offline_worker()
+        return {{"entered": entered, "api_key": uu.SETTINGS["api_key"], "sync": uu.SETTINGS["sync"],
+                "file_same": open({str(settings)!r}).read() == file_before, "again": offline_worker()}}
+    """, tmp_path)
+    assert out["entered"] and out["again"] and out["attempts"] == []
+    assert out["api_key"] == "" and out["sync"] is False and out["file_same"]

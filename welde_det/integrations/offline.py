@@ -20,6 +20,8 @@ and prediction: it sets the online flags to false, ``sync`` off and the API key 
 memory (``dict.__setitem__``: Ultralytics' settings file is never written), removes
 ``$ULTRALYTICS_API_KEY`` and sets ``$YOLO_OFFLINE`` (so DDP workers import offline), swaps the
 AMP check for one that needs no download, and restores every one of them on exit.
+Ultralytics' DDP workers are processes of their own that read the settings file again:
+:func:`offline_worker` closes the same paths there, for the worker's lifetime.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["OFFLINE_ENV", "offline_import", "ultralytics_offline"]
+__all__ = ["OFFLINE_ENV", "offline_import", "offline_worker", "ultralytics_offline"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,3 +133,24 @@ def ultralytics_offline() -> Iterator[None]:
         for obj, name, old in reversed(undo):
             setattr(obj, name, old)
         _restore_environ(saved_env)
+
+
+_WORKER_STACK: contextlib.ExitStack | None = None
+
+
+def offline_worker() -> bool:
+    """In a DDP worker process started by an offline parent: stay offline for the process's lifetime.
+
+    Ultralytics' DDP runs each rank in a fresh process that re-reads its settings file (an
+    API key there would enable the platform callbacks, which the trainer runs from its
+    constructor). The worker inherits ``$YOLO_OFFLINE`` and ``$LOCAL_RANK``; when both are
+    set this enters :func:`ultralytics_offline` once and never leaves it (the process exists
+    for this training only). Returns whether it did.
+    """
+    global _WORKER_STACK
+    if os.environ.get("LOCAL_RANK") is None or os.environ.get(OFFLINE_ENV) != "1":
+        return False
+    if _WORKER_STACK is None:
+        _WORKER_STACK = contextlib.ExitStack()
+        _WORKER_STACK.enter_context(ultralytics_offline())
+    return True

@@ -502,6 +502,9 @@ class WELDEDetectionTrainer(DetectionTrainer):
     def __init__(self, cfg=None, overrides=None, _callbacks=None):
         from ultralytics.cfg import DEFAULT_CFG
 
+        from welde_det.integrations.offline import offline_worker
+
+        offline_worker()  # a DDP worker of an offline parent stays offline (its own settings, its own process)
         self.welde_spec = trainer_spec()
         if "welde" not in self.welde_spec:
             raise ValueError(f"${SPEC_ENV} has no 'welde' entry (a WELDESpec.to_dict()); keys found: "
