@@ -164,3 +164,17 @@ def test_convert_masks_bad_input(tmp_path):
     with pytest.raises(ConversionError, match=r"no \.nii"):
         convert_masks(empty, tmp_path / "out", key=KEY)
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_masks_without_a_single_box_is_an_error(tmp_path):
+    """Masks that are background on every mid slice give no boxes: a DataError naming the
+    converter, nothing written (the rule every converter shares, in write_dataset)."""
+    from welde_det.datasets.resolve import DataError
+
+    arr, affine, labels = _spider_like()
+    labels[4] = 0  # only the off-mid-slice label remains
+    src = tmp_path / "src"
+    _write_case(src, "a", arr, affine, labels)
+    with pytest.raises(DataError, match=r"the converted dataset has no boxes \(1 image\(s\), 0 boxes\)"):
+        convert_masks(src, tmp_path / "out", key=KEY, label_map="spider")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

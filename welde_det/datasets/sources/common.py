@@ -389,6 +389,10 @@ def write_dataset(
 
     if not records:
         raise ConversionError(f"{source}: nothing to convert (no images with usable labels were found)")
+    if not any(r.boxes for r in records):  # every converter: a dataset of images without boxes is an error
+        from welde_det.datasets.resolve import require_boxes
+
+        require_boxes(0, source, what="the converted dataset", n_images=len(records))
     info = {"description": f"welde_det dataset converted from {source}", "version": "1", "source": source}
     coco = records_to_coco(records, class_names, info=info)
     save_coco(coco, staging / "annotations.json")
