@@ -2,11 +2,17 @@
 
 :func:`run_training` does, in this order and once for all backends:
 
-1. make (or reopen, for ``--resume``) the run folder and save the resolved config;
+1. make the run folder and save the resolved config (``config.yaml``, its paths relative
+   to the run folder) — or, for ``--resume``, reopen it: only the schedule may grow
+   (:func:`resume_overrides`), every check (the backend's ``resume_gate`` included) runs
+   before anything is written, and ``config.yaml`` is rewritten only when the first stage
+   to train starts;
 2. resolve the data (:func:`welde_det.datasets.resolve.resolve_data` for every detection
    layout; the classification backend reads its own ``.npz`` / image folders), carve the
    selection split if ``train.select=holdout``, and measure :class:`ClassStats` on the
-   training split;
+   training split; a raw YOLO or COCO folder is trained through a private view
+   (:func:`private_image_view`: indexed image names, hard links), so no file of the run
+   names the user's files and nothing is written into the user's data;
 3. refuse config keys the backend does not use, and ``model.weights`` from another class
    list;
 4. plan the stages (:func:`plan_stages`: one meaning of "frozen") and let the backend fit
@@ -19,6 +25,11 @@
 
 A backend (:mod:`welde_det.engine.backends`) implements only what differs between
 frameworks: fit a stage, load a checkpoint, predict.
+
+No absolute path reaches a checkpoint or a report: the config a run works with has its
+absolute paths made relative to the working folder (:func:`working_paths`; the YOLO backend
+stores them relative to the run folder), ``eval_split.json`` names the image folder
+relative to the run folder.
 """
 
 from __future__ import annotations
@@ -66,6 +77,7 @@ __all__ = [
     "load_run_config",
     "make_run_dir",
     "plan_stages",
+    "private_image_view",
     "resolve_run_data",
     "resume_gate",
     "resume_overrides",
