@@ -260,3 +260,42 @@ def test_settings_the_cache_cannot_honour(tmp_path, phantom, monkeypatch):
                                                             "name=over"])
     (run,) = (tmp_path / "runs").glob("over-*")
     assert not list(run.rglob("*.pt"))  # refused before the frozen stage trained a step
+
+
+def test_cache_reused_only_for_the_same_frozen_network_and_data(tmp_path):
+    """Runs sharing a frozen network, images and settings (a study's methods and seeds) build the cache once; a
+    different frozen tensor — a BatchNorm statistic included — or a changed image builds a new one."""
+    from welde_det.engine.cache import (
+        files_fingerprint,
+        forget_cache,
+        frozen_fingerprint,
+        remembered,
+    )
+    from welde_det.engine.cache.yolo import yolo_trainable
+
+    model = _yolo_frozen_model(torch.float32)
+    image = tmp_path / "a.png"
+    image.write_bytes(b"one")
+    builds = []
+
+    def key(m):
+        return ["yolo", frozen_fingerprint(m, yolo_trainable), files_fingerprint([image]), {"imgsz": 64}]
+
+    def build():
+        builds.append(object())
+        return builds[-1]
+
+    forget_cache()
+    first = remembered(key(model), build, "test")
+    trained = copy.deepcopy(model)
+    with torch.no_grad():  # the heads and θ train: same frozen network, same cache
+        for name, p in trained.named_parameters():
+            if yolo_trainable(name):
+                p.add_(1.0)
+    assert remembered(key(trained), build, "test") is first and len(builds) == 1
+    moved = copy.deepcopy(model)
+    moved.model[0].bn.running_mean.add_(1e-6)
+    assert remembered(key(moved), build, "test") is not first and len(builds) == 2
+    image.write_bytes(b"other")
+    assert remembered(key(moved), build, "test") is builds[-1] and len(builds) == 3
+    forget_cache()

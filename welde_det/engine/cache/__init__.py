@@ -50,12 +50,22 @@ Augmentation (``train.cache_views``):
   are not reproduced. Under ``amp`` the cached features are float32 while the
   through-network stage would compute them in half precision.
 
-Memory: the cache lives in RAM (YOLOv8n at 256 px: 688,128 bytes per view for 6 classes —
-``(c3 + 4·reg_max) × anchors × 4`` with ``c3 = max(64, nc)``; Faster R-CNN: ``(1024 + 4) × 4 + 8``
-bytes per cached proposal, up to 2,000 proposals per image — measured per run and logged).
-Above :func:`memory_limit` (half the machine's memory, or ``$WELDE_CACHE_MAX_GB``) the run
-stops with a :class:`~welde_det.engine.config.ConfigError` giving the estimate, before the
-cache is filled.
+Memory: the cache lives in RAM. YOLOv8n at 256 px: 688,128 bytes per image view for 6 classes
+(``(c3 + 4·reg_max) × anchors × 4`` with ``c3 = max(64, nc)``, 1,344 anchors), about 0.5 GB for
+lumbar6's 726 training slices. Faster R-CNN (mobilenet-v3 FPN, 256 px): ``(1024 + 4) × 4 + 8``
+bytes per cached proposal, up to 2,000 proposals per image depending on the RPN's scores; an
+untrained RPN kept ~1,180 per lumbar6 slice (4.6 MiB per image, 3.4 GB for the 726 slices). The
+size is estimated from the first batch, before the rest is computed (Faster R-CNN's again as the
+cache fills, its proposal count varying): above :func:`memory_limit`
+(half the machine's memory, or ``$WELDE_CACHE_MAX_GB``) the run stops with a
+:class:`~welde_det.engine.config.ConfigError` giving the estimate.
+
+Cost: building the cache is one pass of the frozen network over the images — for Faster R-CNN
+about twice a through-network epoch, as the box head runs on every proposal rather than on the
+512 sampled per image — after which an epoch costs only the heads (``bench/bench_frozen.py``).
+Runs in one process that share a frozen network, its training images and the cache settings
+(a study's methods and seeds, all from one stage-1 model) build it once (:func:`remembered`:
+keyed by a fingerprint of every frozen tensor, the images and the settings).
 
 Not supported, each a :class:`~welde_det.engine.config.ConfigError` in
 :func:`check_cache_config`: a plan without a frozen stage, more than one device (DDP), and
@@ -64,11 +74,21 @@ Not supported, each a :class:`~welde_det.engine.config.ConfigError` in
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
 
 from welde_det.engine.config import ConfigError, ExperimentConfig
 
-__all__ = ["check_cache_config", "memory_limit", "refuse_over_limit"]
+__all__ = ["check_cache_config", "files_fingerprint", "forget_cache", "frozen_fingerprint", "memory_limit",
+           "refuse_over_limit", "remembered"]
+
+logger = logging.getLogger(__name__)
 
 #: environment variable overriding :func:`memory_limit` (gigabytes)
 LIMIT_ENV = "WELDE_CACHE_MAX_GB"
@@ -120,3 +140,55 @@ def check_cache_config(cfg: ExperimentConfig, framework: str) -> None:
     if framework == "rcnn" and t.cache_views:
         raise ConfigError(f"train.cache_views={t.cache_views}: the rcnn backend does not augment, so one plain "
                           "view per image (cache_views=0) is already exact")
+
+
+# ------------------------------------------------------------------ reuse within a process
+#: the last cache built in this process, by key (one entry: a cache can take gigabytes)
+_MEMO: dict[str, Any] = {}
+
+
+def frozen_fingerprint(model: Any, trainable: Any) -> str:
+    """SHA-1 of every state-dict entry of ``model`` whose name ``trainable(name)`` rejects: the frozen network,
+    BatchNorm statistics included, to the bit."""
+    h = hashlib.sha1()
+    for name, t in model.state_dict().items():
+        if trainable(name):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def files_fingerprint(paths: Any) -> list[Any]:
+    """(path, size, modification time) of each file: a changed image makes another key."""
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        out.append([str(p), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def remembered(key_parts: Any, build: Callable[[], Any], what: str) -> Any:
+    """The cache of ``key_parts`` built earlier in this process, or ``build()`` (which then replaces it).
+
+    Runs that share a frozen network, its training images and the cache settings — the methods and seeds
+    of a study, all starting their frozen stage from one stage-1 model in one process — compute the
+    frozen outputs once. The key holds the frozen network's fingerprint (:func:`frozen_fingerprint`), the
+    images (paths, sizes, times) and labels, and every setting the views depend on (size, channels, bit
+    depth, views, seed, augmentation). Only the last cache is kept; :func:`forget_cache` drops it.
+    """
+    key = hashlib.sha1(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()
+    if key in _MEMO:
+        logger.info("frozen-stage cache: reusing the %s cache built earlier in this process (same frozen network, "
+                    "images and settings)", what)
+        return _MEMO[key]
+    _MEMO.clear()  # free the old one before the new one is filled
+    cache = build()
+    _MEMO[key] = cache
+    return cache
+
+
+def forget_cache() -> None:
+    """Drop the cache kept for reuse (its memory is freed when nothing else holds it)."""
+    _MEMO.clear()

@@ -36,10 +36,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from welde_det.engine.cache import refuse_over_limit
+from welde_det.engine.cache import (
+    files_fingerprint,
+    frozen_fingerprint,
+    refuse_over_limit,
+    remembered,
+)
 from welde_det.engine.config import ConfigError, ExperimentConfig
 
-__all__ = ["RCNNFeatureCache", "build_rcnn_cache", "fit_rcnn_cached", "rcnn_cached_losses"]
+__all__ = ["RCNNFeatureCache", "build_rcnn_cache", "fit_rcnn_cached", "rcnn_cached_losses", "rcnn_frozen_outputs",
+           "rcnn_trainable"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +76,11 @@ class RCNNFeatureCache:
     def proposals(self) -> int:
         """Cached proposals over all images."""
         return sum(len(lab) for lab in self.labels)
+
+
+def rcnn_trainable(name: str) -> bool:
+    """State-dict entries the frozen stage trains or updates (the K heads and the objective)."""
+    return name.startswith(("roi_heads.box_predictor.heads.", "roi_heads.objective."))
 
 
 def _all_proposals(labels: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -222,7 +233,11 @@ def fit_rcnn_cached(backend: Any, cfg: ExperimentConfig, stage: Any, data: Any, 
                                       cfg.data.channels) if data.select else None)
     cache = RCNNFeatureCache([], [], [], 0.0)
     if start < stage.epochs:  # a resumed stage that had finished needs no cache
-        cache = build_rcnn_cache(model, train_ds, batch=cfg.train.batch, device=device, imgsz=cfg.train.imgsz)
+        key = ["rcnn", frozen_fingerprint(model, rcnn_trainable), files_fingerprint(
+            [data.splits["train"], *(train_ds.root / im["file_name"] for im in train_ds.images)]),
+            {"imgsz": cfg.train.imgsz, "channels": cfg.data.channels}]
+        cache = remembered(key, lambda: build_rcnn_cache(model, train_ds, batch=cfg.train.batch, device=device,
+                                                         imgsz=cfg.train.imgsz), "Faster R-CNN")
     logger.info("frozen-stage cache: %d images, %.0f proposals and %.2f MiB per image, %.1f MiB in all, built in "
                 "%.1f s", len(cache), cache.proposals / max(len(cache), 1), cache.nbytes / max(len(cache), 1) / 2**20,
                 cache.nbytes / 2**20, cache.build_seconds)

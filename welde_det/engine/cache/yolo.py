@@ -27,17 +27,34 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from welde_det.engine.cache import refuse_over_limit
+from welde_det.engine.cache import (
+    files_fingerprint,
+    frozen_fingerprint,
+    refuse_over_limit,
+    remembered,
+)
 from welde_det.engine.config import ConfigError, ExperimentConfig
 from welde_det.integrations.yolo import WELDEDetectionTrainer, _core
 
 __all__ = ["CachedFrozenTrainer", "CachedLoader", "YOLOFeatureCache", "build_yolo_cache", "yolo_cached_loss",
-           "yolo_cached_preds", "yolo_frozen_outputs", "yolo_trainer_class"]
+           "yolo_cached_preds", "yolo_frozen_outputs", "yolo_trainable", "yolo_trainer_class"]
 
 logger = logging.getLogger(__name__)
+
+
+#: Ultralytics' arguments the training views depend on
+AUGMENT_KEYS = ("degrees", "translate", "scale", "shear", "perspective", "flipud", "fliplr", "hsv_h", "hsv_s",
+                "hsv_v", "mosaic", "mixup", "cutmix", "copy_paste", "copy_paste_mode", "bgr", "auto_augment",
+                "erasing", "fraction", "classes", "single_cls", "rect", "cache")
+
+
+def yolo_trainable(name: str) -> bool:
+    """State-dict entries the frozen stage trains or updates (WELDE heads, objective, fusion weights)."""
+    return ".welde_heads." in name or ".objective." in name or name.endswith("fusion_weight")
 
 
 def yolo_trainer_class(cfg: ExperimentConfig, stage: Any) -> type[WELDEDetectionTrainer]:
@@ -291,9 +308,15 @@ class CachedFrozenTrainer(WELDEDetectionTrainer):
         if self.sampler_name not in (None, "none"):
             sampler = build_detection_sampler(self.sampler_name, yolo_image_classes(dataset),
                                               threshold=self.repeat_threshold, seed=int(self.args.seed))
-        self.cache = build_yolo_cache(_core(self.model), dataset, views=self.cache_views, batch=batch_size,
-                                      device=self.device, preprocess=super().preprocess_batch, hyp=self.args,
-                                      imgsz=int(self.args.imgsz))
+        core, preprocess = _core(self.model), super().preprocess_batch
+        key = ["yolo", frozen_fingerprint(core, yolo_trainable), files_fingerprint(dataset.im_files),
+               [[np.asarray(lb["cls"]).tolist(), np.asarray(lb["bboxes"]).tolist()] for lb in dataset.labels],
+               {"imgsz": int(self.args.imgsz), "views": self.cache_views, "seed": int(self.args.seed),
+                "channels": self.data["channels"], "bit_depth": int(self.welde_spec.get("bit_depth", 8)),
+                **{k: getattr(self.args, k, None) for k in AUGMENT_KEYS}}]
+        self.cache = remembered(key, lambda: build_yolo_cache(
+            core, dataset, views=self.cache_views, batch=batch_size, device=self.device, preprocess=preprocess,
+            hyp=self.args, imgsz=int(self.args.imgsz)), "YOLO")
         c = self.cache
         logger.info("frozen-stage cache: %d images × %d view(s), %.2f MiB per view, %.1f MiB in all, built in %.1f s",
                     c.images, c.views, c.bytes_per_entry / 2**20, c.bytes_per_entry * c.images * c.views / 2**20,
