@@ -250,6 +250,8 @@ def test_settings_the_cache_cannot_honour(tmp_path, phantom, monkeypatch):
         run_training(ROOT / "configs" / "rcnn_welde.yaml", [*common, "cache_frozen=true", "cache_views=2"])
     with pytest.raises(ConfigError, match=r"one device"):
         run_training(ROOT / "configs" / "yolo_welde.yaml", [*common, "cache_frozen=true", "device=0,1"])
+    with pytest.raises(ConfigError, match=r"train\.cache_frozen.*not used by the 'classify' backend"):
+        run_training(ROOT / "configs" / "cls_welde.yaml", [f"output={tmp_path / 'runs'}", "cache_frozen=true"])
     with pytest.raises(ConfigError, match=r"cache_views=-1"):
         run_training(ROOT / "configs" / "yolo_welde.yaml", [*common, "cache_frozen=true", "cache_views=-1"])
     # over the memory limit: refused with the estimate before the cache is filled; no half-made run folder
