@@ -841,7 +841,7 @@ def plot_per_class(summary: Mapping[str, Any], path: Path) -> Path:
     for j, m in enumerate(methods):
         pc = methods[m]["per_class"]
         xs = np.arange(len(classes)) + (j - (len(methods) - 1) / 2) * width
-        means = [100 * (pc[c]["mean"] or 0.0) for c in classes]
+        means = [np.nan if pc[c]["mean"] is None else 100 * pc[c]["mean"] for c in classes]  # no GT: no bar
         err = np.array([[100 * (pc[c]["mean"] - pc[c]["ci95"][0]), 100 * (pc[c]["ci95"][1] - pc[c]["mean"])]
                         if pc[c]["ci95"] else [0.0, 0.0] for c in classes]).T
         ax.bar(xs, means, width, yerr=err if len(classes) else None, capsize=2, label=m)
@@ -887,8 +887,9 @@ def plot_welde_terms(folder: Path, summary: Mapping[str, Any], path: Path) -> Pa
         epochs = np.arange(1, len(hist) + 1)
         for c in comps:
             ax_w.plot(epochs, [h.get(f"weight_{c}", np.nan) for h in hist], color=colours[c], alpha=0.8,
-                      label=c if n == 0 else None)
-        ax_d.plot(epochs, [h.get("diversity", np.nan) for h in hist], alpha=0.8, label=f"seed {seed}")
+                      marker="o", markersize=3, label=c if n == 0 else None)
+        ax_d.plot(epochs, [h.get("diversity", np.nan) for h in hist], alpha=0.8, marker="o", markersize=3,
+                  label=f"seed {seed}")
     ax_w.set_xlabel("frozen-stage epoch")
     ax_w.set_ylabel("learned weight (softplus θ)")
     ax_w.set_title("WELDE weights (one line per seed)", fontsize=9)
