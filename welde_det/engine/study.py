@@ -613,7 +613,8 @@ def run_study(study: StudyConfig, *, on_run_finished: Callable[[PlannedRun, dict
     folder.mkdir(parents=True, exist_ok=True)
     done = {r.key for r in plan if r.key in state["runs"] and (folder / state["runs"][r.key]["run_dir"]).is_dir()}
     if done:
-        print(f"{folder}: {len(done)} of {len(plan)} runs already finished; continuing", flush=True)
+        print(f"{folder}: {len(done)} of {len(plan)} runs already finished" +
+              ("; continuing with the others" if len(done) < len(plan) else "; writing the results"), flush=True)
     t0 = time.time()
     bar = tqdm(total=len(plan), initial=len(done), desc=study.name, unit="run",
                disable=None if progress_enabled() else True, file=sys.stderr)
