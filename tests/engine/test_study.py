@@ -246,6 +246,10 @@ def test_plan_per_seed_with_end_to_end(tmp_path):
         ("stage2", 4, True, ("focal",))]
     assert [(s.name, s.epochs, s.frozen, s.mode) for s in stages["welde/seed5"]] == [("stage2", 4, True, "welde")]
     assert [(s.name, s.epochs, s.frozen) for s in stages["e2e_ce/seed3"]] == [("train", 10, False)]  # 6 + 4
+    (tmp_path / "w.pt").write_bytes(b"weights")
+    weights = load_study_config(PHANTOM, [f"stage1.model.weights={tmp_path / 'w.pt'}", "end_to_end=[ce]"])
+    assert [load_config(r.config, list(r.overrides)).model.weights for r in plan_runs(weights)
+            if r.kind != "frozen"] == [str(tmp_path / "w.pt")] * 3  # stage 1 and end to end may start from weights
     cfg = load_config(plan[1].config, list(plan[1].overrides))
     assert cfg.train.seed == 3 and cfg.train.cache_frozen and cfg.loss.warmup_steps == 20
     assert not load_config(plan[0].config, list(plan[0].overrides)).train.cache_frozen
@@ -262,7 +266,8 @@ def test_plan_per_seed_with_end_to_end(tmp_path):
     (["epochs=0"], r"epochs must be an integer >= 1"),
     (["seedz=2"], r"unknown override key 'seedz'"),
     (["train.epochs=3"], r"'train.epochs' is set by the study.*study key epochs"),
-    (["model.weights=x.pt"], r"'model.weights' is set by the study"),
+    (["model.weights=x.pt"], r"overrides: 'model.weights' is set by the study"),
+    (["frozen.model.weights=x.pt"], r"frozen_overrides: 'model.weights' is set by the study"),
     (["framework=bogus"], r"framework must be one of"),
     (["cache_frozen=false", "cache_views=2"], r"cache_views=2 needs cache_frozen"),
     (["frozen.train.nbs=0"], r": ce \(yolo_ce.yaml\).*train.nbs must be >= 1"),

@@ -133,7 +133,8 @@ class StudyConfig:
         bootstrap_seed: seed of the image and seed resampling.
         out: the study folder.
         overrides: ``key=value`` for every run (as ``tools/train.py``).
-        stage1_overrides: ``key=value`` for stage 1 and the end-to-end runs only.
+        stage1_overrides: ``key=value`` for stage 1 and the end-to-end runs only (``model.weights`` allowed
+            here: start stage 1 from local weights).
         frozen_overrides: ``key=value`` for the frozen stages only.
         source: the file it came from (messages).
     """
@@ -404,6 +405,8 @@ def _check_runs(study: StudyConfig) -> None:
                 full = _resolve_key(key, paths)
             except ConfigError as exc:
                 raise ConfigError(f"{study.source}: {section}: {exc}") from None
+            if section == "stage1_overrides" and full == "model.weights":
+                continue  # stage 1 (and the end-to-end runs) may start from local weights, e.g. COCO-pretrained
             if full in STUDY_SET_KEYS or full.startswith("loss.components"):
                 raise ConfigError(f"{study.source}: {section}: {key!r} is set by the study for every run; use the "
                                   f"study key {STUDY_SET_KEYS.get(full, 'methods')} instead")
