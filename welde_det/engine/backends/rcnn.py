@@ -170,7 +170,8 @@ class RCNNBackend(DetectionBackend):
         if stage.frozen and cfg.train.cache_frozen:  # the frozen network once per image (engine.cache)
             from welde_det.engine.cache.rcnn import fit_rcnn_cached
 
-            return fit_rcnn_cached(self, cfg, stage, data, stats, run_dir, init=init)
+            return fit_rcnn_cached(self, cfg, stage, data, stats, run_dir, init=init,
+                                   dataset=CocoDetectionDataset, optimizer=_optimizer)
         rank, world = _dist_env()
         device = torch.device(device_for(cfg.train.device))
         if device.type == "cuda" and world > 1:
@@ -249,7 +250,7 @@ class RCNNBackend(DetectionBackend):
                 best_fit, since_best = (fitness, 0) if improved else (best_fit, since_best + 1)
             append_csv_row(run_dir / "terms.csv", row)
             core = model.module if hasattr(model, "module") else model
-            meta = {"framework": "rcnn", "arch": arch, "class_stats": stats.to_dict(), "config": config_to_dict(cfg),
+            meta = {"framework": "rcnn", "arch": arch, "class_stats": stats.to_dict(), "config": stored,
                     "stage": stage.name, "welde": spec.to_dict()}
             extra = {"channels": cfg.data.channels, "imgsz": cfg.train.imgsz, "best_fitness": best_fit,
                      "since_best": since_best}
@@ -269,7 +270,7 @@ class RCNNBackend(DetectionBackend):
         if rank == 0:
             ck = load_checkpoint(chosen)
             save_checkpoint(out, framework="rcnn", arch=arch, model_state=ck.model_state,
-                            class_stats=stats.to_dict(), config=config_to_dict(cfg), stage=stage.name,
+                            class_stats=stats.to_dict(), config=stored, stage=stage.name,
                             welde=spec.to_dict(), epoch=ck.epoch,
                             extra={"channels": cfg.data.channels, "imgsz": cfg.train.imgsz,
                                    "source": chosen.name})

@@ -181,13 +181,18 @@ def rcnn_cached_losses(model: nn.Module, cache: RCNNFeatureCache, indices: Seque
 
 
 def fit_rcnn_cached(backend: Any, cfg: ExperimentConfig, stage: Any, data: Any, stats: Any, run_dir: Path, *,
-                    init: Path | None) -> Path:
+                    init: Path | None, dataset: Any, optimizer: Any) -> Path:
     """``RCNNBackend.fit_stage`` for a frozen stage, on the cache: same model, parameters, optimiser,
     image order source (a detection sampler or a seeded permutation per epoch), per-epoch ``last.pt``
-    with the optimiser state, selection (``best.pt``, ``patience``), ``terms.csv`` rows and ``model.pt``."""
+    with the optimiser state, selection (``best.pt``, ``patience``), ``terms.csv`` rows and ``model.pt``.
+
+    Args:
+        backend: the ``RCNNBackend`` (its ``arch``, ``_init_state`` and ``_fitness``).
+        dataset, optimizer: the backend's ``CocoDetectionDataset`` and optimiser factory (passed in: this
+            module does not import the backend, which imports it).
+    """
     from welde_det.checkpoint import load_checkpoint, save_checkpoint
     from welde_det.engine.backends.base import device_for, welde_spec
-    from welde_det.engine.backends.rcnn import CocoDetectionDataset, _optimizer
     from welde_det.engine.config import config_to_dict
     from welde_det.integrations.rcnn import build_rcnn_model, freeze_for_stage2, train_frozen
     from welde_det.utils.fileio import append_csv_row
@@ -215,10 +220,10 @@ def fit_rcnn_cached(backend: Any, cfg: ExperimentConfig, stage: Any, data: Any, 
     else:
         model = build(backend._init_state(init) if init is not None else None)
     params = freeze_for_stage2(model)
-    opt = _optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.weight_decay)
+    opt = optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.weight_decay)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
-    train_ds = CocoDetectionDataset(data.splits["train"], data.image_roots["train"], stats, cfg.data.channels)
+    train_ds = dataset(data.splits["train"], data.image_roots["train"], stats, cfg.data.channels)
     sampler: Any = None
     if cfg.data.sampler:
         from welde_det.losses.samplers import build_detection_sampler
@@ -229,8 +234,8 @@ def fit_rcnn_cached(backend: Any, cfg: ExperimentConfig, stage: Any, data: Any, 
         except ValueError as exc:
             raise ConfigError(f"data.sampler={cfg.data.sampler!r}: {exc}") from exc
     g = torch.Generator().manual_seed(cfg.train.seed)
-    select_ds = (CocoDetectionDataset(data.splits[data.select], data.image_roots[data.select], stats,
-                                      cfg.data.channels) if data.select else None)
+    select_ds = (dataset(data.splits[data.select], data.image_roots[data.select], stats, cfg.data.channels)
+                 if data.select else None)
     cache = RCNNFeatureCache([], [], [], 0.0)
     if start < stage.epochs:  # a resumed stage that had finished needs no cache
         key = ["rcnn", frozen_fingerprint(model, rcnn_trainable), files_fingerprint(
