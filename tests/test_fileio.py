@@ -47,3 +47,23 @@ def test_atomic_files_get_ordinary_permissions(tmp_path):
             assert (path.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777) == mode
     finally:
         os.umask(old)
+
+
+def test_json_never_holds_nan(tmp_path):
+    """NaN/inf (Python, NumPy scalars, inside arrays) become null: the file parses strictly."""
+    import json
+
+    import numpy as np
+
+    from welde_det.utils.fileio import atomic_write_json
+
+    path = atomic_write_json(tmp_path / "x.json", {"a": float("nan"), "b": np.array([1.5, np.inf]),
+                                                   "c": np.float32("nan"), "d": [2, {"e": -np.inf}], "f": "NaN"})
+    text = path.read_text()
+    assert "NaN" not in text.replace('"NaN"', "") and "Infinity" not in text
+
+    def strict(token):
+        raise AssertionError(f"non-JSON constant {token}")
+
+    assert json.loads(text, parse_constant=strict) == {"a": None, "b": [1.5, None], "c": None,
+                                                        "d": [2, {"e": None}], "f": "NaN"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -77,8 +78,30 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
-    """Serialise ``obj`` as JSON to ``path`` atomically (NaN is written as ``NaN``)."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
+    """Serialise ``obj`` as JSON to ``path`` atomically.
+
+    Non-finite numbers (NaN, ±inf: "not defined here", e.g. the AP of a class without ground
+    truth) are written as ``null``: ``NaN`` is not JSON, and strict readers refuse the file.
+    """
+    try:
+        text = json.dumps(obj, indent=indent, default=_json_default, allow_nan=False)
+    except ValueError:  # a non-finite float somewhere: the rare path, walk and replace
+        text = json.dumps(_finite(obj), indent=indent, default=_json_default, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float (Python, NumPy, in arrays) replaced by None."""
+    if isinstance(obj, float) or (hasattr(obj, "dtype") and getattr(obj, "ndim", None) == 0):
+        value = obj.item() if hasattr(obj, "item") else obj
+        return value if not isinstance(value, float) or math.isfinite(value) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "tolist"):
+        return _finite(obj.tolist())
+    return obj
 
 
 def load_json(path: str | os.PathLike) -> Any:
