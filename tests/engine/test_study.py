@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from welde_det.engine import run as run_mod
+from welde_det.engine import study as study_mod
 from welde_det.engine.config import ConfigError, load_config
 from welde_det.engine.stages import plan_stages
 from welde_det.engine.study import (
@@ -294,3 +295,26 @@ def test_cli_bad_method_is_one_line_exit_2(tmp_path):
         f"error: {PHANTOM}: methods: unknown method 'bogus'; choose from "
         "['ce', 'focal', 'cb', 'ldam', 'lmf', 'ce_ensemble', 'welde']"]
     assert not (tmp_path / "s").exists()
+
+
+def test_resume_refuses_an_edited_method_config_but_takes_a_new_method(tmp_path):
+    import shutil
+
+    from welde_det.utils.fileio import atomic_write_json
+
+    for f in ("study_phantom.yaml", "yolo_ce.yaml", "yolo_welde.yaml", "yolo_focal.yaml"):
+        shutil.copy(ROOT / "configs" / f, tmp_path / f)
+    args = ["methods=[ce,welde]", f"out={tmp_path / 's'}"]
+    study = load_study_config(tmp_path / "study_phantom.yaml", args)
+    (tmp_path / "s").mkdir()
+    atomic_write_json(tmp_path / "s" / "study_state.json",
+                      {"version": 1, "name": study.name, "settings": study.fingerprint(), "runs": {}})
+    # a method added on resume is fine, and its config is then fixed too
+    grown = load_study_config(tmp_path / "study_phantom.yaml", [*args, "methods=[ce,focal,welde]"])
+    state = study_mod._load_state(grown, tmp_path / "s")
+    assert set(state["settings"]["run_configs"]) == {"ce", "focal", "welde"}
+    # editing a per-method config under finished runs is refused, naming it
+    text = (tmp_path / "yolo_welde.yaml").read_text().replace("warmup_steps: 50", "warmup_steps: 60")
+    (tmp_path / "yolo_welde.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"run config of welde \(yolo_welde.yaml\) was edited"):
+        study_mod._load_state(load_study_config(tmp_path / "study_phantom.yaml", args), tmp_path / "s")

@@ -109,8 +109,8 @@ STUDY_SET_KEYS: dict[str, str] = {
     "train.cache_frozen": "cache_frozen", "train.cache_views": "cache_views", "task": "(detection)",
 }
 #: settings a resume may not change (they decide what every run trains)
-FIXED_ON_RESUME = ("framework", "configs", "stage1", "stage1_epochs", "epochs", "cache_frozen", "cache_views",
-                   "overrides", "stage1_overrides", "frozen_overrides", "stage1_seed")
+FIXED_ON_RESUME = ("framework", "stage1", "stage1_epochs", "epochs", "cache_frozen", "cache_views",
+                   "overrides", "stage1_overrides", "frozen_overrides", "stage1_seed", "run_configs")
 
 
 @dataclass(frozen=True)
@@ -164,8 +164,22 @@ class StudyConfig:
         return self.seeds[0] if self.stage1 == "shared" else None
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings a resume must keep (:data:`FIXED_ON_RESUME`)."""
-        return {k: (list(v) if isinstance(v := getattr(self, k), tuple) else v) for k in FIXED_ON_RESUME}
+        """The settings a resume must keep (:data:`FIXED_ON_RESUME`); ``run_configs`` holds a SHA-256 of each
+        per-method config as resolved (its content, not its path: the study may be continued from another
+        working folder)."""
+        import hashlib
+
+        from welde_det.engine.config import config_to_dict, load_config
+
+        out: dict[str, Any] = {}
+        for k in FIXED_ON_RESUME:
+            if k == "run_configs":
+                out[k] = {m: hashlib.sha256(json.dumps(config_to_dict(load_config(_method_config(self, m))),
+                                                       sort_keys=True).encode()).hexdigest()[:16]
+                          for m in sorted({"ce", *self.methods, *self.end_to_end})}
+            else:
+                out[k] = list(v) if isinstance(v := getattr(self, k), tuple) else v
+        return out
 
 
 @dataclass(frozen=True)
@@ -542,12 +556,17 @@ def _load_state(study: StudyConfig, folder: Path) -> dict[str, Any]:
     if not path.is_file():
         return fresh
     state = load_json(path)
-    changed = [k for k in FIXED_ON_RESUME if state.get("settings", {}).get(k) != fresh["settings"][k]]
+    old_settings = state.get("settings", {})
+    changed = [k for k in FIXED_ON_RESUME if k != "run_configs" and old_settings.get(k) != fresh["settings"][k]]
+    # a per-method config may not change under finished runs; a method added since has no entry yet
+    changed += [f"run config of {m}" for m, h in fresh["settings"]["run_configs"].items()
+                if old_settings.get("run_configs", {}).get(m, h) != h]
     if changed:
-        old = state.get("settings", {})
-        detail = "; ".join(f"{k}: {old.get(k)!r} -> {fresh['settings'][k]!r}" for k in changed)
+        detail = "; ".join(f"{k}: {old_settings.get(k)!r} -> {fresh['settings'][k]!r}" if k in fresh["settings"]
+                           else f"{k} ({_method_config(study, k.rsplit(' ', 1)[-1]).name}) was edited" for k in changed)
         raise ConfigError(f"{folder} holds a study with other settings ({detail}); a resumed study may only add "
                           "seeds, methods or end_to_end runs. Give another out=DIR for a new study")
+    state["settings"]["run_configs"] = {**old_settings.get("run_configs", {}), **fresh["settings"]["run_configs"]}
     return state
 
 
