@@ -194,6 +194,7 @@ def fit_rcnn_cached(backend: Any, cfg: ExperimentConfig, stage: Any, data: Any, 
     from welde_det.checkpoint import load_checkpoint, save_checkpoint
     from welde_det.engine.backends.base import device_for, welde_spec
     from welde_det.engine.config import config_to_dict
+    from welde_det.engine.stages import run_relative_paths
     from welde_det.integrations.rcnn import build_rcnn_model, freeze_for_stage2, train_frozen
     from welde_det.utils.fileio import append_csv_row
 
@@ -203,6 +204,8 @@ def fit_rcnn_cached(backend: Any, cfg: ExperimentConfig, stage: Any, data: Any, 
     sdir = run_dir / stage.name
     last, best = sdir / "weights" / "last.pt", sdir / "weights" / "best.pt"
     counts = list(stats.effective_counts)
+    # checkpoints store the config with its paths relative to the run folder, as the backend's do
+    stored = config_to_dict(run_relative_paths(cfg, run_dir))
 
     def build(weights: Any) -> nn.Module:
         return build_rcnn_model(arch, counts, spec.to_dict(), channels=cfg.data.channels, imgsz=cfg.train.imgsz,
@@ -277,7 +280,7 @@ def fit_rcnn_cached(backend: Any, cfg: ExperimentConfig, stage: Any, data: Any, 
             improved = fitness > best_fit
             best_fit, since_best = (fitness, 0) if improved else (best_fit, since_best + 1)
         append_csv_row(run_dir / "terms.csv", row)
-        meta = {"framework": "rcnn", "arch": arch, "class_stats": stats.to_dict(), "config": config_to_dict(cfg),
+        meta = {"framework": "rcnn", "arch": arch, "class_stats": stats.to_dict(), "config": stored,
                 "stage": stage.name, "welde": spec.to_dict()}
         extra = {"channels": cfg.data.channels, "imgsz": cfg.train.imgsz, "best_fitness": best_fit,
                  "since_best": since_best, "cached": True}
@@ -294,6 +297,6 @@ def fit_rcnn_cached(backend: Any, cfg: ExperimentConfig, stage: Any, data: Any, 
     out = sdir / "weights" / "model.pt"
     ck = load_checkpoint(chosen)
     save_checkpoint(out, framework="rcnn", arch=arch, model_state=ck.model_state, class_stats=stats.to_dict(),
-                    config=config_to_dict(cfg), stage=stage.name, welde=spec.to_dict(), epoch=ck.epoch,
+                    config=stored, stage=stage.name, welde=spec.to_dict(), epoch=ck.epoch,
                     extra={"channels": cfg.data.channels, "imgsz": cfg.train.imgsz, "source": chosen.name})
     return out
