@@ -49,6 +49,7 @@ The same result also carries the Ultralytics flavour of the figures
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -680,12 +681,23 @@ def _small_pages() -> Iterator[None]:
                 setter(_PAGES_PREVIOUS)
 
 
+def _on_small_pages(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` inside :func:`_small_pages`."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _small_pages():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
+@_on_small_pages
 def evaluate_coco(
     gt: str | os.PathLike | Mapping[str, Any],
     detections: Any,
@@ -727,21 +739,6 @@ def evaluate_coco(
         ValueError: detections for images not in the GT, NaN/negative-size boxes, a GT
             annotation without ``area`` — with the offending value named.
     """
-    with _small_pages():
-        return _evaluate_coco(gt, detections, class_stats=class_stats, device=device, confusion_iou=confusion_iou,
-                              confusion_score=confusion_score, extras=extras)
-
-
-def _evaluate_coco(
-    gt: str | os.PathLike | Mapping[str, Any],
-    detections: Any,
-    *,
-    class_stats: ClassStats | None = None,
-    device: str | torch.device | None = None,
-    confusion_iou: float = 0.5,
-    confusion_score: float = 0.25,
-    extras: bool = True,
-) -> dict[str, Any]:
     data, source = _load_gt(gt)
     g = _GroundTruth(data, source)
     dets, dropped = _check_dets(DetectionArrays.from_any(detections), g)
