@@ -231,6 +231,8 @@ def test_rcnn_cached_frozen_run_with_selection(tmp_path, phantom):
     s1 = load_checkpoint(run / "stage1" / "weights" / "model.pt").model_state
     s2 = load_checkpoint(run / "stage2" / "weights" / "model.pt")
     assert (s2.framework, s2.stage) == ("rcnn", "stage2") and s2.extra["source"] in ("best.pt", "last.pt")
+    for ck in (last, s2):  # no absolute path in a checkpoint: the config's paths are relative to the run folder
+        assert str(tmp_path) not in json.dumps(ck.config) and str(phantom) not in json.dumps(ck.config)
     for k, v in s2.model_state.items():
         if k.startswith(("backbone.", "rpn.", "roi_heads.box_head.", "roi_heads.box_predictor.bbox_pred.")):
             assert torch.equal(v, s1[k]), k
