@@ -202,11 +202,14 @@ def test_yolo_view_links_the_users_images_and_reads_alike(sources, tmp_path):
         data = resolve_data(sources[kind], tmp_path / kind)
         data_yaml = yolo_view(data, tmp_path / kind, channels=1)
         content = yaml.safe_load(data_yaml.read_text())
-        assert content["channels"] == 1 and content["path"] == str((tmp_path / kind / "yolo").absolute())
+        # no absolute path in the view: no 'path' (splits relative to the YAML), relative link targets
+        assert content["channels"] == 1 and "path" not in content
         assert [content["names"][i] for i in range(6)] == PUBLISHED
         links = sorted((tmp_path / kind / "yolo" / "images" / "train").rglob("*.png"))
         assert len(links) == 6 and all(p.is_symlink() for p in links)
-        assert all(Path(os.readlink(p)).is_relative_to(data.image_roots["train"]) for p in links)
+        assert not any(os.path.isabs(os.readlink(p)) for p in links)
+        assert all((p.parent / os.readlink(p)).resolve().is_relative_to(data.image_roots["train"].resolve())
+                   for p in links)
         cfg = check_det_dataset(str(data_yaml))
         ds = YOLODataset(img_path=cfg["train"], data=cfg, imgsz=128, augment=False, stride=32,
                          batch_size=6, rect=False)
@@ -284,6 +287,10 @@ def test_phantom_resolves_with_the_lumbar_classes(tmp_path):
     assert all((data.image_roots["train"] / img["file_name"]).is_file() for img in coco["images"])
     data_yaml = yolo_view(data, tmp_path / "run", channels=3)
     assert yaml.safe_load(data_yaml.read_text())["channels"] == 3
+    links = sorted((tmp_path / "run" / "yolo" / "images").rglob("*.png"))
+    assert links and not any(os.path.isabs(os.readlink(p)) for p in links)  # relative targets, and they resolve
+    assert all((p.parent / os.readlink(p)).resolve() == (data.image_roots["train"] / p.name).resolve()
+               for p in links)
     with pytest.raises(DataError, match="not known"):
         resolve_data("phantom", tmp_path / "run", phantom={"n_img": 3})
 

@@ -541,13 +541,19 @@ def yolo_view(data: ResolvedData, work_dir: str | os.PathLike, *, channels: int)
     YOLO folder, a 3-channel copy of it and its ``tools/convert.py`` output give identical
     labels, and Ultralytics' label cache stays inside ``work_dir``.
 
+    No absolute path is written: the links' targets are relative to the link
+    (``os.path.relpath(target, link.parent)``; Ultralytics and OpenCV follow them like
+    any other), and the YAML has no ``path`` entry, so its ``train``/``val`` folders are
+    relative to the YAML's own folder (Ultralytics' rule for a YAML without ``path``, and
+    :meth:`welde_det.integrations.yolo.WELDEDetectionTrainer.get_dataset`'s).
+
     Args:
         data: the resolved data.
         work_dir: the run's data folder.
         channels: 1 (Ultralytics reads grey) or 3; written to the YAML's ``channels``.
 
     Returns:
-        Path of the written ``data.yaml`` (``path`` absolute, ``names`` as ``data.names``).
+        Path of the written ``data.yaml`` (no ``path`` entry, ``names`` as ``data.names``).
     """
     import yaml
 
@@ -558,10 +564,11 @@ def yolo_view(data: ResolvedData, work_dir: str | os.PathLike, *, channels: int)
     out = Path(work_dir) / "yolo"
     try:
         data_yaml = coco_to_yolo(dict(data.splits), dict(data.image_roots), out, class_names=list(data.names),
-                                 link_images=True, overwrite=True)
+                                 link_images=True, relative_links=True, overwrite=True)
     except (CocoFormatError, FileExistsError) as exc:
         raise DataError(f"building the YOLO view in {out}: {exc}") from exc
     content = yaml.safe_load(data_yaml.read_text(encoding="utf-8"))
+    content.pop("path", None)  # absolute; without it the splits are relative to the YAML's folder
     content["channels"] = int(channels)
     atomic_write_text(data_yaml, yaml.safe_dump(content, sort_keys=False, allow_unicode=True))
     return data_yaml
