@@ -318,3 +318,12 @@ def test_resume_refuses_an_edited_method_config_but_takes_a_new_method(tmp_path)
     (tmp_path / "yolo_welde.yaml").write_text(text)
     with pytest.raises(ConfigError, match=r"run config of welde \(yolo_welde.yaml\) was edited"):
         study_mod._load_state(load_study_config(tmp_path / "study_phantom.yaml", args), tmp_path / "s")
+
+
+def test_a_second_process_on_the_same_study_is_refused(tmp_path):
+    from welde_det.utils.locking import OutputLockedError, output_lock
+
+    study = load_study_config(PHANTOM, [f"out={tmp_path / 's'}"])
+    with output_lock(tmp_path / "s", what="study"), pytest.raises(OutputLockedError, match="another process"):
+        run_study(study)
+    assert not (tmp_path / "s").exists()

@@ -18,7 +18,9 @@ YOLOv8n, random init, 120 phantom studies, 256 px):
 
 and prints where everything is, with a one-line summary last. ``--framework rcnn`` runs the
 same study with torchvision Faster R-CNN (MobileNetV3-FPN, ``configs/study_phantom_rcnn.yaml``).
-Running the same command again continues a killed demo (the study is resumable).
+Running the same command again continues a killed demo (the study is resumable) and reuses a
+finished one (only the summary, the comparison and the overlays are written again): remove
+``runs/demo`` (or give ``--out``) to train afresh.
 
 Usage:
     python -m welde_det.engine.demo [--framework yolo|rcnn] [--seeds 2] [--n-images 120] [--imgsz 256]

@@ -622,14 +622,24 @@ def run_study(study: StudyConfig, *, on_run_finished: Callable[[PlannedRun, dict
 
     Each finished run prints one line (method, seed, mAP, mAP_tail, run folder relative to the study
     folder, seconds); one progress bar covers the whole study (shown when
-    :func:`~welde_det.utils.logging.progress_enabled` and the terminal allow).
+    :func:`~welde_det.utils.logging.progress_enabled` and the terminal allow). One process at a time
+    works in a study folder: a second gets :class:`~welde_det.utils.locking.OutputLockedError` naming
+    the first (``<out>.lock`` beside the folder, released however the holder ends).
     """
+    from welde_det.utils.locking import output_lock
+
+    folder = Path(study.out)
+    with output_lock(folder, what="study"):  # one study process per folder (OutputLockedError names the other)
+        return _run_locked(study, folder, on_run_finished)
+
+
+def _run_locked(study: StudyConfig, folder: Path,
+                on_run_finished: Callable[[PlannedRun, dict[str, Any]], None] | None) -> Path:
     from tqdm import tqdm
 
     from welde_det.utils.fileio import atomic_write_json
     from welde_det.utils.logging import progress_enabled
 
-    folder = Path(study.out)
     plan = plan_runs(study)
     state = _load_state(study, folder)
     folder.mkdir(parents=True, exist_ok=True)
