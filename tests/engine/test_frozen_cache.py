@@ -131,6 +131,48 @@ def test_cached_views_cycle_over_epochs():
         assert sorted(seen) == [(e % views) * n + i for i in range(n)]
 
 
+def test_yolo_cached_trainer_equals_through_network_trainer(tmp_path, phantom):
+    """Ultralytics' whole loop — optimiser groups, schedule, accumulation, EMA — over two epochs: with every random
+    augmentation at zero and one batch per epoch, the cached trainer (plain views) ends with the through-network
+    trainer's heads, θ and EMA model (to 1e-8) and the same loss items; the frozen network is untouched."""
+    from welde_det.datasets.resolve import yolo_view
+    from welde_det.engine.backends.yolo import YOLOBackend, spec_env, ultralytics_args
+    from welde_det.engine.cache.yolo import CachedFrozenTrainer, yolo_trainable
+    from welde_det.engine.config import load_config
+    from welde_det.engine.run import class_stats_for, plan_stages, resolve_run_data
+    from welde_det.integrations.yolo import WELDEDetectionTrainer, _core
+
+    cfg = load_config(ROOT / "configs" / "yolo_welde.yaml", [
+        "stage1_epochs=0", "epochs=2", "imgsz=128", "batch=16", "nbs=16", "n_images=6", f"cache_dir={phantom}",
+        "workers=0", f"output={tmp_path}", "warmup_steps=1", "cache_frozen=true"])
+    data = resolve_run_data(cfg, tmp_path)
+    stats = class_stats_for(cfg, data.splits["train"])
+    (stage,) = plan_stages(cfg)
+    backend = YOLOBackend()
+    spec = backend.trainer_spec(cfg, stage, data, stats, None)
+    data_yaml = yolo_view(backend.view(data), tmp_path / "data", channels=cfg.data.channels)
+    args = {**ultralytics_args(cfg, data_yaml, tmp_path, stage, validate=False),
+            "translate": 0.0, "scale": 0.0, "fliplr": 0.0, "hsv_v": 0.0}
+    out = []
+    for cls in (WELDEDetectionTrainer, CachedFrozenTrainer):
+        with spec_env(spec):
+            trainer = cls(overrides={**args, "name": cls.__name__})
+            trainer.train()
+        out.append((_core(trainer.model).state_dict(), trainer.ema.ema.state_dict(), trainer.tloss))
+    (model_a, ema_a, loss_a), (model_b, ema_b, loss_b) = out
+    assert float(loss_a["cls_loss"]) > 0 and float(loss_a["box_loss"]) > 0
+    for k in loss_a:
+        assert abs(float(loss_a[k]) - float(loss_b[k])) <= 1e-6, k
+    heads = [k for k in model_a if yolo_trainable(k) and model_a[k].is_floating_point()]
+    assert any(not torch.equal(model_a[k], ema_a[k]) for k in heads)  # they trained
+    for k in heads:
+        assert float((model_a[k] - model_b[k]).abs().max()) <= 1e-8, k
+    for k, v in ema_a.items():
+        if v.is_floating_point():
+            assert float((v - ema_b[k]).abs().max()) <= 1e-8, k
+    assert all(torch.equal(v, model_b[k]) for k, v in model_a.items() if not yolo_trainable(k))
+
+
 def test_yolo_cached_frozen_run(tmp_path, phantom):
     """tools/train.py's pipeline with train.cache_frozen=true and two augmented views: the frozen stage trains only
     the heads and θ (every frozen tensor, BatchNorm statistics included, equals the model it started from), writes

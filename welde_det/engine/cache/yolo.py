@@ -167,13 +167,19 @@ class YOLOFeatureCache:
 
 
 def _plain_view(dataset: Any, hyp: Any) -> Callable[[], None]:
-    """Switch ``dataset`` to its plain transforms (letterbox, no random augmentation); returns the undo."""
+    """Switch ``dataset`` to its plain transforms (letterbox, no random augmentation); returns the undo.
+
+    Images are still loaded as the training pipeline loads them (``augment`` stays on for
+    ``load_image``: bilinear resizing), so a plain view equals the through-network view with every
+    random augmentation at zero.
+    """
     augment, transforms = dataset.augment, dataset.transforms
     dataset.augment = False
     dataset.transforms = dataset.build_transforms(hyp=hyp)
+    dataset.augment = augment
 
     def undo() -> None:
-        dataset.augment, dataset.transforms = augment, transforms
+        dataset.transforms = transforms
 
     return undo
 
