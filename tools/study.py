@@ -4,8 +4,7 @@
 Usage:
     python tools/study.py --config configs/study_phantom.yaml [key=value ...]
     python tools/study.py --config configs/study_lumbar6_yolo.yaml seeds=5 stage1=per_seed
-    python tools/study.py --config configs/study_phantom.yaml seeds=2 epochs=1 stage1_epochs=1 \
-        imgsz=64 n_images=6 out=/tmp/tiny_study
+    python tools/study.py --config configs/study_phantom.yaml seeds=2 epochs=1 stage1_epochs=1 imgsz=64 n_images=6 out=DIR
 
 Overrides: study keys (seeds, methods, stage1, end_to_end, epochs, stage1_epochs, cache_frozen,
 out, n_resamples, ...), ``stage1.<key>=v`` / ``frozen.<key>=v`` for one kind of run, or any run

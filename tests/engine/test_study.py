@@ -51,7 +51,7 @@ def killed_and_resumed(tmp_path_factory):
     """Session 1 finishes stage 1, then dies while the next run (ce, seed 0) is being evaluated — trained,
     no report; session 2 continues; session 3 finds everything finished."""
     tmp = tmp_path_factory.mktemp("study")
-    study = load_study_config(PHANTOM, _tiny(tmp))
+    study = load_study_config(PHANTOM, _tiny(tmp, "end_to_end=[ce]"))
     folder = Path(study.out)
     real_finish = run_mod.finish_detection_run
     calls = {"n": 0}
@@ -88,8 +88,8 @@ def killed_and_resumed(tmp_path_factory):
 def test_killed_study_resumes_without_redoing_finished_runs(killed_and_resumed):
     r = killed_and_resumed
     plan = [run.key for run in plan_runs(r["study"])]
-    assert plan == ["stage1/seed0", "ce/seed0", "ce_ensemble/seed0", "welde/seed0", "ce/seed1", "ce_ensemble/seed1",
-                    "welde/seed1"]
+    assert plan == ["stage1/seed0", "ce/seed0", "ce_ensemble/seed0", "welde/seed0", "e2e_ce/seed0", "ce/seed1",
+                    "ce_ensemble/seed1", "welde/seed1", "e2e_ce/seed1"]
     # session 1: only stage 1 finished; the second run was trained but killed before its report
     assert r["first"] == ["stage1/seed0"] and list(r["state1"]["runs"]) == ["stage1/seed0"]
     assert not r["before"]["half_has_report"]
@@ -108,22 +108,27 @@ def test_killed_study_resumes_without_redoing_finished_runs(killed_and_resumed):
     # session 3: nothing to train; stage 1 still untouched; one run folder per planned run
     assert r["third"] == [] and _snapshot(r["stage1_dir"]) == r["before"]["stage1"]
     assert sorted(state["runs"]) == sorted(plan)
-    # every frozen stage started from the one stage-1 checkpoint
+    # every frozen stage started from the one stage-1 checkpoint; the end-to-end runs from nothing
     for key in plan[1:]:
         cfg = (r["folder"] / state["runs"][key]["run_dir"] / "config.yaml").read_text()
-        assert f"{r['stage1_dir'].name}/weights/model.pt" in cfg and "stage1_epochs: 0" in cfg
+        if key.startswith("e2e_"):
+            assert "weights: null" in cfg and "stage1_epochs: 1" in cfg and "freeze_backbone: false" in cfg
+        else:
+            assert f"{r['stage1_dir'].name}/weights/model.pt" in cfg and "stage1_epochs: 0" in cfg
 
 
 def test_tiny_study_outputs(killed_and_resumed):
     folder = killed_and_resumed["folder"]
     s = json.loads((folder / "study.json").read_text())
-    assert list(s["methods"]) == ["ce", "ce_ensemble", "welde"] and s["seeds"] == [0, 1] and s["stage1"] == "shared"
+    assert list(s["methods"]) == ["ce", "ce_ensemble", "welde", "e2e_ce"] and s["seeds"] == [0, 1]
+    assert s["stage1"] == "shared" and s["methods"]["e2e_ce"]["kind"] == "end_to_end"
     assert "frozen-stage variance" in s["variance"] and "t-interval" in s["ci95_method"]
     for method, entry in s["methods"].items():
         assert [run["seed"] for run in entry["runs"]] == [0, 1]
         for run in entry["runs"]:
             assert set(run) >= {"seed", "run_dir", "map", "map50", "map_tail", "map50_tail", "per_class"}
             assert not os.path.isabs(run["run_dir"]) and run["run_dir"].startswith(f"runs/{method}/seed{run['seed']}/")
+            assert (folder / run["run_dir"] / "report.json").is_file()
             rep = json.loads((folder / run["run_dir"] / "report.json").read_text())
             assert run["map"] == rep["map"] and run["map_tail"] == rep["map_tail"]
         for metric in METRICS:

@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def study_overrides(args: argparse.Namespace) -> list[str]:
     """The demo's flags as study overrides (flags left out keep the study file's values)."""
-    out = [f"out={args.out}"]
+    out = [f"out={json.dumps(str(args.out))}"]
     for flag, key in (("seeds", "seeds"), ("epochs", "stage1_epochs"), ("stage2_epochs", "epochs"),
                       ("n_images", "data.n_images"), ("imgsz", "train.imgsz"), ("batch", "train.batch"),
                       ("difficulty", "data.difficulty"), ("cache_dir", "data.cache_dir")):
