@@ -332,3 +332,20 @@ def test_a_second_process_on_the_same_study_is_refused(tmp_path):
     with output_lock(tmp_path / "s", what="study"), pytest.raises(OutputLockedError, match="another process"):
         run_study(study)
     assert not (tmp_path / "s").exists()
+
+
+def test_cli_prints_one_line_per_run_and_the_study_folder_last(tmp_path):
+    out = tmp_path / "s"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "study.py"), "--config", str(PHANTOM), "seeds=1",
+                           "epochs=1", "stage1_epochs=1", "imgsz=64", "n_images=6", "methods=[welde]", f"out={out}",
+                           f"cache_dir={tmp_path / 'gen'}", "n_resamples=20"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == str(out)
+    progress = [ln for ln in lines if ln.startswith("[")]
+    assert len(progress) == 2
+    assert progress[0].startswith("[1/2] stage1 seed 0: mAP ") and " runs/stage1/seed0/yolo_stage1_ce-" in progress[0]
+    assert progress[1].startswith("[2/2] welde seed 0: mAP ") and " mAP_tail " in progress[1]
+    assert " runs/welde/seed0/yolo_welde-" in progress[1] and progress[1].endswith(" s")
+    assert json.loads((out / "study.json").read_text())["methods"]["welde"]["n_seeds"] == 1
