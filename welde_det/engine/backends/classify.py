@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from welde_det.classes import ClassStats
 from welde_det.engine.backends.base import Backend, device_for, welde_spec
 from welde_det.engine.config import ConfigError, ExperimentConfig, config_to_dict
-from welde_det.engine.stages import plan_stages, selection_label
+from welde_det.engine.stages import plan_stages, run_relative_paths, selection_label
 from welde_det.evaluation.classification import classification_metrics
 from welde_det.integrations.classifier import TrainedClassifier, build_classifier
 from welde_det.integrations.classify import ClassificationData, load_classification_data
@@ -114,8 +114,9 @@ class ClassifyBackend(Backend):
         metrics = classification_metrics(y, trained.predict_proba(x), class_stats=stats)
         selection = selection_label(select)
         metrics.update({"split": measure, "selection": f"selected on {selection}; measured on the {measure} split"})
-        self.save(run_dir / "weights" / "model.pt", trained, cfg, stats, metrics)
-        atomic_write_json(run_dir / "report.json", {"config": config_to_dict(cfg), "class_stats": stats.to_dict(),
+        self.save(run_dir / "weights" / "model.pt", trained, cfg, stats, metrics, run_dir=run_dir)
+        stored = config_to_dict(run_relative_paths(cfg, run_dir))  # paths relative to the run folder
+        atomic_write_json(run_dir / "report.json", {"config": stored, "class_stats": stats.to_dict(),
                                                     "metrics": metrics})
         atomic_write_text(run_dir / "report.md", classification_markdown(metrics, cfg, measure, selection))
         logger.info("%s: macro-F1 %.3f  balanced acc %.3f  mAP %.3f  mAP_tail %.3f (%s)", cfg.name,
@@ -125,12 +126,14 @@ class ClassifyBackend(Backend):
 
     @staticmethod
     def save(path: Path, trained: TrainedClassifier, cfg: ExperimentConfig, stats: ClassStats,
-             metrics: dict[str, Any] | None = None) -> Path:
+             metrics: dict[str, Any] | None = None, *, run_dir: Path | None = None) -> Path:
+        """The classifier checkpoint; its config's paths relative to ``run_dir`` when given (none absolute)."""
         from welde_det.checkpoint import save_checkpoint
 
+        stored = config_to_dict(run_relative_paths(cfg, run_dir) if run_dir is not None else cfg)
         return save_checkpoint(path, framework="classify", arch=cfg.model.arch,
                                model_state=trained.model.cpu().state_dict(),
-                               class_stats=stats.to_dict(), config=config_to_dict(cfg), stage="final",
+                               class_stats=stats.to_dict(), config=stored, stage="final",
                                welde=trained.spec,
                                extra={"in_channels": trained.model.in_channels, "metrics": metrics or {}})
 

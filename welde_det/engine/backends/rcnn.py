@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from welde_det.classes import ClassStats
 from welde_det.engine.backends.base import DetectionBackend, device_for, welde_spec
 from welde_det.engine.config import ConfigError, ExperimentConfig, config_to_dict
+from welde_det.engine.stages import run_relative_paths
 from welde_det.integrations.rcnn import build_rcnn_model
 from welde_det.utils.fileio import append_csv_row
 from welde_det.utils.logging import progress_enabled
@@ -181,6 +182,8 @@ class RCNNBackend(DetectionBackend):
         sdir = run_dir / stage.name
         last, best = sdir / "weights" / "last.pt", sdir / "weights" / "best.pt"
         counts = list(stats.effective_counts)
+        # checkpoints store the config with its paths relative to the run folder: no absolute input path
+        stored = config_to_dict(run_relative_paths(cfg, run_dir))
 
         def build(weights: Any) -> torch.nn.Module:
             return build_rcnn_model(arch, counts, spec.to_dict(), channels=cfg.data.channels, imgsz=cfg.train.imgsz,
