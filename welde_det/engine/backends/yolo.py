@@ -15,6 +15,14 @@
   converted without retraining.
 - Multi-GPU: ``train.device=0,1`` uses Ultralytics' own DDP; the settings reach its workers
   through ``$WELDE_DET_YOLO_SPEC``.
+- No absolute path is left behind (:func:`scrub_stage`): while a stage trains, Ultralytics
+  keeps the run folder's absolute path in ``<stage>/args.yaml`` and in the ``train_args`` (and
+  the model's ``args``) of its ``last.pt``/``best.pt`` (its resume needs them), and its label caches
+  (``data/yolo/labels/*.cache``) list absolute image paths. Once the stage is finished and
+  converted, nothing needs them absolute: a finished stage is never resumed by Ultralytics
+  (:meth:`YOLOBackend.resume_gate` reads only the ``epoch`` of ``last.pt``, and a finished
+  stage cannot grow), so those paths are rewritten relative to the run folder and the
+  caches (rebuilt with the view of every stage anyway) removed.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from welde_det.classes import ClassStats
 from welde_det.engine.backends.base import DetectionBackend, welde_spec
 from welde_det.engine.config import ConfigError, ExperimentConfig, config_to_dict
 
-__all__ = ["YOLOBackend", "spec_env", "ultralytics_args"]
+__all__ = ["YOLOBackend", "scrub_stage", "spec_env", "ultralytics_args"]
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +184,9 @@ class YOLOBackend(DetectionBackend):
             logger.info("stage %s had finished its %d epochs when it stopped", stage.name, stage.epochs)
         chosen = sdir / "weights" / ("best.pt" if data.select and (sdir / "weights" / "best.pt").is_file()
                                      else "last.pt")
-        return self.convert(chosen, cfg, stage, stats, spec, sdir / "weights" / "model.pt")
+        out = self.convert(chosen, cfg, stage, stats, spec, sdir / "weights" / "model.pt")
+        scrub_stage(run_dir, stage.name)  # finished: Ultralytics' files need no absolute path any more
+        return out
 
     @staticmethod
     def view(data: Any) -> Any:
@@ -204,6 +214,82 @@ class YOLOBackend(DetectionBackend):
                                welde=spec["welde"], epoch=int(ck.get("epoch", -1)),
                                extra={"yaml": _plain(model.yaml), "channels": cfg.data.channels,
                                       "imgsz": cfg.train.imgsz, "source": src.name})
+
+
+def _relative_to_run(value: Any, base: Path) -> Any:
+    """``value`` with every absolute path string made relative to ``base`` (dicts and lists walked)."""
+    if isinstance(value, dict):
+        return {k: _relative_to_run(v, base) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_relative_to_run(v, base) for v in value)
+    if isinstance(value, (str, Path)) and os.path.isabs(value):
+        return Path(os.path.relpath(os.path.abspath(value), base)).as_posix()
+    return value
+
+
+def scrub_stage(run_dir: Path, stage: str) -> list[Path]:
+    """Rewrite a finished stage's Ultralytics files so that none holds an absolute path.
+
+    - ``<stage>/args.yaml``: its absolute paths (``data``, ``project``, ``save_dir``)
+      relative to the run folder;
+    - ``<stage>/weights/last.pt`` and ``best.pt`` (every Ultralytics ``.pt`` but our
+      ``model.pt``): read with the safe loader, the paths of their ``train_args`` and of the
+      pickled model's ``args`` (the same trainer arguments) made relative to the run folder
+      and the ``git`` record's ``root`` (the code's checkout) dropped, written back atomically. They are kept, not deleted: :meth:`YOLOBackend.resume_gate` reads
+      ``last.pt``'s ``epoch`` to refuse growing a finished stage (without it the stage would
+      silently start over); nothing passes them to Ultralytics' resume again;
+    - ``data/yolo/labels/*.cache``: Ultralytics' label caches list absolute image paths;
+      removed (the view and its caches are rebuilt when the next stage starts).
+
+    Call it only once the stage's checkpoint is converted: a stage that is still to be
+    resumed needs Ultralytics' absolute paths. Idempotent; a file without an absolute path
+    is not rewritten.
+
+    Returns:
+        The files rewritten or removed.
+    """
+    import torch
+    import yaml
+
+    from welde_det.checkpoint import safe_load
+    from welde_det.utils.fileio import atomic_write_text
+
+    base = Path(run_dir).resolve()
+    sdir = base / stage
+    changed: list[Path] = []
+    args = sdir / "args.yaml"
+    if args.is_file():
+        content = yaml.safe_load(args.read_text(encoding="utf-8")) or {}
+        scrubbed = _relative_to_run(content, base)
+        if scrubbed != content:
+            atomic_write_text(args, yaml.safe_dump(scrubbed, sort_keys=False, allow_unicode=True))
+            changed.append(args)
+    for pt in sorted((sdir / "weights").glob("*.pt")) if (sdir / "weights").is_dir() else []:
+        if pt.name == "model.pt":
+            continue
+        ck = safe_load(pt, allow_modules=True)
+        if not isinstance(ck, dict):
+            continue
+        new_args = _relative_to_run(ck.get("train_args"), base)
+        git = ck.get("git")
+        new_git = {k: v for k, v in git.items() if k != "root"} if isinstance(git, dict) else git
+        models = [m for m in (ck.get("model"), ck.get("ema")) if hasattr(getattr(m, "args", None), "__dict__")]
+        model_args = [(m.args, _relative_to_run(vars(m.args), base)) for m in models]  # the trainer's args again
+        if new_args == ck.get("train_args") and new_git == git and all(vars(a) == n for a, n in model_args):
+            continue
+        ck["train_args"], ck["git"] = new_args, new_git
+        for a, n in model_args:
+            a.__dict__.update(n)
+        tmp = pt.with_name(f".{pt.name}.tmp")
+        torch.save(ck, tmp)
+        os.replace(tmp, pt)
+        changed.append(pt)
+        del ck
+    labels = base / "data" / "yolo" / "labels"
+    for cache in sorted(labels.rglob("*.cache")) if labels.is_dir() else []:
+        cache.unlink()
+        changed.append(cache)
+    return changed
 
 
 def _stored_config(cfg: ExperimentConfig, run_dir: Path | None) -> dict[str, Any]:
