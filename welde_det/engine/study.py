@@ -643,6 +643,7 @@ def _run_locked(study: StudyConfig, folder: Path,
     plan = plan_runs(study)
     state = _load_state(study, folder)
     folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / STATE, state)  # the settings are fixed from the first run on, even a killed one
     done = {r.key for r in plan if r.key in state["runs"] and (folder / state["runs"][r.key]["run_dir"]).is_dir()}
     if done:
         print(f"{folder}: {len(done)} of {len(plan)} runs already finished" +
