@@ -7,9 +7,10 @@ Usage:
     python tools/evaluate.py --gt val.json --dets dets.json --out reports/run1 \
         [--class-stats class_stats.json] [--compare dets_ce.json --compare-label CE] [--resamples 1000]
 
-With --weights, writes detections.json, ground_truth.json (file_name relative to the split's
-image folder) and the report; --data takes a COCO folder, tools/convert.py output or a YOLO
-folder / data.yaml.
+With --weights, writes detections.json, ground_truth.json and the report; --data takes a COCO
+folder, tools/convert.py output or a YOLO folder / data.yaml. Outputs name images by index
+(<index>.<ext>, in image-id order), never by the data's file names, and hold no absolute path;
+--keep-names also writes names.csv (index name -> image path inside the data folder).
 
 Writes report.json, report.md, per_image.csv and the plots (PR curves, per-class AP,
 confusion, TIDE errors, FROC), prints the pycocotools summary, with --compare the paired
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="val", help="with --weights: the split to measure (default val)")
     parser.add_argument("--batch", type=int, default=16, help="with --weights: slices per forward pass")
     parser.add_argument("--conf", type=float, default=0.001, help="with --weights: score threshold kept")
+    parser.add_argument("--keep-names", action="store_true",
+                        help="with --weights: also write names.csv mapping index names to the data's images "
+                             "(it names the user's files)")
     parser.add_argument("--gt", help="COCO ground-truth JSON")
     parser.add_argument("--dets", help="COCO results JSON (list of detections)")
     parser.add_argument("--out", required=True, help="report folder")
@@ -58,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.weights and (args.gt or args.dets):
         parser.error("give either --weights with --data, or --gt with --dets")
+    if args.keep_names and not args.weights:
+        parser.error("--keep-names goes with --weights (with --gt/--dets nothing is renamed)")
     if args.weights and not args.data:
         parser.error("--weights needs --data (the dataset whose --split to measure)")
     if not args.weights and not (args.gt and args.dets):
@@ -65,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     if args.weights:
         res = evaluate_checkpoint(args.weights, args.data, args.out, split=args.split, conf=args.conf,
-                                  batch=args.batch, device=args.device, plots=not args.no_plots)
+                                  batch=args.batch, device=args.device, plots=not args.no_plots,
+                                  keep_names=args.keep_names)
         print("\n".join(summary_lines(res["stats"])))
         print(f"mAP_tail {res['map_tail']:.3f} (tail: {', '.join(res['tail_classes'])})")
         print(res["report_dir"])

@@ -1,5 +1,8 @@
 """``tools/evaluate.py --weights`` equals ``tools/infer.py`` + ``tools/evaluate.py --dets`` exactly (YOLO and
-Faster R-CNN), on real lumbar6 slices (a YOLO folder with names with spaces); skipped without ../shared."""
+Faster R-CNN), on real lumbar6 slices (a YOLO folder with names with spaces); skipped without ../shared.
+
+Both tools' outputs name images by pseudonym or index only; their ``--keep-names`` mappings (``names.csv``)
+tie them back to the same input files."""
 
 from __future__ import annotations
 
@@ -36,18 +39,29 @@ def test_evaluate_weights_equals_infer_plus_dets(sources, tmp_path, config):  # 
     weights = run / "weights" / "model.pt"
     ev = tmp_path / "eval"
     out = _cli("evaluate.py", "--weights", str(weights), "--data", str(data), "--split", "val", "--out", str(ev),
-               "--conf", "0.001")
+               "--conf", "0.001", "--keep-names")
     assert out.stdout.strip().splitlines()[-1] == str(ev)
     dets = json.loads((ev / "detections.json").read_text())
     gt = json.loads((ev / "ground_truth.json").read_text())
-    # the ground truth it used: file names relative to the split's image folder, the dataset's own class names
+    # the ground truth it used: images by index in id order (no user file name), the dataset's own class names
     assert [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])][1] == "Normal IVD"
-    assert all((data / "val" / "images" / im["file_name"]).is_file() for im in gt["images"])
-    assert any(" " in im["file_name"] for im in gt["images"])
+    images = sorted(gt["images"], key=lambda im: im["id"])
+    assert [im["file_name"] for im in images] == [f"{i:06d}.png" for i in range(1, len(images) + 1)]
+    user_names = sorted(p.name for p in (data / "val" / "images").iterdir())
+    assert any(" " in n for n in user_names)
+    for name in ("ground_truth.json", "detections.json", "report.json", "report.md", "per_image.csv"):
+        text = (ev / name).read_text()
+        assert not [n for n in user_names if Path(n).stem in text], name
+    # --keep-names: index name -> the image inside the data folder (the only output naming the user's files)
+    with (ev / "names.csv").open(newline="") as fh:
+        input_of_index = {row["name"]: row["input"] for row in csv.DictReader(fh)}
+    assert sorted(input_of_index) == [im["file_name"] for im in images]
+    assert sorted(Path(v).name for v in input_of_index.values()) == user_names
+    assert all((data / v).is_file() and v.startswith("val/images/") for v in input_of_index.values())
+    id_of = {Path(input_of_index[im["file_name"]]).name: im["id"] for im in gt["images"]}
     # the same images through tools/infer.py, turned into COCO results by hand
     _cli("infer.py", "--weights", str(weights), "--source", str(data / "val" / "images"), "--out",
          str(tmp_path / "inf"), "--conf", "0.001", "--device", "cpu", "--keep-names")
-    id_of = {im["file_name"]: im["id"] for im in gt["images"]}
     # outputs are named by pseudonyms; --keep-names maps them back to the inputs
     with (tmp_path / "inf" / "names.csv").open(newline="") as fh:
         input_of = {row["name"]: row["input"] for row in csv.DictReader(fh)}

@@ -38,6 +38,7 @@ __all__ = [
     "evaluate_checkpoint",
     "load_detections",
     "predict_split",
+    "private_ground_truth",
     "read_ground_truth",
     "write_detection_report",
 ]
@@ -285,12 +286,17 @@ def evaluate_checkpoint(
     batch: int = 16,
     device: str | None = None,
     plots: bool = True,
+    keep_names: bool = False,
 ) -> dict[str, Any]:
     """Run a checkpoint over one split of any supported layout and write the full report.
 
     Writes ``detections.json`` (COCO results), ``ground_truth.json`` (the COCO ground truth
-    used; ``file_name`` relative to the split's image folder, categories named as the data
-    names them), ``report.json``, ``report.md`` and plots into ``out_dir``.
+    used, pseudonymised by :func:`private_ground_truth`: images named ``<index>.<ext>`` in
+    image-id order, technical fields only, categories named as the data names them),
+    ``report.json``, ``report.md``, ``per_image.csv`` and plots into ``out_dir``. No output
+    names a file of the user's data or holds an absolute path; ``keep_names`` also writes
+    ``names.csv`` (``name,input``: each index name and its image's path relative to the
+    data folder) — the one file that names the inputs.
 
     Args:
         weights: a welde_det detector checkpoint (a run's ``weights/model.pt``).
@@ -300,6 +306,8 @@ def evaluate_checkpoint(
         conf: score threshold of the kept detections (0.001: the full PR curve).
         batch: slices per forward pass.
         device: ``cpu``, ``cuda``... (default CUDA when available).
+        plots: write the PNG plots.
+        keep_names: also write ``names.csv`` mapping the index names to the data's images.
 
     Returns:
         The evaluation result (see :func:`welde_det.evaluation.evaluate_coco`).
@@ -312,7 +320,7 @@ def evaluate_checkpoint(
 
     from welde_det.datasets.resolve import resolve_data
     from welde_det.integrations.registry import load_detector
-    from welde_det.utils.fileio import atomic_write_json
+    from welde_det.utils.fileio import atomic_write_json, atomic_write_text
 
     device = eval_device(device)
     detector = load_detector(weights, device)
@@ -323,12 +331,69 @@ def evaluate_checkpoint(
             raise DataError(f"{data}: no {split!r} split (found {sorted(resolved.splits)}); pass --split one of them")
         gt_path, root = resolved.splits[split], resolved.image_roots[split]
         dets, gt = predict_split(detector, gt_path, root, conf=conf, batch=batch)
+    gt, originals = private_ground_truth(gt)  # reports, per_image.csv and the worst slices name indices only
     atomic_write_json(out / "detections.json", dets)
     atomic_write_json(out / "ground_truth.json", gt)
+    if keep_names:
+        base = Path(data).absolute()
+        base = base.parent if base.is_file() else base
+        atomic_write_text(out / NAMES_FILE, _names_csv(gt, originals, Path(root).absolute(), base))
     chosen = _selection_of(weights)
     return write_detection_report(gt, dets, out, class_stats=detector.class_stats, device=device, plots=plots,
                                   title=f"{Path(weights).name} ({detector.framework}) on the {split} split",
                                   selection=f"selected on {chosen}; measured on the {split} split")
+
+
+def private_ground_truth(gt: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``gt`` as an output may show it: nothing of the user's file or folder names.
+
+    The same pseudonymisation as a run's private view
+    (:func:`welde_det.engine.run.private_image_view`): images named ``<index>.<ext>`` (1-based,
+    six digits, in image-id order, the extension lower-cased), only the technical image
+    and annotation fields, the patient grouping (when every image has one) as ``"g<k>"``.
+    Image, annotation and category ids are kept, so detections refer to it unchanged.
+
+    Returns:
+        ``(private gt, {index name: original file_name})``.
+    """
+    from welde_det.datasets.resolve import image_group
+    from welde_det.engine.run import _KEPT_ANN_FIELDS, _KEPT_IMAGE_FIELDS
+
+    try:
+        group_of = image_group(gt)
+    except DataError:
+        group_of = {}
+    groups: dict[Any, str] = {}
+    originals: dict[str, str] = {}
+    images = []
+    for img in sorted(gt["images"], key=lambda im: int(im["id"])):
+        name = f"{len(originals) + 1:06d}{Path(str(img.get('file_name', ''))).suffix.lower()}"
+        originals[name] = str(img.get("file_name", ""))
+        entry = {k: img[k] for k in _KEPT_IMAGE_FIELDS if k in img}
+        entry["file_name"] = name
+        if img["id"] in group_of:
+            entry["patient_id"] = groups.setdefault(group_of[img["id"]], f"g{len(groups) + 1}")
+        images.append(entry)
+    anns = [{k: a[k] for k in _KEPT_ANN_FIELDS if k in a} for a in gt["annotations"]]
+    cats = [{k: c[k] for k in ("id", "name", "supercategory") if k in c} for c in gt["categories"]]
+    return {"images": images, "annotations": anns, "categories": cats}, originals
+
+
+#: with ``keep_names``: index name -> the data's image (the one output that names the user's files)
+NAMES_FILE = "names.csv"
+
+
+def _names_csv(gt: Mapping[str, Any], originals: Mapping[str, str], root: Path, base: Path) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["name", "input"])
+    for img in gt["images"]:
+        path = root / originals[img["file_name"]]
+        writer.writerow([img["file_name"], Path(os.path.relpath(path, base)).as_posix()])
+    return buf.getvalue()
 
 
 def _selection_of(weights: str | os.PathLike) -> str:
