@@ -48,10 +48,12 @@ def _needles(base: Path) -> tuple[str, ...]:
 
 @pytest.fixture(scope="module")
 def welde_run(tmp_path_factory):
-    """A finished two-stage YOLO WELDE run (stage1 then the frozen stage2) on the phantom."""
+    """A finished two-stage YOLO WELDE run (stage1 then the frozen stage2) on the phantom, selected on a
+    holdout (so Ultralytics validates and writes best.pt too)."""
     base = tmp_path_factory.mktemp("abs_run")
     run = run_training(ROOT / "configs" / "yolo_welde.yaml", [
-        "stage1_epochs=1", "epochs=1", *TINY, f"cache_dir={base / 'gen'}", f"output={base / 'runs'}"])
+        "stage1_epochs=1", "epochs=1", *TINY, "n_images=12", "select=holdout", f"cache_dir={base / 'gen'}",
+        f"output={base / 'runs'}"])
     return base, Path(run)
 
 
@@ -59,7 +61,8 @@ def test_a_finished_yolo_run_folder_holds_no_absolute_path(welde_run):
     base, run = welde_run
     assert (run / "report.json").is_file()
     for stage in ("stage1", "stage2"):  # Ultralytics' own files were there and are kept, scrubbed
-        assert (run / stage / "args.yaml").is_file() and (run / stage / "weights" / "last.pt").is_file()
+        for name in ("args.yaml", "weights/last.pt", "weights/best.pt"):
+            assert (run / stage / name).is_file(), f"{stage}/{name}"
     assert absolute_paths(run, _needles(base)) == []
     args = yaml.safe_load((run / "stage2" / "args.yaml").read_text())
     assert args["project"] == "." and args["save_dir"] == "stage2" and args["data"] == "data/yolo/data.yaml"
