@@ -173,13 +173,20 @@ def test_yolo_cached_trainer_equals_through_network_trainer(tmp_path, phantom):
     assert all(torch.equal(v, model_b[k]) for k, v in model_a.items() if not yolo_trainable(k))
 
 
-def test_yolo_cached_frozen_run(tmp_path, phantom):
+@pytest.fixture(scope="module")
+def yolo_run(tmp_path_factory, phantom):
+    """A YOLO WELDE run (stage 1, then the cached frozen stage with two augmented views)."""
+    out = tmp_path_factory.mktemp("yolo_cached")
+    return run_training(ROOT / "configs" / "yolo_welde.yaml", [
+        "epochs=2", "stage1_epochs=1", "imgsz=64", "n_images=6", "batch=4", "workers=0", "warmup_steps=1",
+        f"output={out / 'runs'}", f"cache_dir={phantom}", "conf=0.0", "cache_frozen=true", "cache_views=2"])
+
+
+def test_yolo_cached_frozen_run(yolo_run):
     """tools/train.py's pipeline with train.cache_frozen=true and two augmented views: the frozen stage trains only
     the heads and θ (every frozen tensor, BatchNorm statistics included, equals the model it started from), writes
     the one checkpoint schema, and the run reports on it."""
-    run = run_training(ROOT / "configs" / "yolo_welde.yaml", [
-        "epochs=2", "stage1_epochs=1", "imgsz=64", "n_images=6", "batch=4", "workers=0", "warmup_steps=1",
-        f"output={tmp_path / 'runs'}", f"cache_dir={phantom}", "conf=0.0", "cache_frozen=true", "cache_views=2"])
+    run = yolo_run
     s1 = load_checkpoint(run / "stage1" / "weights" / "model.pt").model_state
     s2 = load_checkpoint(run / "stage2" / "weights" / "model.pt")
     assert (s2.framework, s2.stage, s2.epoch) == ("yolo", "stage2", 1)
@@ -191,6 +198,29 @@ def test_yolo_cached_frozen_run(tmp_path, phantom):
     assert "weight_ldam" in (run / "stage2" / "terms.csv").read_text().splitlines()[0]
     assert json.loads((run / "report.json").read_text())["num_detections"] > 0
     assert len(load_detector(run / "weights" / "model.pt", "cpu").model.head.components) == 4
+
+
+def test_seeds_of_a_frozen_stage_share_one_plain_cache(yolo_run, tmp_path, phantom, monkeypatch):
+    """Two frozen stages from the same stage-1 weights in one process, seeds 1 and 2, plain views: the frozen network
+    runs once; the second run trains on the first run's cache and still writes its own model."""
+    import welde_det.engine.cache.yolo as cache_yolo
+    from welde_det.engine.cache import forget_cache
+    from welde_det.engine.cache.yolo import yolo_trainable
+
+    builds = []
+    build = cache_yolo.build_yolo_cache
+    monkeypatch.setattr(cache_yolo, "build_yolo_cache", lambda *a, **k: builds.append(1) or build(*a, **k))
+    forget_cache()
+    runs = [run_training(ROOT / "configs" / "yolo_welde.yaml", [
+        "epochs=1", "stage1_epochs=0", f"model.weights={yolo_run / 'stage1' / 'weights' / 'model.pt'}", "imgsz=64",
+        "n_images=6", "batch=4", "workers=0", "warmup_steps=1", f"output={tmp_path / 'runs'}", f"name=seed{seed}",
+        f"cache_dir={phantom}", "conf=0.0", "cache_frozen=true", f"train.seed={seed}"]) for seed in (1, 2)]
+    forget_cache()
+    assert len(builds) == 1
+    for r in runs:
+        assert len(list(csv.DictReader((r / "stage2" / "results.csv").open()))) == 1
+    a, b = (load_checkpoint(r / "weights" / "model.pt").model_state for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a if not yolo_trainable(k))  # one frozen network, so one cache
 
 
 # ------------------------------------------------------------------------------------ Faster R-CNN

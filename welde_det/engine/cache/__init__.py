@@ -167,13 +167,14 @@ def frozen_fingerprint(model: Any, trainable: Any) -> str:
     return h.hexdigest()
 
 
-def files_fingerprint(paths: Any) -> list[Any]:
-    """(path, size, modification time) of each file: a changed image makes another key."""
-    out = []
+def files_fingerprint(paths: Any) -> str:
+    """SHA-1 over the contents of the files, in order: the same images under other names (each run's own
+    hard-linked or copied view of a source) give the same key, a changed image another."""
+    h = hashlib.sha1()
     for p in paths:
-        st = os.stat(p)
-        out.append([str(p), st.st_size, st.st_mtime_ns])
-    return out
+        with open(p, "rb") as f:
+            h.update(hashlib.sha1(f.read()).digest())
+    return h.hexdigest()
 
 
 def remembered(key_parts: Any, build: Callable[[], Any], what: str) -> Any:
@@ -182,7 +183,7 @@ def remembered(key_parts: Any, build: Callable[[], Any], what: str) -> Any:
     Runs that share a frozen network, its training images and the cache settings — the methods and seeds
     of a study, all starting their frozen stage from one stage-1 model in one process — compute the
     frozen outputs once. The key holds the frozen network's fingerprint (:func:`frozen_fingerprint`), the
-    images (paths, sizes, times) and labels, and every setting the views depend on (size, channels, bit
+    images (their contents) and labels, and every setting the views depend on (size, channels, bit
     depth, views, seed, augmentation). Only the last cache is kept; :func:`forget_cache` drops it.
     """
     key = hashlib.sha1(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()

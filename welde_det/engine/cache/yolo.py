@@ -317,9 +317,12 @@ class CachedFrozenTrainer(WELDEDetectionTrainer):
         core, preprocess = _core(self.model), super().preprocess_batch
         key = ["yolo", frozen_fingerprint(core, yolo_trainable), files_fingerprint(dataset.im_files),
                [[np.asarray(lb["cls"]).tolist(), np.asarray(lb["bboxes"]).tolist()] for lb in dataset.labels],
-               {"imgsz": int(self.args.imgsz), "views": self.cache_views, "seed": int(self.args.seed),
-                "channels": self.data["channels"], "bit_depth": int(self.welde_spec.get("bit_depth", 8)),
-                **{k: getattr(self.args, k, None) for k in AUGMENT_KEYS}}]
+               {"imgsz": int(self.args.imgsz), "views": self.cache_views, "channels": self.data["channels"],
+                "bit_depth": int(self.welde_spec.get("bit_depth", 8)),
+                # random views depend on the seed and the augmentation; plain views on neither, so the seeds of
+                # a study's frozen stage share one plain cache
+                **({"seed": int(self.args.seed), **{k: getattr(self.args, k, None) for k in AUGMENT_KEYS}}
+                   if self.cache_views else {})}]
         self.cache = remembered(key, lambda: build_yolo_cache(
             core, dataset, views=self.cache_views, batch=batch_size, device=self.device, preprocess=preprocess,
             hyp=self.args, imgsz=int(self.args.imgsz)), "YOLO")
