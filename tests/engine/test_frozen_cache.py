@@ -129,6 +129,17 @@ def test_cached_views_cycle_over_epochs():
             for j, r in enumerate(rows):
                 assert b["cls"][b["batch_idx"] == j].reshape(-1).tolist() == [float(r)] * (r % 3 + 1)
         assert sorted(seen) == [(e % views) * n + i for i in range(n)]
+    # with a detection sampler, each epoch visits the sampler's draw of that epoch (rare images repeated)
+    from welde_det.losses import build_detection_sampler
+
+    sampler = build_detection_sampler("repeat_factor", [[0], [0], [0], [0], [1]], threshold=0.5, seed=3)
+    loader = CachedLoader(cache, 2, dataset=None, epoch_fn=lambda: epoch["e"], seed=0, sampler=sampler)
+    for e in range(3):
+        epoch["e"] = e
+        rows = [r for b in loader for r in b["stems"][0].reshape(-1).long().tolist()]
+        sampler.set_epoch(e)
+        assert rows == [(e % views) * n + i for i in sampler]
+        assert rows.count((e % views) * n + 4) >= 1
 
 
 def test_yolo_cached_trainer_equals_through_network_trainer(tmp_path, phantom):
