@@ -186,6 +186,23 @@ def test_a_planted_checkpoint_is_refused_by_every_loader_and_never_runs(tmp_path
     assert not marker.exists()  # the payload never ran
 
 
+def test_a_planted_file_is_refused_by_the_classifier_loaders(tmp_path):
+    """The classifier's backbone weights (model.weights) and a classifier checkpoint through the registry."""
+    from welde_det.integrations.classify import build_backbone
+    from welde_det.integrations.registry import load_model
+
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "backbone.pt"
+    torch.save({"state_dict": _Payload(marker)}, bad)
+    with pytest.raises(UnsafeCheckpointError, match="system"):
+        build_backbone("small_cnn", 1, bad)
+    ckpt = tmp_path / "model.pt"
+    torch.save({"schema": "welde_det.checkpoint/1", "framework": "classify", "model_state": _Payload(marker)}, ckpt)
+    with pytest.raises(UnsafeCheckpointError, match="system"):
+        load_model(ckpt, "cpu")
+    assert not marker.exists()  # the payload never ran
+
+
 def test_inputs_of_a_folder_and_their_slices(sources):
     inputs = collect_inputs(sources)
     assert [p.name for p in inputs] == ["slice.png", "study_dcm", "vol.nii.gz"]

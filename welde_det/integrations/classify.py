@@ -115,7 +115,9 @@ def build_backbone(arch: str, in_channels: int = 3, weights: str | os.PathLike |
                 "yourself (e.g. torchvision's state dict) and pass the file path, or leave weights unset for "
                 "random initialisation"
             )
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from welde_det.checkpoint import safe_load
+
+        state = safe_load(path)  # weights only; a file that needs more is an UnsafeCheckpointError naming why
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         own = net.state_dict()
         fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
