@@ -357,7 +357,7 @@ def private_ground_truth(gt: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
         ``(private gt, {index name: original file_name})``.
     """
     from welde_det.datasets.resolve import image_group
-    from welde_det.engine.run import _KEPT_ANN_FIELDS, _KEPT_IMAGE_FIELDS
+    from welde_det.engine.stages import KEPT_ANN_FIELDS, KEPT_IMAGE_FIELDS
 
     try:
         group_of = image_group(gt)
@@ -369,12 +369,12 @@ def private_ground_truth(gt: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
     for img in sorted(gt["images"], key=lambda im: int(im["id"])):
         name = f"{len(originals) + 1:06d}{Path(str(img.get('file_name', ''))).suffix.lower()}"
         originals[name] = str(img.get("file_name", ""))
-        entry = {k: img[k] for k in _KEPT_IMAGE_FIELDS if k in img}
+        entry = {k: img[k] for k in KEPT_IMAGE_FIELDS if k in img}
         entry["file_name"] = name
         if img["id"] in group_of:
             entry["patient_id"] = groups.setdefault(group_of[img["id"]], f"g{len(groups) + 1}")
         images.append(entry)
-    anns = [{k: a[k] for k in _KEPT_ANN_FIELDS if k in a} for a in gt["annotations"]]
+    anns = [{k: a[k] for k in KEPT_ANN_FIELDS if k in a} for a in gt["annotations"]]
     cats = [{k: c[k] for k in ("id", "name", "supercategory") if k in c} for c in gt["categories"]]
     return {"images": images, "annotations": anns, "categories": cats}, originals
 

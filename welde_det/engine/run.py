@@ -56,6 +56,8 @@ from welde_det.engine.config import (
     load_config,
 )
 from welde_det.engine.stages import (
+    KEPT_ANN_FIELDS,
+    KEPT_IMAGE_FIELDS,
     RunData,
     Stage,
     map_paths,
@@ -236,8 +238,6 @@ def resolve_run_data(cfg: ExperimentConfig, run_dir: Path) -> RunData:
 #: data layouts whose file names are the user's own (a raw YOLO or COCO folder): the run works on a private view
 PRIVATE_KINDS = ("yolo", "coco")
 #: image fields kept in the run's private COCO files (``patient_id`` replaced by a group index)
-_KEPT_IMAGE_FIELDS = ("id", "width", "height", "pixel_spacing", "slice_index", "slice_axis", "world_x")
-_KEPT_ANN_FIELDS = ("id", "image_id", "category_id", "bbox", "area", "iscrowd")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -261,7 +261,7 @@ def private_image_view(cocos: dict[str, dict[str, Any]], roots: dict[str, Path],
     Every image of every split is linked (hard link, else copied) into ``work/images`` as
     ``<index>.<ext>`` — the same image keeps one index across splits (a holdout carved from
     train) — and each split's COCO file is written to ``work/gt/<split>.json`` with those
-    names, only the technical image fields (:data:`_KEPT_IMAGE_FIELDS`) and the patient
+    names, only the technical image fields (:data:`KEPT_IMAGE_FIELDS`) and the patient
     grouping as an index (``patient_id``: ``"g<k>"``) when the data defines one. Nothing in
     the run folder then carries the user's file or folder names, no symbolic link points into
     the user's data, and Ultralytics' label cache is written under ``work`` only.
@@ -293,12 +293,12 @@ def private_image_view(cocos: dict[str, dict[str, Any]], roots: dict[str, Path],
                 suffix = Path(str(img["file_name"])).suffix.lower()
                 index[key] = f"{len(index) + 1:06d}{suffix}"
                 _link_or_copy(root / str(img["file_name"]), images_dir / index[key])
-            entry = {k: img[k] for k in _KEPT_IMAGE_FIELDS if k in img}
+            entry = {k: img[k] for k in KEPT_IMAGE_FIELDS if k in img}
             entry["file_name"] = index[key]
             if img["id"] in group_of:
                 entry["patient_id"] = groups.setdefault(group_of[img["id"]], f"g{len(groups) + 1}")
             images.append(entry)
-        anns = [{k: a[k] for k in _KEPT_ANN_FIELDS if k in a} for a in coco["annotations"]]
+        anns = [{k: a[k] for k in KEPT_ANN_FIELDS if k in a} for a in coco["annotations"]]
         cats = [{k: c[k] for k in ("id", "name", "supercategory") if k in c} for c in coco["categories"]]
         splits[split] = save_coco({"images": images, "annotations": anns, "categories": cats},
                                   work / "gt" / f"{split}.json")

@@ -11,12 +11,17 @@ from typing import Any
 
 from welde_det.engine.config import ExperimentConfig
 
-__all__ = ["PATH_KEYS", "RunData", "Stage", "map_paths", "plan_stages", "run_relative_paths", "selection_label",
+__all__ = ["KEPT_ANN_FIELDS", "KEPT_IMAGE_FIELDS", "PATH_KEYS", "RunData", "Stage", "map_paths", "plan_stages", "run_relative_paths", "selection_label",
            "working_paths"]
 
 #: config fields holding paths (``data.source`` only when it is not ``"phantom"``)
 PATH_KEYS: tuple[tuple[str, str], ...] = (("data", "source"), ("data", "cache_dir"), ("model", "weights"),
                                          ("", "output"))
+
+#: the image / annotation fields a pseudonymised copy of a user's COCO keeps (technical ones only):
+#: the run's private view (``engine.run.private_image_view``) and ``tools/evaluate.py --weights``
+KEPT_IMAGE_FIELDS = ("id", "width", "height", "pixel_spacing", "slice_index", "slice_axis", "world_x")
+KEPT_ANN_FIELDS = ("id", "image_id", "category_id", "bbox", "area", "iscrowd")
 
 
 @dataclass(frozen=True)

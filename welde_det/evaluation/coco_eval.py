@@ -62,8 +62,8 @@ from typing import Any
 import numpy as np
 import torch
 
+import welde_det.evaluation.flavours as _flavours
 from welde_det.classes import ClassStats
-from welde_det.evaluation import flavours as _flavours
 from welde_det.evaluation.flavours import (
     candidate_edges,
     greedy_assign,
