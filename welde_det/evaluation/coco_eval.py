@@ -435,7 +435,9 @@ def _match(gt: _GroundTruth, det: DetectionArrays, device: torch.device, *,
         # step = rank among the pair's candidate detections; within a detection, edges in
         # ascending (IoU, GT index): the last eligible one is pycocotools' choice
         step = run_rank_of(e_det, d_pair_s)
-        srt = stable_lexsort([e_gt, iou.cpu().numpy(), e_det, step])
+        # (step, detection, IoU, GT): a detection's edges come contiguous with GTs ascending
+        # (candidate_edges), so the stable IoU pass keeps GT order on ties without its own key
+        srt = stable_lexsort([iou.cpu().numpy(), e_det, step])
         srt_t = torch.as_tensor(srt, device=device)
         step, e_det, e_gt, iou = step[srt], e_det[srt], e_gt[srt], iou[srt_t]
         # outcome code of the chosen GT per column a: bit 0 = its id is not 0 (pycocotools marks
@@ -631,7 +633,7 @@ def confusion_matrix(gt: _GroundTruth, det: DetectionArrays, *, iou_thr: float =
     if len(e_det):
         new = np.r_[True, e_det[1:] != e_det[:-1]]
         step = np.repeat(run_rank(d_img[e_det[new]]), np.diff(np.r_[np.nonzero(new)[0], len(e_det)]))
-        srt = stable_lexsort([e_gt, iou.cpu().numpy(), e_det, step])
+        srt = stable_lexsort([iou.cpu().numpy(), e_det, step])  # GTs ascending within a detection already
         step, e_det, e_gt, iou = step[srt], e_det[srt], e_gt[srt], iou[torch.as_tensor(srt, device=device)]
         dets, choice = greedy_assign(step, e_det, e_gt, (iou >= iou_thr)[:, None], len(g_img))
         choice = choice[:, 0, 0].cpu().numpy()

@@ -425,17 +425,10 @@ class UltralyticsResult:
         return float(self.ap[:, 0].mean()) if self.ap.size else 0.0
 
 
-def _compute_ap(recall: np.ndarray, precision: np.ndarray) -> float:
-    """Ultralytics' ``compute_ap`` (8.4): envelope, 101-point ``np.interp``, trapezoid."""
-    mrec = np.concatenate(([0.0], recall, [recall[-1] if len(recall) else 1.0], [1.0]))
-    mpre = np.concatenate(([1.0], precision, [0.0], [0.0]))
-    mpre = np.flip(np.maximum.accumulate(np.flip(mpre)))
-    return float(np.trapezoid(np.interp(_AP_X, mrec, mpre), _AP_X))
-
-
 def ap_from_tp(tp: np.ndarray, score: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray,
                by_score: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Ultralytics' ``ap_per_class`` AP part: per class with GT, AP at each IoU threshold.
+    """Ultralytics' ``ap_per_class`` AP part: per class with GT, AP at each IoU threshold
+    (its ``compute_ap``, 8.4: the padded precision envelope, 101-point ``np.interp``, trapezoid).
 
     Args:
         tp: (N, T) bool; score, pred_cls: (N,); target_cls: (G,) class of every GT;
@@ -452,11 +445,20 @@ def ap_from_tp(tp: np.ndarray, score: np.ndarray, pred_cls: np.ndarray, target_c
         rows = by_cls[bounds[ci]:bounds[len(classes) + ci]]
         if len(rows) == 0:
             continue
-        tpc = np.take(tp, rows, axis=0).cumsum(0, dtype=np.int32)  # (n, T)
-        recall = tpc / (n_gt[ci] + 1e-16)
-        precision = tpc / np.arange(1, len(rows) + 1, dtype=np.float64)[:, None]  # tpc + fpc: the same integers
-        for j in range(tpc.shape[1]):
-            ap[ci, j] = _compute_ap(recall[:, j], precision[:, j])
+        n = len(rows)
+        tpc = np.take(tp, rows, axis=0).T.cumsum(1, dtype=np.int32)  # (T, n), rows contiguous
+        # compute_ap's padded curves for all thresholds at once (row j = threshold j), the same
+        # values as its per-threshold concatenations; the envelope is one accumulate
+        mrec = np.empty((tpc.shape[0], n + 3))
+        mrec[:, 0], mrec[:, -1] = 0.0, 1.0
+        np.divide(tpc, n_gt[ci] + 1e-16, out=mrec[:, 1:n + 1])
+        mrec[:, n + 1] = mrec[:, n]
+        mpre = np.empty_like(mrec)
+        mpre[:, 0], mpre[:, n + 1:] = 1.0, 0.0
+        np.divide(tpc, np.arange(1, n + 1, dtype=np.float64), out=mpre[:, 1:n + 1])  # tpc + fpc: the same integers
+        mpre = np.maximum.accumulate(mpre[:, ::-1], axis=1)[:, ::-1]
+        for j in range(tpc.shape[0]):
+            ap[ci, j] = float(np.trapezoid(np.interp(_AP_X, mrec[j], np.ascontiguousarray(mpre[j])), _AP_X))
     return classes, ap
 
 
