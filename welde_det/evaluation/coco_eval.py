@@ -18,15 +18,15 @@ Arrays (as in ``cocoeval.py``): ``precision`` [T×R×K×A×M], ``recall`` [T×K�
 ``scores`` [T×R×K×A×M], with T IoU thresholds, R recall thresholds, K categories, A area
 ranges (all, small, medium, large) and M max-detection settings (1, 10, 100).
 
-How it is fast (one CPU thread, ``bench/bench_eval.py --repeats 3 --only spine`` on a shared
-2-core VM, load 0.5-1.1, 448k spine-like detections, pycocotools 38-41 s; two runs): 13.6-16.1x
-with the full result (confusion matrix and Ultralytics flavour), 18-19x from an (N, 7) array,
-21-24x with ``extras=False``, in a third of pycocotools' peak memory. Where the time goes (user CPU of a
-fresh process, about 1.45 s in all): converting the results list 0.2 s, COCO matching 0.35 s
-(candidate pairs, sorts, 60 greedy steps), accumulate 0.3 s, Ultralytics flavour 0.25 s,
-confusion matrix 0.15-0.2 s, dense score rank 0.07 s. On this VM a first-touch page fault
-costs 3-25 µs, and the ~30k faults of a fresh process (about 120 MB of arrays) add 0.1-1.2 s
-of system time from run to run: that, not arithmetic, decides the spread of the figures.
+How it is fast (one CPU thread, ``bench/bench_eval.py --repeats 3 --only spine``, 448k
+spine-like detections, pycocotools 29-32 s on the shared 2-core VM, three runs): 21.1-23.8x
+with the full result (confusion matrix and Ultralytics flavour), 23-26x from an (N, 7)
+array, 33-34x with ``extras=False``, in 206 MB against pycocotools' 566 MB; COCO-sized (500k
+detections, 80 classes): 43x. Where the time goes (user CPU of a fresh process, 1.13 s in
+all): converting the results list 0.20 s, COCO matching 0.27 s (of which the greedy steps
+over all images, classes, thresholds and areas most), the shared candidate-pair search
+0.07 s, accumulate 0.14 s, Ultralytics flavour 0.17 s, confusion matrix 0.13 s, score order
+0.07 s, ground truth 0.04 s; system time (first touches of ~60k pages) 0.1-0.2 s.
 There is no Python loop over images or classes:
 
 - detections are converted in one C-level pass (``itemgetter`` + ``np.fromiter``), or taken
