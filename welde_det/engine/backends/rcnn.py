@@ -21,6 +21,7 @@ import logging
 import math
 import os
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,26 @@ def _optimizer(name: str, params: list, lr: float, weight_decay: float) -> torch
     raise ConfigError(f"train.optimizer={name!r}: the rcnn backend takes auto, SGD, Adam or AdamW")
 
 
+@dataclass
+class StageRun:
+    """What one Faster R-CNN stage carries from epoch to epoch (:meth:`RCNNBackend.open_stage`)."""
+
+    arch: str
+    spec: Any
+    last: Path
+    best: Path
+    out: Path
+    stored: dict[str, Any]
+    run_dir: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+    model: Any = None
+    opt: Any = None
+    select_ds: Any = None
+    start: int = 0
+    best_fit: float = -math.inf
+    since_best: int = 0
+
+
 class RCNNBackend(DetectionBackend):
     """``model.framework: rcnn``."""
 
@@ -165,52 +186,23 @@ class RCNNBackend(DetectionBackend):
                   init: Path | None) -> Path:
         import torch.distributed as dist
 
-        from welde_det.checkpoint import load_checkpoint, save_checkpoint
-        from welde_det.integrations.rcnn import freeze_for_stage2, train_frozen
+        from welde_det.integrations.rcnn import train_frozen
 
         if stage.frozen and cfg.train.cache_frozen:  # the frozen network once per image (engine.cache)
             from welde_det.engine.cache.rcnn import fit_rcnn_cached
 
-            return fit_rcnn_cached(self, cfg, stage, data, stats, run_dir, init=init,
-                                   dataset=CocoDetectionDataset, optimizer=_optimizer)
+            return fit_rcnn_cached(self, cfg, stage, data, stats, run_dir, init=init, dataset=CocoDetectionDataset)
         rank, world = _dist_env()
         device = torch.device(device_for(cfg.train.device))
         if device.type == "cuda" and world > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        arch = self.arch(cfg)
-        spec = welde_spec(cfg, stage.components, stage.mode, "softmax")
-        sdir = run_dir / stage.name
-        last, best = sdir / "weights" / "last.pt", sdir / "weights" / "best.pt"
-        counts = list(stats.effective_counts)
-        # checkpoints store the config with its paths relative to the run folder: no absolute input path
-        stored = config_to_dict(run_relative_paths(cfg, run_dir))
-
-        def build(weights: Any) -> torch.nn.Module:
-            return build_rcnn_model(arch, counts, spec.to_dict(), channels=cfg.data.channels, imgsz=cfg.train.imgsz,
-                                    weights=weights).to(device)
-
-        start, opt_state, best_fit, since_best = 0, None, -math.inf, 0
-        if last.is_file():
-            ck = load_checkpoint(last, map_location="cpu")
-            model = build({})
-            model.load_state_dict(ck.model_state)
-            opt_state, start = ck.optimizer_state, int(ck.epoch) + 1
-            best_fit = float((ck.extra or {}).get("best_fitness", -math.inf))
-            since_best = int((ck.extra or {}).get("since_best", 0))
-            logger.info("resuming stage %s at epoch %d of %d", stage.name, start + 1, stage.epochs)
-        else:
-            model = build(self._init_state(init) if init is not None else None)
-        params = freeze_for_stage2(model) if stage.frozen else [p for p in model.parameters() if p.requires_grad]
-        opt = _optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.weight_decay)
-        if opt_state is not None:
-            opt.load_state_dict(opt_state)
+        run = self.open_stage(cfg, stage, data, stats, run_dir, init, device)
+        model, opt = run.model, run.opt
         train_ds = CocoDetectionDataset(data.splits["train"], data.image_roots["train"], stats, cfg.data.channels)
         loader, sampler = self._loader(cfg, train_ds, world)
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
-        select_ds = (CocoDetectionDataset(data.splits[data.select], data.image_roots[data.select], stats,
-                                          cfg.data.channels) if data.select else None)
         amp = cfg.train.amp and device.type == "cuda"
-        for epoch in range(start, stage.epochs):
+        for epoch in range(run.start, stage.epochs):
             gepoch = stage.epoch_offset + epoch
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(gepoch)
@@ -231,55 +223,117 @@ class RCNNBackend(DetectionBackend):
                 targets = [{k: v.to(device) for k, v in t.items() if k != "image_id"} for t in targets]
                 with torch.autocast(device.type, enabled=amp):
                     losses = net(images, targets)
-                loss = sum(losses.values())
-                if not math.isfinite(float(loss.detach())):
-                    raise FloatingPointError(f"non-finite loss {float(loss)} at epoch {gepoch} "
-                                             f"({ {k: float(v) for k, v in losses.items()} }); lower train.lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                for k, v in {**losses, **model.roi_heads.last_terms}.items():
-                    sums[k] += float(v.detach())
+                self.step_losses(opt, losses, model, sums, gepoch)
                 steps += 1
             if rank != 0:
                 continue
-            row: dict[str, Any] = {"epoch": gepoch, "stage": stage.name,
-                                   **{k: v / max(steps, 1) for k, v in sums.items()}}
-            improved = False
-            if select_ds is not None:
-                fitness = self._fitness(model, select_ds, stats, device, cfg)
-                row["select_map"] = fitness
-                improved = fitness > best_fit
-                best_fit, since_best = (fitness, 0) if improved else (best_fit, since_best + 1)
-            append_csv_row(run_dir / "terms.csv", row)
-            core = model.module if hasattr(model, "module") else model
-            meta = {"framework": "rcnn", "arch": arch, "class_stats": stats.to_dict(), "config": stored,
-                    "stage": stage.name, "welde": spec.to_dict()}
-            extra = {"channels": cfg.data.channels, "imgsz": cfg.train.imgsz, "best_fitness": best_fit,
-                     "since_best": since_best}
-            save_checkpoint(last, model_state=core.state_dict(), epoch=epoch, optimizer_state=opt.state_dict(),
-                            extra=extra, **meta)
-            if improved:
-                save_checkpoint(best, model_state=core.state_dict(), epoch=epoch, extra=extra, **meta)
-            logger.info("%s epoch %d: %s", stage.name, epoch,
-                        ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("loss", "select"))))
-            if cfg.train.patience and since_best >= cfg.train.patience:
-                logger.info("no gain on %s for %d epochs: stopping", data.select, since_best)
+            if self.end_epoch(run, cfg, stage, data, stats, device, epoch, sums, steps):
                 break
         if world > 1:
             dist.barrier()
-        chosen = best if data.select and best.is_file() else last
-        out = sdir / "weights" / "model.pt"
         if rank == 0:
-            ck = load_checkpoint(chosen)
-            save_checkpoint(out, framework="rcnn", arch=arch, model_state=ck.model_state,
-                            class_stats=stats.to_dict(), config=stored, stage=stage.name,
-                            welde=spec.to_dict(), epoch=ck.epoch,
-                            extra={"channels": cfg.data.channels, "imgsz": cfg.train.imgsz,
-                                   "source": chosen.name})
+            self.close_stage(run, cfg, stage, data, stats)
         if world > 1:
             dist.barrier()  # every rank starts the next stage from the file rank 0 has just written
-        return out
+        return run.out
+
+    # ------------------------------------------------------------------ stage bookkeeping
+    # shared by the through-network loop above and the cached frozen stage (engine.cache.rcnn)
+    @staticmethod
+    def step_losses(opt: torch.optim.Optimizer, losses: dict[str, torch.Tensor], model: Any, sums: dict[str, float],
+                    epoch: int) -> None:
+        """One optimiser step on the summed losses (a non-finite loss stops the run, naming the epoch);
+        the losses and the WELDE terms are added to ``sums``."""
+        loss = sum(losses.values())
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(f"non-finite loss {float(loss)} at epoch {epoch} "
+                                     f"({ {k: float(v) for k, v in losses.items()} }); lower train.lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for k, v in {**losses, **model.roi_heads.last_terms}.items():
+            sums[k] += float(v.detach())
+
+    def open_stage(self, cfg: ExperimentConfig, stage: Any, data: Any, stats: ClassStats, run_dir: Path,
+                   init: Path | None, device: torch.device, *, extra: dict[str, Any] | None = None) -> StageRun:
+        """Build (or resume from ``last.pt``) the stage's model and optimiser over the stage's parameters."""
+        from welde_det.checkpoint import load_checkpoint
+        from welde_det.integrations.rcnn import freeze_for_stage2
+
+        arch = self.arch(cfg)
+        spec = welde_spec(cfg, stage.components, stage.mode, "softmax")
+        sdir = run_dir / stage.name
+        counts = list(stats.effective_counts)
+
+        def build(weights: Any) -> torch.nn.Module:
+            return build_rcnn_model(arch, counts, spec.to_dict(), channels=cfg.data.channels, imgsz=cfg.train.imgsz,
+                                    weights=weights).to(device)
+
+        run = StageRun(arch=arch, spec=spec, last=sdir / "weights" / "last.pt", best=sdir / "weights" / "best.pt",
+                       out=sdir / "weights" / "model.pt",
+                       # checkpoints store the config with its paths relative to the run folder
+                       stored=config_to_dict(run_relative_paths(cfg, run_dir)), run_dir=run_dir,
+                       extra=dict(extra or {}))
+        opt_state = None
+        if run.last.is_file():
+            ck = load_checkpoint(run.last, map_location="cpu")
+            model = build({})
+            model.load_state_dict(ck.model_state)
+            opt_state, run.start = ck.optimizer_state, int(ck.epoch) + 1
+            run.best_fit = float((ck.extra or {}).get("best_fitness", -math.inf))
+            run.since_best = int((ck.extra or {}).get("since_best", 0))
+            logger.info("resuming stage %s at epoch %d of %d", stage.name, run.start + 1, stage.epochs)
+        else:
+            model = build(self._init_state(init) if init is not None else None)
+        params = freeze_for_stage2(model) if stage.frozen else [p for p in model.parameters() if p.requires_grad]
+        run.model, run.opt = model, _optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.weight_decay)
+        if opt_state is not None:
+            run.opt.load_state_dict(opt_state)
+        run.select_ds = (CocoDetectionDataset(data.splits[data.select], data.image_roots[data.select], stats,
+                                              cfg.data.channels) if data.select else None)
+        return run
+
+    def end_epoch(self, run: StageRun, cfg: ExperimentConfig, stage: Any, data: Any, stats: ClassStats,
+                  device: torch.device, epoch: int, sums: dict[str, float], steps: int) -> bool:
+        """``terms.csv`` row, selection fitness, ``last.pt`` (with optimiser state) / ``best.pt``; True to stop."""
+        from welde_det.checkpoint import save_checkpoint
+
+        row: dict[str, Any] = {"epoch": stage.epoch_offset + epoch, "stage": stage.name,
+                               **{k: v / max(steps, 1) for k, v in sums.items()}}
+        improved = False
+        if run.select_ds is not None:
+            fitness = self._fitness(run.model, run.select_ds, stats, device, cfg)
+            row["select_map"] = fitness
+            improved = fitness > run.best_fit
+            run.best_fit, run.since_best = (fitness, 0) if improved else (run.best_fit, run.since_best + 1)
+        append_csv_row(run.run_dir / "terms.csv", row)
+        core = run.model.module if hasattr(run.model, "module") else run.model
+        meta = {"framework": "rcnn", "arch": run.arch, "class_stats": stats.to_dict(), "config": run.stored,
+                "stage": stage.name, "welde": run.spec.to_dict()}
+        extra = {"channels": cfg.data.channels, "imgsz": cfg.train.imgsz, "best_fitness": run.best_fit,
+                 "since_best": run.since_best, **run.extra}
+        save_checkpoint(run.last, model_state=core.state_dict(), epoch=epoch, optimizer_state=run.opt.state_dict(),
+                        extra=extra, **meta)
+        if improved:
+            save_checkpoint(run.best, model_state=core.state_dict(), epoch=epoch, extra=extra, **meta)
+        logger.info("%s epoch %d%s: %s", stage.name, epoch, " (cached)" if run.extra.get("cached") else "",
+                    ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("loss", "select"))))
+        if cfg.train.patience and run.since_best >= cfg.train.patience:
+            logger.info("no gain on %s for %d epochs: stopping", data.select, run.since_best)
+            return True
+        return False
+
+    def close_stage(self, run: StageRun, cfg: ExperimentConfig, stage: Any, data: Any, stats: ClassStats) -> Path:
+        """The stage's ``model.pt``: ``best.pt`` when a selection split chose, else ``last.pt``."""
+        from welde_det.checkpoint import load_checkpoint, save_checkpoint
+
+        chosen = run.best if data.select and run.best.is_file() else run.last
+        ck = load_checkpoint(chosen)
+        save_checkpoint(run.out, framework="rcnn", arch=run.arch, model_state=ck.model_state,
+                        class_stats=stats.to_dict(), config=run.stored, stage=stage.name,
+                        welde=run.spec.to_dict(), epoch=ck.epoch,
+                        extra={"channels": cfg.data.channels, "imgsz": cfg.train.imgsz, "source": chosen.name})
+        return run.out
 
     def _loader(self, cfg: ExperimentConfig, ds: CocoDetectionDataset, world: int) -> tuple[DataLoader, Any]:
         g = torch.Generator().manual_seed(cfg.train.seed)

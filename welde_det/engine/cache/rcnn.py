@@ -181,51 +181,25 @@ def rcnn_cached_losses(model: nn.Module, cache: RCNNFeatureCache, indices: Seque
 
 
 def fit_rcnn_cached(backend: Any, cfg: ExperimentConfig, stage: Any, data: Any, stats: Any, run_dir: Path, *,
-                    init: Path | None, dataset: Any, optimizer: Any) -> Path:
+                    init: Path | None, dataset: Any) -> Path:
     """``RCNNBackend.fit_stage`` for a frozen stage, on the cache: same model, parameters, optimiser,
     image order source (a detection sampler or a seeded permutation per epoch), per-epoch ``last.pt``
     with the optimiser state, selection (``best.pt``, ``patience``), ``terms.csv`` rows and ``model.pt``.
 
     Args:
-        backend: the ``RCNNBackend`` (its ``arch``, ``_init_state`` and ``_fitness``).
-        dataset, optimizer: the backend's ``CocoDetectionDataset`` and optimiser factory (passed in: this
-            module does not import the backend, which imports it).
+        backend: the ``RCNNBackend``: its stage bookkeeping (``open_stage``, ``step_losses``,
+            ``end_epoch``, ``close_stage``) is the through-network stage's own.
+        dataset: the backend's ``CocoDetectionDataset`` (passed in: this module does not import the
+            backend, which imports it).
     """
-    from welde_det.checkpoint import load_checkpoint, save_checkpoint
-    from welde_det.engine.backends.base import device_for, welde_spec
-    from welde_det.engine.config import config_to_dict
-    from welde_det.engine.stages import run_relative_paths
-    from welde_det.integrations.rcnn import build_rcnn_model, freeze_for_stage2, train_frozen
-    from welde_det.utils.fileio import append_csv_row
+    from welde_det.engine.backends.base import device_for
+    from welde_det.integrations.rcnn import train_frozen
 
     device = torch.device(device_for(cfg.train.device))
-    arch = backend.arch(cfg)
-    spec = welde_spec(cfg, stage.components, stage.mode, "softmax")
-    sdir = run_dir / stage.name
-    last, best = sdir / "weights" / "last.pt", sdir / "weights" / "best.pt"
-    counts = list(stats.effective_counts)
-    # checkpoints store the config with its paths relative to the run folder, as the backend's do
-    stored = config_to_dict(run_relative_paths(cfg, run_dir))
-
-    def build(weights: Any) -> nn.Module:
-        return build_rcnn_model(arch, counts, spec.to_dict(), channels=cfg.data.channels, imgsz=cfg.train.imgsz,
-                                weights=weights).to(device)
-
-    start, opt_state, best_fit, since_best = 0, None, -math.inf, 0
-    if last.is_file():
-        ck = load_checkpoint(last, map_location="cpu")
-        model = build({})
-        model.load_state_dict(ck.model_state)
-        opt_state, start = ck.optimizer_state, int(ck.epoch) + 1
-        best_fit = float((ck.extra or {}).get("best_fitness", -math.inf))
-        since_best = int((ck.extra or {}).get("since_best", 0))
-        logger.info("resuming stage %s at epoch %d of %d", stage.name, start + 1, stage.epochs)
-    else:
-        model = build(backend._init_state(init) if init is not None else None)
-    params = freeze_for_stage2(model)
-    opt = optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.weight_decay)
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
+    # the backend's own stage bookkeeping: model and optimiser (or resume from last.pt), selection,
+    # terms.csv, last.pt / best.pt, patience and model.pt — only the batches differ
+    run = backend.open_stage(cfg, stage, data, stats, run_dir, init, device, extra={"cached": True})
+    model, opt = run.model, run.opt
     train_ds = dataset(data.splits["train"], data.image_roots["train"], stats, cfg.data.channels)
     sampler: Any = None
     if cfg.data.sampler:
@@ -237,10 +211,8 @@ def fit_rcnn_cached(backend: Any, cfg: ExperimentConfig, stage: Any, data: Any, 
         except ValueError as exc:
             raise ConfigError(f"data.sampler={cfg.data.sampler!r}: {exc}") from exc
     g = torch.Generator().manual_seed(cfg.train.seed)
-    select_ds = (dataset(data.splits[data.select], data.image_roots[data.select], stats, cfg.data.channels)
-                 if data.select else None)
     cache = RCNNFeatureCache([], [], [], 0.0)
-    if start < stage.epochs:  # a resumed stage that had finished needs no cache
+    if run.start < stage.epochs:  # a resumed stage that had finished needs no cache
         key = ["rcnn", frozen_fingerprint(model, rcnn_trainable), files_fingerprint(
             [data.splits["train"], *(train_ds.root / im["file_name"] for im in train_ds.images)]),
             {"imgsz": cfg.train.imgsz, "channels": cfg.data.channels}]
@@ -250,7 +222,7 @@ def fit_rcnn_cached(backend: Any, cfg: ExperimentConfig, stage: Any, data: Any, 
                 "%.1f s", len(cache), cache.proposals / max(len(cache), 1), cache.nbytes / max(len(cache), 1) / 2**20,
                 cache.nbytes / 2**20, cache.build_seconds)
     amp = cfg.train.amp and device.type == "cuda"
-    for epoch in range(start, stage.epochs):
+    for epoch in range(run.start, stage.epochs):
         gepoch = stage.epoch_offset + epoch
         if sampler is not None:
             sampler.set_epoch(gepoch)
@@ -262,41 +234,8 @@ def fit_rcnn_cached(backend: Any, cfg: ExperimentConfig, stage: Any, data: Any, 
         for lo in range(0, len(order), cfg.train.batch):
             with torch.autocast(device.type, enabled=amp):
                 losses = rcnn_cached_losses(model, cache, order[lo:lo + cfg.train.batch], device=device)
-            loss = sum(losses.values())
-            if not math.isfinite(float(loss.detach())):
-                raise FloatingPointError(f"non-finite loss {float(loss)} at epoch {gepoch} "
-                                         f"({ {k: float(v) for k, v in losses.items()} }); lower train.lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for k, v in {**losses, **model.roi_heads.last_terms}.items():
-                sums[k] += float(v.detach())
+            backend.step_losses(opt, losses, model, sums, gepoch)
             steps += 1
-        row: dict[str, Any] = {"epoch": gepoch, "stage": stage.name, **{k: v / max(steps, 1) for k, v in sums.items()}}
-        improved = False
-        if select_ds is not None:
-            fitness = backend._fitness(model, select_ds, stats, device, cfg)
-            row["select_map"] = fitness
-            improved = fitness > best_fit
-            best_fit, since_best = (fitness, 0) if improved else (best_fit, since_best + 1)
-        append_csv_row(run_dir / "terms.csv", row)
-        meta = {"framework": "rcnn", "arch": arch, "class_stats": stats.to_dict(), "config": stored,
-                "stage": stage.name, "welde": spec.to_dict()}
-        extra = {"channels": cfg.data.channels, "imgsz": cfg.train.imgsz, "best_fitness": best_fit,
-                 "since_best": since_best, "cached": True}
-        save_checkpoint(last, model_state=model.state_dict(), epoch=epoch, optimizer_state=opt.state_dict(),
-                        extra=extra, **meta)
-        if improved:
-            save_checkpoint(best, model_state=model.state_dict(), epoch=epoch, extra=extra, **meta)
-        logger.info("%s epoch %d (cached): %s", stage.name, epoch,
-                    ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("loss", "select"))))
-        if cfg.train.patience and since_best >= cfg.train.patience:
-            logger.info("no gain on %s for %d epochs: stopping", data.select, since_best)
+        if backend.end_epoch(run, cfg, stage, data, stats, device, epoch, sums, steps):
             break
-    chosen = best if data.select and best.is_file() else last
-    out = sdir / "weights" / "model.pt"
-    ck = load_checkpoint(chosen)
-    save_checkpoint(out, framework="rcnn", arch=arch, model_state=ck.model_state, class_stats=stats.to_dict(),
-                    config=stored, stage=stage.name, welde=spec.to_dict(), epoch=ck.epoch,
-                    extra={"channels": cfg.data.channels, "imgsz": cfg.train.imgsz, "source": chosen.name})
-    return out
+    return backend.close_stage(run, cfg, stage, data, stats)
