@@ -59,6 +59,7 @@ __all__ = [
     "make_categories",
     "make_image_entry",
     "parse_yolo_label_file",
+    "replace_dir",
     "resolve_yolo_split",
     "save_coco",
     "validate_coco",
@@ -526,7 +527,7 @@ def coco_to_yolo(
         yaml_data["names"] = dict(enumerate(names))
         atomic_write_text(tmp / "data.yaml", _yaml_dump(yaml_data))
         (tmp / OWNER_FILE).unlink(missing_ok=True)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -592,7 +593,7 @@ def _write_yolo_split(
         logger.warning("%s: clipped %d box(es) that extended beyond their image", where, clipped)
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
+def replace_dir(tmp: Path, final: Path) -> None:
     """Move the finished ``tmp`` folder to ``final``, replacing an old one only at the end."""
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")

@@ -36,6 +36,7 @@ from welde_det.datasets.coco import (
     make_annotation,
     make_categories,
     make_image_entry,
+    replace_dir,
     save_coco,
 )
 from welde_det.errors import UserError
@@ -308,13 +309,7 @@ def staging_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Itera
         try:
             yield tmp
             (tmp / OWNER_FILE).unlink(missing_ok=True)
-            if out_dir.exists():
-                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-                os.replace(out_dir, old)
-                os.replace(tmp, out_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out_dir)
+            replace_dir(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
