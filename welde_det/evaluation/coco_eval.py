@@ -227,14 +227,15 @@ class _GroundTruth:
         # pycocotools' getAnnIds drops annotations of unknown images or categories too
         known = np.isin(img_all, self.img_ids) & np.isin(cat_all, self.cat_ids)
         kept = [anns[i] for i in np.flatnonzero(known)] if not known.all() else anns
-        missing_area = [a.get("id") for a in kept if "area" not in a] if not all(map(_has_area, kept)) else []
-        if missing_area:
+        no_area = next((a for a in kept if "area" not in a), None)
+        if no_area is not None:
             raise ValueError(
-                f"{source}: annotation {missing_area[0]} has no 'area' (pycocotools needs it for the area ranges); "
+                f"{source}: annotation {no_area.get('id')} has no 'area' (pycocotools needs it for the area ranges); "
                 "set it, e.g. area = w*h of the bbox, or the segmentation area"
             )
-        if not all(map(_has_bbox, kept)):
-            raise ValueError(f"{source}: annotation {next(a.get('id') for a in kept if 'bbox' not in a)} has no 'bbox'")
+        no_box = next((a for a in kept if "bbox" not in a), None)
+        if no_box is not None:
+            raise ValueError(f"{source}: annotation {no_box.get('id')} has no 'bbox'")
         m = len(kept)
         self.image_id = img_all[known]
         self.category_id = cat_all[known]
@@ -252,14 +253,6 @@ class _GroundTruth:
 
 _get_id = methodcaller("get", "id")
 _get_crowd = methodcaller("get", "iscrowd", 0)
-
-
-def _has_area(ann: Mapping[str, Any]) -> bool:
-    return "area" in ann
-
-
-def _has_bbox(ann: Mapping[str, Any]) -> bool:
-    return "bbox" in ann
 
 
 def _check_dets(d: DetectionArrays, gt: _GroundTruth) -> tuple[DetectionArrays, int]:

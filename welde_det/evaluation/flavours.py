@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "UltralyticsResult", "candidate_edges", "descending_rank", "greedy_assign", "group_score_order", "run_rank",
+    "UltralyticsResult", "candidate_edges", "greedy_assign", "group_score_order", "run_rank",
     "run_rank_of", "score_order", "stable_argsort", "stable_lexsort", "subset_order", "ultralytics_map", "ultralytics_match",
 ]
 
@@ -74,17 +74,9 @@ def stable_argsort(key: np.ndarray) -> np.ndarray:
     return np.argsort(key, kind="stable")
 
 
-def descending_rank(score: np.ndarray) -> np.ndarray:
-    """Dense rank of each score, 0 for the highest; equal scores share a rank.
-
-    A stable sort by this integer key orders exactly as a stable sort by ``-score`` (the one
-    float sort is done here, the later ones are radix passes).
-    """
-    return score_order(score)[1]
-
-
 def score_order(score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(order, rank)``: the stable order by descending score and :func:`descending_rank`.
+    """``(order, rank)``: the stable order by descending score, and each score's dense rank (0 for
+    the highest, equal scores share one; a stable sort by it orders as a stable sort by ``-score``).
 
     ``order`` is what every "by score within a group" sort starts from
     (:func:`group_score_order`), so the one float sort serves them all.
