@@ -95,9 +95,16 @@ def test_yolo_cached_loss_and_gradients_equal_through_network(dtype, tol):
     theirs = dict(cached.named_parameters())
     assert len(trainable) == 55 and "model.22.objective.theta" in trainable  # 3 levels × 3 heads × (4 + 2) + θ
     assert not any(".cv2." in n or ".cv3." in n or n.startswith("model.0.") for n in trainable)
+    # float64 checks every gradient relative to itself; in float32 a gradient that is a cancelling sum (the
+    # adapters' down weights, ~1e-10 behind near-zero up weights) carries the rounding noise of its summands,
+    # which depends on the thread count, so it is compared on the scale of the largest gradient
+    scale = max(float(p.grad.abs().max()) for p in trainable.values() if p.grad is not None)
     for name, p in trainable.items():
         assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
-        assert _rel_err(p.grad, theirs[name].grad) <= tol, name
+        if dtype == torch.float64:
+            assert _rel_err(p.grad, theirs[name].grad) <= tol, name
+        else:
+            assert float((p.grad - theirs[name].grad).abs().max()) <= tol * scale, name
     # the frozen network received nothing and its BatchNorm statistics did not move
     assert all(p.grad is None for n, p in cached.named_parameters() if n not in trainable)
     for (n, a), b in zip(model.state_dict().items(), cached.state_dict().values()):
@@ -142,20 +149,16 @@ def test_cached_views_cycle_over_epochs():
         assert rows.count((e % views) * n + 4) >= 1
 
 
-def test_yolo_cached_trainer_equals_through_network_trainer(tmp_path, phantom):
-    """Ultralytics' whole loop — optimiser groups, schedule, accumulation, EMA — over two epochs: with every random
-    augmentation at zero and one batch per epoch, the cached trainer (plain views) ends with the through-network
-    trainer's heads, θ and EMA model (to 1e-8) and the same loss items; the frozen network is untouched."""
+def _frozen_trainer_setup(tmp_path, phantom, overrides=()):
+    """The spec and Ultralytics arguments of a phantom frozen stage (every random augmentation at zero)."""
     from welde_det.datasets.resolve import yolo_view
-    from welde_det.engine.backends.yolo import YOLOBackend, spec_env, ultralytics_args
-    from welde_det.engine.cache.yolo import CachedFrozenTrainer, yolo_trainable
+    from welde_det.engine.backends.yolo import YOLOBackend, ultralytics_args
     from welde_det.engine.config import load_config
     from welde_det.engine.run import class_stats_for, plan_stages, resolve_run_data
-    from welde_det.integrations.yolo import WELDEDetectionTrainer, _core
 
     cfg = load_config(ROOT / "configs" / "yolo_welde.yaml", [
         "stage1_epochs=0", "epochs=2", "imgsz=128", "batch=16", "nbs=16", "n_images=6", f"cache_dir={phantom}",
-        "workers=0", f"output={tmp_path}", "warmup_steps=1", "cache_frozen=true"])
+        "workers=0", f"output={tmp_path}", "warmup_steps=1", "cache_frozen=true", *overrides])
     data = resolve_run_data(cfg, tmp_path)
     stats = class_stats_for(cfg, data.splits["train"])
     (stage,) = plan_stages(cfg)
@@ -164,6 +167,18 @@ def test_yolo_cached_trainer_equals_through_network_trainer(tmp_path, phantom):
     data_yaml = yolo_view(backend.view(data), tmp_path / "data", channels=cfg.data.channels)
     args = {**ultralytics_args(cfg, data_yaml, tmp_path, stage, validate=False),
             "translate": 0.0, "scale": 0.0, "fliplr": 0.0, "hsv_v": 0.0}
+    return spec, args
+
+
+def test_yolo_cached_trainer_equals_through_network_trainer(tmp_path, phantom):
+    """Ultralytics' whole loop — optimiser groups, schedule, accumulation, EMA — over two epochs: with every random
+    augmentation at zero and one batch per epoch, the cached trainer (plain views) ends with the through-network
+    trainer's heads, θ and EMA model (to 1e-8) and the same loss items; the frozen network is untouched."""
+    from welde_det.engine.backends.yolo import spec_env
+    from welde_det.engine.cache.yolo import CachedFrozenTrainer, yolo_trainable
+    from welde_det.integrations.yolo import WELDEDetectionTrainer, _core
+
+    spec, args = _frozen_trainer_setup(tmp_path, phantom)
     out = []
     for cls in (WELDEDetectionTrainer, CachedFrozenTrainer):
         with spec_env(spec):
@@ -182,6 +197,43 @@ def test_yolo_cached_trainer_equals_through_network_trainer(tmp_path, phantom):
         if v.is_floating_point():
             assert float((v - ema_b[k]).abs().max()) <= 1e-8, k
     assert all(torch.equal(v, model_b[k]) for k, v in model_a.items() if not yolo_trainable(k))
+
+
+@pytest.mark.parametrize(("every_s", "writes"), [(3600.0, [0, 2]), (0.0, [0, 1, 2])])
+def test_cached_stage_checkpoints_at_most_once_per_interval(tmp_path, phantom, monkeypatch, every_s, writes):
+    """train.checkpoint_every_s: the cached frozen stage writes Ultralytics' checkpoint at its first and last epoch
+    and otherwise at most once per interval (0 = every epoch); terms.csv still has every epoch."""
+    from welde_det.engine.backends.yolo import spec_env
+    from welde_det.engine.cache.yolo import CachedFrozenTrainer
+    from welde_det.integrations.yolo import WELDEDetectionTrainer
+
+    spec, args = _frozen_trainer_setup(tmp_path, phantom, ["epochs=3", f"train.checkpoint_every_s={every_s}"])
+    saved = []
+    parent = WELDEDetectionTrainer.save_model
+    monkeypatch.setattr(WELDEDetectionTrainer, "save_model", lambda self: saved.append(self.epoch) or parent(self))
+    with spec_env(spec):
+        trainer = CachedFrozenTrainer(overrides={**args, "name": "throttled"})
+        trainer.train()
+    assert saved == writes
+    assert [int(r["epoch"]) for r in csv.DictReader((trainer.save_dir / "terms.csv").open())] == [0, 1, 2]
+    assert (trainer.save_dir / "weights" / "last.pt").is_file()
+
+
+def test_resume_drops_the_terms_of_epochs_it_redoes(tmp_path):
+    """A resumed stage starts at the checkpoint's epoch; the terms.csv rows of later epochs (written before the
+    kill, not in the checkpoint) are dropped so the redone epochs are not listed twice."""
+    from types import SimpleNamespace
+
+    from welde_det.integrations.yolo import _on_train_start
+    from welde_det.utils.fileio import append_csv_row
+
+    for epoch in range(4):
+        append_csv_row(tmp_path / "terms.csv", {"epoch": epoch, "stage": 2, "weight_ce": 0.25 + epoch})
+    _on_train_start(SimpleNamespace(save_dir=tmp_path, start_epoch=2))
+    rows = list(csv.DictReader((tmp_path / "terms.csv").open()))
+    assert [(int(r["epoch"]), float(r["weight_ce"])) for r in rows] == [(0, 0.25), (1, 1.25)]
+    _on_train_start(SimpleNamespace(save_dir=tmp_path, start_epoch=0))  # a fresh start keeps what is there
+    assert len(list(csv.DictReader((tmp_path / "terms.csv").open()))) == 2
 
 
 @pytest.fixture(scope="module")

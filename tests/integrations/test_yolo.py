@@ -121,7 +121,8 @@ def test_ddp_worker_rebuilds_the_trainer_by_import(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "runs" / "stage"
     ckpt = safe_load(run / "weights" / "last.pt", allow_modules=True)
-    assert ckpt["welde_det"]["welde"] == spec.to_dict()
+    meta = json.loads((run / "weights" / "welde_det.json").read_text())
+    assert meta["welde"] == spec.to_dict() and meta["framework"] == "yolo"
     assert type(ckpt["ema"]).__name__ == "WELDEDetectionModel" and ckpt["ema"].head.num_heads == 4
     rows = list(csv.DictReader((run / "terms.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1]

@@ -192,6 +192,10 @@ class TrainConfig:
             same loss, gradients and optimiser, one device only).
         cache_views: with ``cache_frozen``: 0 = one plain (un-augmented) view per image;
             V ≥ 1 (YOLO) = V augmented views drawn once before training, epoch e on view e mod V.
+        checkpoint_every_s: with ``cache_frozen`` (YOLO): a cached epoch takes seconds, so the
+            frozen stage writes its resumable ``last.pt`` at most once per this many seconds —
+            always at the last epoch, and on every new best when validation runs each epoch. A
+            killed run repeats at most this much work; 0 writes every epoch, as Ultralytics does.
     """
 
     epochs: int = 30
@@ -214,6 +218,7 @@ class TrainConfig:
     measure: str = "val"
     cache_frozen: bool = False
     cache_views: int = 0
+    checkpoint_every_s: float = 30.0
 
 
 @dataclass(frozen=True)

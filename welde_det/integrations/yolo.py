@@ -452,6 +452,7 @@ def _replace_mosaic(compose: Compose) -> None:
 
 
 SPEC_ENV = "WELDE_DET_YOLO_SPEC"
+WELDE_META_NAME = "welde_det.json"  # the trainer's metadata, written beside last.pt / best.pt
 
 
 def trainer_spec() -> dict[str, Any]:
@@ -492,8 +493,8 @@ class WELDEDetectionTrainer(DetectionTrainer):
     - ``validate`` evaluates the EMA model with welde_det's pycocotools-exact evaluator on
       the COCO validation split (fitness = mAP@[.5:.95]) instead of Ultralytics' validator,
       and ``final_eval`` leaves the final report to the runner;
-    - checkpoints are written atomically and carry ``ckpt["welde_det"]`` (framework,
-      ClassStats, resolved config, spec), so ``YOLO(path)`` and
+    - checkpoints are written atomically, with ``weights/welde_det.json`` (framework,
+      ClassStats, resolved config, spec) beside them, so ``YOLO(path)`` and
       :func:`welde_det.integrations.registry.load_detector` (after conversion to the one schema) reload them;
     - every step's WELDE terms are averaged per epoch into ``terms.csv`` and written to
       TensorBoard (when installed) under the run folder.
@@ -527,8 +528,8 @@ class WELDEDetectionTrainer(DetectionTrainer):
         self._term_steps = 0
         self._tb = None
         # Ultralytics' DDP workers rebuild the trainer with the parent's callbacks, ours among them
-        for event, fn in (("on_train_epoch_start", _on_epoch_start), ("on_train_batch_end", _on_batch_end),
-                          ("on_train_epoch_end", _on_epoch_end)):
+        for event, fn in (("on_train_start", _on_train_start), ("on_train_epoch_start", _on_epoch_start),
+                          ("on_train_batch_end", _on_batch_end), ("on_train_epoch_end", _on_epoch_end)):
             if fn not in self.callbacks[event]:
                 self.add_callback(event, fn)
 
@@ -671,7 +672,13 @@ class WELDEDetectionTrainer(DetectionTrainer):
         """The runner writes the final report with welde_det's evaluator."""
 
     def save_model(self):
-        """Ultralytics' checkpoint with ``ckpt["welde_det"]`` added, written atomically."""
+        """Ultralytics' checkpoints written atomically, with ``weights/welde_det.json`` beside them.
+
+        The metadata (framework, ClassStats, resolved config, spec) does not change during a
+        stage, so it is written once per trainer as a sidecar rather than added to every
+        checkpoint: adding it meant re-reading and re-writing ``last.pt`` / ``best.pt`` every
+        epoch, which was half the checkpoint cost of a cached frozen-stage epoch.
+        """
         last, best = self.last, self.best
         tmp_last, tmp_best = last.with_name(f".{last.name}.tmp"), best.with_name(f".{best.name}.tmp")
         self.last, self.best = tmp_last, tmp_best
@@ -679,16 +686,16 @@ class WELDEDetectionTrainer(DetectionTrainer):
             ok = super().save_model()
         finally:
             self.last, self.best = last, best
-        from welde_det.checkpoint import safe_load
+        if not getattr(self, "_welde_meta_written", False):
+            from welde_det.utils.fileio import atomic_write_json
 
-        meta = {k: self.welde_spec[k] for k in ("class_stats", "config") if k in self.welde_spec}
-        meta.update(components=list(self.welde.components), mode=self.welde.mode, welde=self.welde.to_dict())
-        meta["framework"] = "yolo"
+            meta = {k: self.welde_spec[k] for k in ("class_stats", "config") if k in self.welde_spec}
+            meta.update(components=list(self.welde.components), mode=self.welde.mode, welde=self.welde.to_dict())
+            meta["framework"] = "yolo"
+            atomic_write_json(Path(self.wdir) / WELDE_META_NAME, meta)
+            self._welde_meta_written = True
         for tmp, final in ((tmp_last, last), (tmp_best, best)):
             if tmp.exists():
-                ckpt = safe_load(tmp, allow_modules=True)  # weights_only, with the module allow-list
-                ckpt["welde_det"] = meta
-                torch.save(ckpt, tmp)
                 os.replace(tmp, final)
         return ok
 
@@ -746,6 +753,26 @@ def _on_batch_end(trainer: WELDEDetectionTrainer) -> None:
         step = int(_core(trainer.model).model[-1].objective.num_steps)
         for k, v in values.items():
             trainer._tb.add_scalar(f"welde/{k}", v, step)
+
+
+def _on_train_start(trainer: WELDEDetectionTrainer) -> None:
+    """On a resume, drop the ``terms.csv`` rows of the epochs the checkpoint does not hold (they are redone)."""
+    path = trainer.save_dir / "terms.csv"
+    if RANK not in {-1, 0} or not trainer.start_epoch or not path.exists():
+        return
+    import csv
+
+    from welde_det.utils.fileio import atomic_writer
+
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames or [], list(reader)
+    keep = [r for r in rows if int(r["epoch"]) < trainer.start_epoch]
+    if len(keep) < len(rows):
+        with atomic_writer(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(keep)
 
 
 def _on_epoch_end(trainer: WELDEDetectionTrainer) -> None:

@@ -135,6 +135,9 @@ def check_cache_config(cfg: ExperimentConfig, framework: str) -> None:
     if t.cache_views < 0:
         raise ConfigError(f"train.cache_views={t.cache_views}: give 0 (one plain view per image) or a number "
                           "of augmented views")
+    if not t.checkpoint_every_s >= 0:
+        raise ConfigError(f"train.checkpoint_every_s={t.checkpoint_every_s}: give seconds ≥ 0 (0 = a checkpoint "
+                          "every epoch)")
     if not t.cache_frozen:
         return
     if not any(s.frozen for s in plan_stages(cfg)):

@@ -300,8 +300,11 @@ class CachedFrozenTrainer(WELDEDetectionTrainer):
         if self.args.multi_scale or self.args.compile:
             raise ValueError(f"train.cache_frozen: Ultralytics' multi_scale={self.args.multi_scale} / "
                              f"compile={self.args.compile} need images in the loop; turn them off")
-        self.cache_views = int(self.welde_spec.get("config", {}).get("train", {}).get("cache_views", 0))
+        train_cfg = self.welde_spec.get("config", {}).get("train", {})
+        self.cache_views = int(train_cfg.get("cache_views", 0))
+        self.checkpoint_every_s = float(train_cfg.get("checkpoint_every_s", 30.0))
         self.cache: YOLOFeatureCache | None = None
+        self._last_save: float | None = None
 
     def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train"):
         if mode != "train":
@@ -349,3 +352,23 @@ class CachedFrozenTrainer(WELDEDetectionTrainer):
             return super()._do_train()
         finally:
             _core(self.model).__dict__.pop("loss", None)
+
+    def save_model(self):
+        """The parent's checkpoint, at most once per ``train.checkpoint_every_s``.
+
+        A cached epoch takes seconds and a full Ultralytics checkpoint (a half-precision copy of
+        the whole EMA model, the optimiser state, the results table) about half a second, so
+        writing one every epoch would cost as much as the training. Always written: the stage's
+        first epoch (so a NaN recovery and a resume always find ``last.pt``), its last, and a new
+        best when validation runs every epoch (``best.pt`` must be the best epoch). A killed run
+        resumes from the last one written and repeats at most ``checkpoint_every_s`` of work.
+        """
+        final = self.epoch + 1 >= self.epochs or self.stop
+        new_best = bool(self.args.val) and self.fitness is not None and self.best_fitness == self.fitness
+        now = time.monotonic()
+        due = self._last_save is None or now - self._last_save >= self.checkpoint_every_s
+        if not (final or new_best or due):
+            return False
+        ok = super().save_model()
+        self._last_save = time.monotonic()
+        return ok
