@@ -527,6 +527,7 @@ class WELDEDetectionTrainer(DetectionTrainer):
         self._term_sums: dict[str, float] = {}
         self._term_steps = 0
         self._tb = None
+        self._welde_meta_written = False  # weights/welde_det.json, once per trainer
         # Ultralytics' DDP workers rebuild the trainer with the parent's callbacks, ours among them
         for event, fn in (("on_train_start", _on_train_start), ("on_train_epoch_start", _on_epoch_start),
                           ("on_train_batch_end", _on_batch_end), ("on_train_epoch_end", _on_epoch_end)):
@@ -686,7 +687,7 @@ class WELDEDetectionTrainer(DetectionTrainer):
             ok = super().save_model()
         finally:
             self.last, self.best = last, best
-        if not getattr(self, "_welde_meta_written", False):
+        if not self._welde_meta_written:
             from welde_det.utils.fileio import atomic_write_json
 
             meta = {k: self.welde_spec[k] for k in ("class_stats", "config") if k in self.welde_spec}
@@ -758,21 +759,14 @@ def _on_batch_end(trainer: WELDEDetectionTrainer) -> None:
 def _on_train_start(trainer: WELDEDetectionTrainer) -> None:
     """On a resume, drop the ``terms.csv`` rows of the epochs the checkpoint does not hold (they are redone)."""
     path = trainer.save_dir / "terms.csv"
-    if RANK not in {-1, 0} or not trainer.start_epoch or not path.exists():
+    if RANK not in {-1, 0} or not trainer.start_epoch:
         return
-    import csv
+    from welde_det.utils.fileio import read_csv_rows, write_csv_rows
 
-    from welde_det.utils.fileio import atomic_writer
-
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames or [], list(reader)
+    rows = read_csv_rows(path)
     keep = [r for r in rows if int(r["epoch"]) < trainer.start_epoch]
     if len(keep) < len(rows):
-        with atomic_writer(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(keep)
+        write_csv_rows(path, keep, fieldnames=list(rows[0]))
 
 
 def _on_epoch_end(trainer: WELDEDetectionTrainer) -> None:

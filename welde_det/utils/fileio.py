@@ -124,16 +124,24 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
 
 
-def append_csv_row(path: str | os.PathLike, row: dict[str, Any]) -> None:
-    """Append one epoch's row (rewriting the header if new terms appear)."""
+def read_csv_rows(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header, as dicts (an absent file: no rows)."""
     path = Path(path)
-    rows = []
-    if path.is_file():
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    rows.append({k: str(v) for k, v in row.items()})
-    keys = list(dict.fromkeys(k for r in rows for k in r))
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_csv_rows(path: str | os.PathLike, rows: list[dict[str, Any]], fieldnames: list[str] | None = None) -> None:
+    """Write ``rows`` under a header atomically; the columns are ``fieldnames`` or every key in first-seen order."""
+    keys = fieldnames if fieldnames is not None else list(dict.fromkeys(k for r in rows for k in r))
     with atomic_writer(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
+
+
+def append_csv_row(path: str | os.PathLike, row: dict[str, Any]) -> None:
+    """Append one epoch's row (rewriting the header if new terms appear)."""
+    write_csv_rows(path, [*read_csv_rows(path), {k: str(v) for k, v in row.items()}])

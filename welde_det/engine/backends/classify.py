@@ -13,7 +13,6 @@ Writes ``weights/model.pt`` (the one schema; the objective's θ/EMA under ``obje
 from __future__ import annotations
 
 import copy
-import csv
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -31,7 +30,7 @@ from welde_det.evaluation.classification import classification_metrics
 from welde_det.integrations.classifier import TrainedClassifier, build_classifier
 from welde_det.integrations.classify import ClassificationData, load_classification_data
 from welde_det.losses.samplers import build_sampler
-from welde_det.utils.fileio import atomic_write_json, atomic_write_text, atomic_writer
+from welde_det.utils.fileio import atomic_write_json, atomic_write_text, write_csv_rows
 from welde_det.utils.logging import progress_enabled
 from welde_det.welde.transfer import load_matching
 
@@ -106,10 +105,7 @@ class ClassifyBackend(Backend):
         stats.save(run_dir / "class_stats.json")
         if log:
             keys = sorted({k for row in log for k in row}, key=lambda k: (k not in ("stage", "epoch"), k))
-            with atomic_writer(run_dir / "terms.csv", "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=keys)
-                w.writeheader()
-                w.writerows(log)
+            write_csv_rows(run_dir / "terms.csv", log, fieldnames=keys)
         x, y = data.splits[measure]
         metrics = classification_metrics(y, trained.predict_proba(x), class_stats=stats)
         selection = selection_label(select)
