@@ -69,7 +69,11 @@ def _yolo_frozen_model(dtype: torch.dtype):
 def test_yolo_cached_loss_and_gradients_equal_through_network(dtype, tol):
     """Same batch: the cached path's loss items and every trainable parameter's gradient equal the network's, with
     the cache built image by image (other batching than the through-network pass)."""
-    from welde_det.engine.cache.yolo import yolo_cached_loss, yolo_frozen_outputs
+    from welde_det.engine.cache.yolo import (
+        yolo_cached_loss,
+        yolo_decoded_boxes,
+        yolo_frozen_outputs,
+    )
 
     model = _yolo_frozen_model(dtype)
     g = torch.Generator().manual_seed(1)
@@ -83,9 +87,17 @@ def test_yolo_cached_loss_and_gradients_equal_through_network(dtype, tol):
     loss_net.sum().backward()
     outs = [yolo_frozen_outputs(cached, img[i:i + 1]) for i in range(4)]
     stems = [torch.cat([o[0][lvl] for o in outs]) for lvl in range(3)]
-    boxes = [torch.cat([o[1][lvl] for o in outs]) for lvl in range(3)]
-    loss_c, items_c = yolo_cached_loss(cached, {**batch, "stems": stems, "boxes": boxes})
+    boxes = torch.cat([o[1] for o in outs])
+    # the cache's layout: channels-last stems, (anchors, 4·reg_max) DFL rows, the boxes decoded once
+    stems = [s.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) for s in stems]
+    boxes = boxes.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    decoded = yolo_decoded_boxes(cached, stems, boxes)
+    loss_c, items_c = yolo_cached_loss(cached, {**batch, "stems": stems, "boxes": boxes, "pred_bboxes": decoded})
     loss_c.sum().backward()
+    # without the decoded boxes the loss decodes them itself: the same loss
+    with torch.no_grad():
+        again, _ = yolo_cached_loss(copy.deepcopy(cached), {**batch, "stems": stems, "boxes": boxes})
+    assert _rel_err(again, loss_c.detach()) <= tol
 
     assert float(items_net["cls_loss"]) > 0 and float(items_net["box_loss"]) > 0
     assert _rel_err(loss_net.detach(), loss_c.detach()) <= tol
@@ -118,10 +130,10 @@ def test_cached_views_cycle_over_epochs():
 
     n, views = 5, 2
     stems = [torch.arange(n * views, dtype=torch.float32).reshape(-1, 1, 1, 1)]
-    boxes = [torch.zeros(n * views, 1, 1, 1)]
+    boxes = torch.zeros(n * views, 1, 4)
     cls = [torch.full((e % 3 + 1, 1), float(e)) for e in range(n * views)]
     bboxes = [torch.full((e % 3 + 1, 4), 0.5) for e in range(n * views)]
-    cache = YOLOFeatureCache(stems, boxes, cls, bboxes, n, views, 32, 0.0)
+    cache = YOLOFeatureCache(stems, boxes, None, cls, bboxes, n, views, 32, 0.0)
     epoch = {"e": 0}
     loader = CachedLoader(cache, 2, dataset=None, epoch_fn=lambda: epoch["e"], seed=0)
     assert len(loader) == 3 and len(loader.sampler) == n

@@ -82,8 +82,15 @@ def test_fused_forward_equals_per_head_loop_values_and_gradients(conv, component
     fused, loop = heads(x1), heads.forward_loop(x2)
     assert len(fused) == len(components)
     for f, ref in zip(fused, loop):
-        assert f.shape == ref.shape and f.is_contiguous()
+        assert f.shape == ref.shape
+        # vectors come contiguous; maps in channels-last memory (classes the fastest dimension), the
+        # layout the dense losses read, and channels-last input is read without a copy
+        assert f.is_contiguous() if not conv else f.stride(1) == 1
         torch.testing.assert_close(f, ref)
+    if conv:
+        rows = x.permute(0, 2, 3, 1).contiguous()
+        for f, ref in zip(heads(rows.permute(0, 3, 1, 2)), loop):
+            torch.testing.assert_close(f, ref)
     g = [torch.randn_like(t) for t in loop]
     params = list(heads.parameters())
     grads_fused = torch.autograd.grad(sum((f * w).sum() for f, w in zip(fused, g)), [x1, *params])

@@ -178,19 +178,29 @@ class WELDEDetect(Detect):
             return {}
         bs = x[0].shape[0]
         boxes = torch.cat([box_head[i](x[i]).view(bs, 4 * self.reg_max, -1) for i in range(self.nl)], dim=-1)
+        return {"boxes": boxes, **self.class_scores([cls_head[i][:-1](x[i]) for i in range(self.nl)]), "feats": x}
+
+    def class_scores(self, stems: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The K heads on each level's classification stem (B, c3, h, w): ``scores_heads`` K × (B, C, A) and
+        the fused ``scores`` (B, C, A) (detached when K > 1; one head's own logits when K = 1).
+
+        The (B, C, A) tensors are transposed views of (B, A, C) memory — the layout the loss reads
+        (``permute(0, 2, 1)``), so it takes them without a copy; the heads emit channels-last maps
+        (:class:`~welde_det.welde.WELDEHeads`), so each head's levels are joined by one copy.
+        """
+        bs = stems[0].shape[0]
         per_head: list[list[torch.Tensor]] = [[] for _ in range(self.num_heads)]
         for i in range(self.nl):
-            stem = cls_head[i][:-1](x[i])
-            for k, z in enumerate(self.welde_heads[i](stem)):
-                per_head[k].append(z.reshape(bs, self.nc, -1))
-        heads = [torch.cat(p, dim=-1) for p in per_head]
+            for k, z in enumerate(self.welde_heads[i](stems[i])):
+                per_head[k].append(z.reshape(bs, self.nc, -1).transpose(1, 2))  # (B, h·w, C)
+        rows = [torch.cat(p, dim=1) for p in per_head]  # K × (B, A, C)
+        heads = [r.transpose(1, 2) for r in rows]
         if self.num_heads == 1:
-            scores = heads[0]
-        else:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.training):
-                p = fuse(heads, self.fusion_weight, activation="sigmoid", dim=1)
-                scores = torch.logit(p.clamp(1e-12, 1 - 1e-7)).to(heads[0].dtype)
-        return {"boxes": boxes, "scores": scores, "scores_heads": heads, "feats": x}
+            return {"scores": heads[0], "scores_heads": heads}
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.training):
+            p = fuse(rows, self.fusion_weight, activation="sigmoid", dim=2)
+            scores = torch.logit(p.clamp(1e-12, 1 - 1e-7)).to(rows[0].dtype).transpose(1, 2)
+        return {"scores": scores, "scores_heads": heads}
 
 
 class WELDEDetectionModel(DetectionModel):
@@ -321,6 +331,7 @@ class WELDEDetectionLoss(v8DetectionLoss):
         self.head = model.model[-1]
         self.assigner = _RecordingAssigner(self.assigner)
         self.last_terms: dict[str, torch.Tensor] = {}
+        self._pred_bboxes: torch.Tensor | None = None
         spec = model.welde_spec
         if self.class_weights is not None and (spec["mode"], list(spec["components"])) != ("single", ["ce"]):
             raise ValueError(
@@ -328,8 +339,23 @@ class WELDEDetectionLoss(v8DetectionLoss):
                 f"'ce' head; they have no meaning for mode {spec['mode']!r} with components {list(spec['components'])}"
                 ". Set cls_pw=0, or use a class-weighted loss component ('wce', 'cb') instead")
 
+    def bbox_decode(self, anchor_points: torch.Tensor, pred_dist: torch.Tensor) -> torch.Tensor:
+        """Ultralytics' decoding, or the predictions' ``pred_bboxes`` when they carry them (the cached frozen
+        stage: its box branch is frozen, so the cache decodes once what this would decode every batch)."""
+        given = self._pred_bboxes
+        if given is None:
+            return super().bbox_decode(anchor_points, pred_dist)
+        if given.shape != (*pred_dist.shape[:2], 4):
+            raise ValueError(f"pred_bboxes of shape {tuple(given.shape)} for DFL logits of shape "
+                             f"{tuple(pred_dist.shape)}: expected {(*pred_dist.shape[:2], 4)}")
+        return given.to(pred_dist.dtype)
+
     def get_assigned_targets_and_loss(self, preds, batch, **assign_kwargs):
-        assigned, loss, _ = super().get_assigned_targets_and_loss(preds, batch, **assign_kwargs)
+        self._pred_bboxes = preds.get("pred_bboxes")
+        try:
+            assigned, loss, _ = super().get_assigned_targets_and_loss(preds, batch, **assign_kwargs)
+        finally:
+            self._pred_bboxes = None
         target_scores = self.assigner.last[2]
         target_scores_sum = target_scores.sum().clamp_(min=1)
         nc = self.nc

@@ -11,6 +11,9 @@ default s = 30.
 
 Shape:
     features (N, D) → K tensors (N, C); with ``conv=True`` (N, D, H, W) → K × (N, C, H, W).
+    Feature maps are evaluated as rows (N·H·W, D), so the fused path returns the maps in
+    channels-last memory (strides of an (N, H, W, C) tensor; ``.contiguous()`` gives NCHW) —
+    the layout dense losses read, (N, H·W, C) — and reads channels-last input without a copy.
 
 Speed: ``WELDEHeads.forward`` evaluates the K heads together rather than one module after
 the other (same parameters, same ``state_dict``, same values to float32 rounding; the plain
@@ -214,7 +217,7 @@ class WELDEHeads(nn.Module):
             return self._fused(features)
         n, d, h, w = features.shape
         rows = features.permute(0, 2, 3, 1).reshape(-1, d)  # (N·H·W, D): 1×1 convs become matmuls
-        return [o.reshape(n, h, w, o.shape[-1]).permute(0, 3, 1, 2).contiguous() for o in self._fused(rows)]
+        return [o.reshape(n, h, w, o.shape[-1]).permute(0, 3, 1, 2) for o in self._fused(rows, contiguous=False)]
 
     def forward_loop(self, features: torch.Tensor) -> list[torch.Tensor]:
         """Reference evaluation: each head's adapter and classifier module in turn."""
@@ -236,8 +239,9 @@ class WELDEHeads(nn.Module):
                 return False
         return True
 
-    def _fused(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """All K heads on rows x (M, D) → K × (M, C).
+    def _fused(self, x: torch.Tensor, *, contiguous: bool = True) -> list[torch.Tensor]:
+        """All K heads on rows x (M, D) → K × (M, C) (with ``contiguous=False`` the linear heads' are
+        column slices of one (M, K_lin·C) matrix).
 
         One matmul gives every head's hidden units a = act(W1·x + b1) (K·h columns); one
         gives every linear head's W_c·x + (W_c·b2 + b_c) (C columns each), and a third adds
@@ -261,7 +265,7 @@ class WELDEHeads(nn.Module):
             blocks = [w @ _matrix(a.up.weight) if lin else acts.new_zeros(0, hidden)
                       for a, w, lin in zip(self.adapters, wc, linear)]
             logits = iter(torch.addmm(direct, acts, torch.block_diag(*blocks).t()).split(c, dim=1))
-            out = [next(logits).contiguous() if lin else None for lin in linear]
+            out = [(next(logits).contiguous() if contiguous else next(logits)) if lin else None for lin in linear]
         hid = acts.split(hidden, dim=1)
         for k, (a, clf) in enumerate(zip(self.adapters, self.classifiers)):
             if out[k] is None:  # cosine: it normalises the adapted feature, so build it

@@ -7,10 +7,20 @@ classifier, BatchNorm statistics fixed by Ultralytics' ``_model_train``). The tr
 starts at :meth:`~welde_det.integrations.yolo.WELDEDetect.forward_head`, on each level's stem
 output ``cv3[l][:-1](x_l)``; the loss also needs the frozen box branch's DFL logits
 ``cv2[l](x_l)`` (box and DFL terms, and the task-aligned assigner's predicted boxes). Those two
-are cached per image view (:func:`yolo_frozen_outputs`); every batch then calls the unchanged
-``WELDEDetect.forward_head`` on them (:func:`yolo_cached_preds`) and the unchanged
+are cached per image view (:func:`yolo_frozen_outputs`), with the boxes the loss decodes from
+the DFL logits (:func:`yolo_decoded_boxes`, the criterion's own ``bbox_decode``: constant, as
+the box branch is frozen); every batch then runs the unchanged
+:meth:`~welde_det.integrations.yolo.WELDEDetect.class_scores` — the trainable part of
+``forward_head`` — on them (:func:`yolo_cached_preds`) and the unchanged
 :class:`~welde_det.integrations.yolo.WELDEDetectionLoss` — assignment included, with the
 current fused scores.
+
+Layout: the cache keeps every tensor in the memory order the heads and the loss read, so a
+batch is one gather per tensor and nothing is transposed: stems as (entries, h, w, c3) — the
+heads' 1×1 convolutions are matmuls over rows of channels — and the DFL logits as
+(entries, anchors, 4·reg_max), the loss's ``pred_distri``. A batch hands them out as views with
+the shapes ``forward_head`` gives: stems (B, c3, h, w) in channels-last memory, ``boxes``
+(B, 4·reg_max, anchors).
 
 :class:`CachedFrozenTrainer` is :class:`~welde_det.integrations.yolo.WELDEDetectionTrainer`
 with a training loader over the cache (:class:`CachedLoader`) and the training model's loss
@@ -41,7 +51,7 @@ from welde_det.engine.config import ConfigError, ExperimentConfig
 from welde_det.integrations.yolo import WELDEDetectionTrainer, _core
 
 __all__ = ["CachedFrozenTrainer", "CachedLoader", "YOLOFeatureCache", "build_yolo_cache", "yolo_cached_loss",
-           "yolo_cached_preds", "yolo_frozen_outputs", "yolo_trainable", "yolo_trainer_class"]
+           "yolo_cached_preds", "yolo_decoded_boxes", "yolo_frozen_outputs", "yolo_trainable", "yolo_trainer_class"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +78,16 @@ class _StopAtHead(Exception):
 
 
 @torch.no_grad()
-def yolo_frozen_outputs(model: nn.Module, img: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def yolo_frozen_outputs(model: nn.Module, img: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The frozen network's outputs for a batch of preprocessed images (B, C, H, W), values in [0, 1].
 
     Returns:
-        ``(stems, boxes)``, one tensor per level: ``stems[l] = cv3[l][:-1](x_l)`` (B, c3, h, w) — the
-        input of the trainable WELDE heads — and ``boxes[l] = cv2[l](x_l)`` (B, 4·reg_max, h, w), with
-        ``x_l`` the neck feature the head receives. Every module runs in eval mode (BatchNorm on its
-        fixed statistics, as the frozen stage's trainer keeps the frozen layers); the modules' own
-        train/eval flags are restored afterwards.
+        ``(stems, boxes)``: per level ``stems[l] = cv3[l][:-1](x_l)`` (B, c3, h, w) — the input of the
+        trainable WELDE heads — with ``x_l`` the neck feature the head receives, and ``boxes`` the box
+        branch's DFL logits ``cv2[l](x_l)`` joined over levels as ``forward_head`` joins them,
+        (B, 4·reg_max, anchors). Every module runs in eval mode (BatchNorm on its fixed statistics, as
+        the frozen stage's trainer keeps the frozen layers); the modules' own train/eval flags are
+        restored afterwards.
     """
     head = model.model[-1]
     captured: dict[str, list[torch.Tensor]] = {}
@@ -94,7 +105,7 @@ def yolo_frozen_outputs(model: nn.Module, img: torch.Tensor) -> tuple[list[torch
         x = captured["x"]
         # still in eval mode: the head's stems and box branch have BatchNorm layers too
         stems = [head.cv3[i][:-1](x[i]) for i in range(head.nl)]
-        boxes = [head.cv2[i](x[i]) for i in range(head.nl)]
+        boxes = torch.cat([head.cv2[i](x[i]).flatten(2) for i in range(head.nl)], dim=-1)
     finally:
         handle.remove()
         for m, mode in modes:
@@ -102,68 +113,92 @@ def yolo_frozen_outputs(model: nn.Module, img: torch.Tensor) -> tuple[list[torch
     return stems, boxes
 
 
-class _Cached(nn.Module):
-    """Stands in for one level's box branch: returns that level's cached DFL logits."""
-
-    def __init__(self, value: torch.Tensor) -> None:
-        super().__init__()
-        self.value = value
-
-    def forward(self, _x: torch.Tensor) -> torch.Tensor:
-        return self.value
+def _criterion(model: nn.Module) -> nn.Module:
+    """The model's training criterion (Ultralytics' ``DetectionModel.loss`` creates it the same way)."""
+    if getattr(model, "criterion", None) is None:
+        model.criterion = model.init_criterion()
+    return model.criterion
 
 
-#: stands in for a classification branch whose stem is already applied: ``[:-1]`` is the identity
-_STEM_DONE = nn.Sequential(nn.Identity(), nn.Identity())
+@torch.no_grad()
+def yolo_decoded_boxes(model: nn.Module, stems: Sequence[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+    """The boxes the loss decodes from frozen DFL logits ``boxes`` (B, 4·reg_max, anchors): the criterion's own
+    ``bbox_decode`` at the anchors of ``stems``' grids, (B, anchors, 4) xyxy in grid units.
+
+    They depend on the frozen box branch only, so the cache keeps them and the loss skips the decoding
+    (``pred_bboxes`` in :func:`yolo_cached_preds`); the assigner still sees them with the current scores.
+    """
+    from ultralytics.utils.loss import v8DetectionLoss
+    from ultralytics.utils.tal import make_anchors
+
+    crit = _criterion(model)
+    anchor_points, _ = make_anchors(list(stems), crit.stride, 0.5)
+    return v8DetectionLoss.bbox_decode(crit, anchor_points, boxes.permute(0, 2, 1).contiguous())
 
 
-def yolo_cached_preds(head: nn.Module, stems: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor]) -> dict:
-    """``WELDEDetect.forward_head`` on cached stems and box logits: the training predictions dict
-    (``boxes``, fused ``scores``, ``scores_heads``, ``feats`` = the stems, whose shapes give the anchors)."""
-    return head.forward_head(list(stems), box_head=[_Cached(b) for b in boxes],
-                             cls_head=[_STEM_DONE] * len(stems))
+def yolo_cached_preds(head: nn.Module, stems: Sequence[torch.Tensor], boxes: torch.Tensor,
+                      pred_bboxes: torch.Tensor | None = None) -> dict:
+    """The training predictions dict of ``WELDEDetect.forward_head`` from cached frozen outputs: ``boxes``
+    (B, 4·reg_max, anchors) as given, the heads' ``scores`` and ``scores_heads`` from
+    :meth:`~welde_det.integrations.yolo.WELDEDetect.class_scores` on the stems, ``feats`` = the stems
+    (their shapes give the anchors) and, when given, the decoded ``pred_bboxes`` (:func:`yolo_decoded_boxes`)."""
+    preds = {"boxes": boxes, **head.class_scores(list(stems)), "feats": list(stems)}
+    if pred_bboxes is not None:
+        preds["pred_bboxes"] = pred_bboxes
+    return preds
 
 
 def yolo_cached_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``DetectionModel.loss`` on a cached batch (``stems``, ``boxes``, ``batch_idx``, ``cls``, ``bboxes``):
-    the model's own criterion (:class:`~welde_det.integrations.yolo.WELDEDetectionLoss`) on
-    :func:`yolo_cached_preds`."""
-    if getattr(model, "criterion", None) is None:
-        model.criterion = model.init_criterion()
-    return model.criterion(yolo_cached_preds(model.model[-1], batch["stems"], batch["boxes"]), batch)
+    """``DetectionModel.loss`` on a cached batch (``stems``, ``boxes``, optional ``pred_bboxes``, ``batch_idx``,
+    ``cls``, ``bboxes``): the model's own criterion
+    (:class:`~welde_det.integrations.yolo.WELDEDetectionLoss`) on :func:`yolo_cached_preds`."""
+    preds = yolo_cached_preds(model.model[-1], batch["stems"], batch["boxes"], batch.get("pred_bboxes"))
+    return _criterion(model)(preds, batch)
 
 
 class YOLOFeatureCache:
     """The frozen outputs and labels of ``views × images`` entries (entry ``v · n + i``: view v of image i).
 
     Attributes:
-        stems, boxes: per level, one tensor (entries, channels, h, w) on the CPU.
+        stems: per level, (entries, h, w, c3) on the CPU — channels last, the rows the heads' matmuls read.
+        boxes: (entries, anchors, 4·reg_max): the DFL logits in the loss's layout.
+        pred_bboxes: (entries, anchors, 4): the loss's decoding of ``boxes`` (:func:`yolo_decoded_boxes`),
+            or None (the loss then decodes every batch).
         cls, bboxes: per entry, the view's labels as the dataset gives them ((n, 1), (n, 4) xywh normalised).
         images, views: the counts.
         imgsz: the views' side in pixels.
         build_seconds: time taken to fill the cache.
     """
 
-    def __init__(self, stems: list[torch.Tensor], boxes: list[torch.Tensor], cls: list[torch.Tensor],
-                 bboxes: list[torch.Tensor], images: int, views: int, imgsz: int, build_seconds: float) -> None:
-        self.stems, self.boxes, self.cls, self.bboxes = stems, boxes, cls, bboxes
+    def __init__(self, stems: list[torch.Tensor], boxes: torch.Tensor, pred_bboxes: torch.Tensor | None,
+                 cls: list[torch.Tensor], bboxes: list[torch.Tensor], images: int, views: int, imgsz: int,
+                 build_seconds: float) -> None:
+        self.stems, self.boxes, self.pred_bboxes, self.cls, self.bboxes = stems, boxes, pred_bboxes, cls, bboxes
         self.images, self.views, self.imgsz, self.build_seconds = images, views, imgsz, build_seconds
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [*self.stems, self.boxes, *([self.pred_bboxes] if self.pred_bboxes is not None else [])]
 
     @property
     def bytes_per_entry(self) -> int:
         """Bytes of one cached image view (features only; the labels are a few bytes per box)."""
-        return sum(t[0].numel() * t.element_size() for t in (*self.stems, *self.boxes))
+        return sum(t[0].numel() * t.element_size() for t in self._tensors())
 
     def batch(self, view: int, indices: Sequence[int]) -> dict[str, Any]:
-        """A training batch of images ``indices`` in view ``view``, in the layout the criterion reads."""
+        """A training batch of images ``indices`` in view ``view``, in the layout the criterion reads:
+        ``stems`` per level (B, c3, h, w) and ``boxes`` (B, 4·reg_max, anchors), views of gathered rows
+        (see the module docstring), and ``pred_bboxes`` (B, anchors, 4) when cached."""
         rows = torch.as_tensor([view * self.images + i for i in indices], dtype=torch.long)
         cls = [self.cls[int(r)] for r in rows]
-        return {"stems": [s.index_select(0, rows) for s in self.stems],
-                "boxes": [b.index_select(0, rows) for b in self.boxes],
-                "cls": torch.cat(cls, 0), "bboxes": torch.cat([self.bboxes[int(r)] for r in rows], 0),
-                "batch_idx": torch.cat([torch.full((len(c),), float(j)) for j, c in enumerate(cls)], 0),
-                # what Ultralytics' loop reads of "img": its batch size and side (progress line)
-                "img": torch.empty((len(rows), 0, self.imgsz, self.imgsz))}
+        out = {"stems": [s.index_select(0, rows).permute(0, 3, 1, 2) for s in self.stems],
+               "boxes": self.boxes.index_select(0, rows).permute(0, 2, 1),
+               "cls": torch.cat(cls, 0), "bboxes": torch.cat([self.bboxes[int(r)] for r in rows], 0),
+               "batch_idx": torch.cat([torch.full((len(c),), float(j)) for j, c in enumerate(cls)], 0),
+               # what Ultralytics' loop reads of "img": its batch size and side (progress line)
+               "img": torch.empty((len(rows), 0, self.imgsz, self.imgsz))}
+        if self.pred_bboxes is not None:
+            out["pred_bboxes"] = self.pred_bboxes.index_select(0, rows)
+        return out
 
 
 def _plain_view(dataset: Any, hyp: Any) -> Callable[[], None]:
@@ -206,7 +241,7 @@ def build_yolo_cache(model: nn.Module, dataset: Any, *, views: int, batch: int, 
     n_views = max(views, 1)
     undo = _plain_view(dataset, hyp) if views == 0 else (lambda: None)
     stems: list[torch.Tensor] = []
-    boxes: list[torch.Tensor] = []
+    boxes = decoded = torch.empty(0)
     cls: list[torch.Tensor] = []
     bboxes: list[torch.Tensor] = []
     start = time.perf_counter()
@@ -219,14 +254,18 @@ def build_yolo_cache(model: nn.Module, dataset: Any, *, views: int, batch: int, 
                     raise ConfigError(f"train.cache_frozen: a training view is {tuple(b['img'].shape[-2:])} pixels, "
                                       f"not {imgsz}×{imgsz}; the cache needs square views (rect=False)")
                 s, bx = yolo_frozen_outputs(model, b["img"])
+                dec = yolo_decoded_boxes(model, s, bx)
                 if not stems:
-                    per_view = sum(t[0].numel() * t.element_size() for t in (*s, *bx))
+                    per_view = sum(t[0].numel() * t.element_size() for t in (*s, bx, dec))
                     refuse_over_limit(per_view, n * n_views, "YOLO")
-                    stems = [torch.empty((n * n_views, *t.shape[1:]), dtype=t.dtype) for t in s]
-                    boxes = [torch.empty((n * n_views, *t.shape[1:]), dtype=t.dtype) for t in bx]
+                    stems = [torch.empty((n * n_views, t.shape[2], t.shape[3], t.shape[1]), dtype=t.dtype) for t in s]
+                    boxes = torch.empty((n * n_views, bx.shape[2], bx.shape[1]), dtype=bx.dtype)
+                    decoded = torch.empty((n * n_views, *dec.shape[1:]), dtype=dec.dtype)
                 rows = slice(v * n + lo, v * n + lo + len(items))
-                for dst, src in zip((*stems, *boxes), (*s, *bx)):
-                    dst[rows] = src.cpu()
+                for dst, src in zip(stems, s):
+                    dst[rows] = src.permute(0, 2, 3, 1).cpu()
+                boxes[rows] = bx.permute(0, 2, 1).cpu()
+                decoded[rows] = dec.cpu()
                 idx = b["batch_idx"].cpu()
                 for j in range(len(items)):
                     keep = idx == j
@@ -234,7 +273,7 @@ def build_yolo_cache(model: nn.Module, dataset: Any, *, views: int, batch: int, 
                     bboxes.append(b["bboxes"].cpu()[keep])
     finally:
         undo()
-    return YOLOFeatureCache(stems, boxes, cls, bboxes, n, n_views, imgsz, time.perf_counter() - start)
+    return YOLOFeatureCache(stems, boxes, decoded, cls, bboxes, n, n_views, imgsz, time.perf_counter() - start)
 
 
 class CachedLoader:
