@@ -209,6 +209,8 @@ def test_yolo_cached_trainer_equals_through_network_trainer(tmp_path, phantom):
         if v.is_floating_point():
             assert float((v - ema_b[k]).abs().max()) <= 1e-8, k
     assert all(torch.equal(v, model_b[k]) for k, v in model_a.items() if not yolo_trainable(k))
+    if hasattr(trainer.ema, "_pairs"):  # the cached EMA averaged only what the stage trains: the same EMA, as above
+        assert len(trainer.ema._pairs[0]) == sum(yolo_trainable(k) and v.is_floating_point() for k, v in ema_b.items())
 
 
 @pytest.mark.parametrize(("every_s", "writes"), [(3600.0, [0, 2]), (0.0, [0, 1, 2])])
@@ -227,8 +229,23 @@ def test_cached_stage_checkpoints_at_most_once_per_interval(tmp_path, phantom, m
         trainer = CachedFrozenTrainer(overrides={**args, "name": "throttled"})
         trainer.train()
     assert saved == writes
-    assert [int(r["epoch"]) for r in csv.DictReader((trainer.save_dir / "terms.csv").open())] == [0, 1, 2]
+    rows = list(csv.DictReader((trainer.save_dir / "terms.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
     assert (trainer.save_dir / "weights" / "last.pt").is_file()
+    # TensorBoard has every step's terms (one event per step); per epoch they average to the terms.csv row
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(trainer.save_dir / "tensorboard"))
+    board.Reload()
+    assert {f"welde/{k}" for k in rows[0] if k not in ("epoch", "stage")} == set(board.Tags()["scalars"])
+    steps = len(trainer.train_loader)
+    for term in ("weight_ce", "loss_ldam", "diversity"):
+        events = board.Scalars(f"welde/{term}")
+        assert [e.step for e in events] == list(range(1, 3 * steps + 1))
+        for epoch, row in enumerate(rows):
+            mean = sum(e.value for e in events[epoch * steps:(epoch + 1) * steps]) / steps
+            assert mean == pytest.approx(float(row[term]), rel=1e-5, abs=1e-7), (term, epoch)
 
 
 def test_resume_drops_the_terms_of_epochs_it_redoes(tmp_path):

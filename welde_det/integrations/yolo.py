@@ -554,6 +554,8 @@ class WELDEDetectionTrainer(DetectionTrainer):
         self._term_steps = 0
         self._tb = None
         self._welde_meta_written = False  # weights/welde_det.json, once per trainer
+        self._int_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._int_pairs_key: tuple[int, int] | None = None
         # Ultralytics' DDP workers rebuild the trainer with the parent's callbacks, ours among them
         for event, fn in (("on_train_start", _on_train_start), ("on_train_epoch_start", _on_epoch_start),
                           ("on_train_batch_end", _on_batch_end), ("on_train_epoch_end", _on_epoch_end)):
@@ -666,10 +668,18 @@ class WELDEDetectionTrainer(DetectionTrainer):
         """Ultralytics' step; then the integer WELDE buffers (step counter) follow into the model EMA."""
         super().optimizer_step()
         if self.ema:
+            for dst, src in self._integer_buffer_pairs():
+                dst.copy_(src)
+
+    def _integer_buffer_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(EMA buffer, model buffer) for every integer buffer, found once per EMA model (they are updated in place)."""
+        key = (id(self.ema.ema), id(_core(self.model)))
+        if self._int_pairs_key != key:
             src = dict(_core(self.model).named_buffers())
-            for name, buf in self.ema.ema.named_buffers():
-                if not buf.dtype.is_floating_point and name in src:
-                    buf.copy_(src[name])
+            self._int_pairs = [(buf, src[name]) for name, buf in self.ema.ema.named_buffers()
+                               if not buf.dtype.is_floating_point and name in src]
+            self._int_pairs_key = key
+        return self._int_pairs
 
     def validate(self):
         """COCO-exact mAP of the EMA model on the validation split (Ultralytics' contract)."""
@@ -770,16 +780,38 @@ def _on_batch_end(trainer: WELDEDetectionTrainer) -> None:
         trainer._term_sums[k] = trainer._term_sums.get(k, 0.0) + v
     trainer._term_steps += 1
     if trainer._tb is None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            trainer._tb = SummaryWriter(str(trainer.save_dir / "tensorboard"))
-        except ImportError:  # tensorboard is optional
-            trainer._tb = False
+        trainer._tb = _TermsBoard.open(trainer.save_dir / "tensorboard") or False
     if trainer._tb:
-        step = int(_core(trainer.model).model[-1].objective.num_steps)
-        for k, v in values.items():
-            trainer._tb.add_scalar(f"welde/{k}", v, step)
+        trainer._tb.write(values, int(_core(trainer.model).model[-1].objective.num_steps))
+
+
+class _TermsBoard:
+    """The WELDE terms of every step as TensorBoard scalars ``welde/<term>``, one event per step.
+
+    One event holding every term rather than ``SummaryWriter.add_scalar`` per term (an event
+    each): 0.3 ms a step instead of 2 ms for the ~20 terms of four heads, which mattered for
+    the cached frozen stage's 40 ms steps. TensorBoard reads the scalars the same way.
+    """
+
+    def __init__(self, writer: Any, summary: Any) -> None:
+        self._writer, self._summary = writer, summary
+
+    @classmethod
+    def open(cls, folder: Path) -> _TermsBoard | None:
+        """A writer into ``folder``; None when TensorBoard (optional) is not installed."""
+        try:
+            from tensorboard.compat.proto.summary_pb2 import Summary
+            from torch.utils.tensorboard.writer import FileWriter
+        except ImportError:
+            return None
+        return cls(FileWriter(str(folder)), Summary)
+
+    def write(self, values: Mapping[str, float], step: int) -> None:
+        value = [self._summary.Value(tag=f"welde/{k}", simple_value=float(v)) for k, v in values.items()]
+        self._writer.add_summary(self._summary(value=value), step)
+
+    def flush(self) -> None:
+        self._writer.flush()
 
 
 def _on_train_start(trainer: WELDEDetectionTrainer) -> None:

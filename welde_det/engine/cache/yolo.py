@@ -385,6 +385,25 @@ class CachedFrozenTrainer(WELDEDetectionTrainer):
         super()._setup_train()
         core = _core(self.model)
         core.loss = lambda batch, preds=None: yolo_cached_loss(core, batch)
+        self._restrict_ema(core)
+
+    def _restrict_ema(self, core: nn.Module) -> None:
+        """Let the model EMA average only what the stage changes (:func:`yolo_trainable`).
+
+        Ultralytics' ``ModelEMA`` lerps every floating tensor of the model each optimiser step — 3 M
+        values for YOLOv8n, of which the frozen stage changes 30 k. The frozen tensors are equal in
+        the model and its EMA copy (deep-copied at set-up, never updated: the cached stage does not
+        even run the frozen layers), and ``lerp(a, a, w) = a`` exactly, so averaging only the
+        trainable entries gives the same EMA model. Uses ``ModelEMA``'s list of (EMA, model) tensor
+        pairs, which it builds on its first update; an Ultralytics without that list keeps its full
+        update (same result, slower).
+        """
+        ema = self.ema
+        if ema is None or not hasattr(ema, "_pairs"):
+            return
+        src = core.state_dict()  # detached tensors sharing the parameters' storage, as ModelEMA takes them
+        pairs = [(v, src[k]) for k, v in ema.ema.state_dict().items() if v.dtype.is_floating_point and yolo_trainable(k)]
+        ema._pairs = ([e for e, _ in pairs], [m for _, m in pairs])
 
     def _do_train(self):
         try:
