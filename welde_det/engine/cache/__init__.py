@@ -11,7 +11,9 @@ What is cached, per framework:
 - **YOLO** (:mod:`welde_det.engine.cache.yolo`): per level, the output of the classification
   branch's frozen stem (``cv3[l][:-1]``: the input of the trainable WELDE heads,
   :meth:`~welde_det.integrations.yolo.WELDEDetect.forward_head`) and the frozen box branch's
-  raw DFL distributions (``cv2[l]``), plus the view's labels. The task-aligned assigner is
+  raw DFL distributions (``cv2[l]``) with the boxes the loss decodes from them (constant: the
+  box branch is frozen), plus the view's labels, each in the memory layout the heads and the
+  loss read (a batch is one gather per tensor, no transposes). The task-aligned assigner is
   **not** cached: it runs every batch inside the unchanged
   :class:`~welde_det.integrations.yolo.WELDEDetectionLoss` with the current (fused) class
   scores, as Ultralytics does. Training goes through Ultralytics' own trainer loop
@@ -57,9 +59,9 @@ Augmentation (``train.cache_views``):
   are not reproduced. Under ``amp`` the cached features are float32 while the
   through-network stage would compute them in half precision.
 
-Memory: the cache lives in RAM. YOLOv8n at 256 px: 688,128 bytes per image view for 6 classes
-(``(c3 + 4·reg_max) × anchors × 4`` with ``c3 = max(64, nc)``, 1,344 anchors), about 0.5 GB for
-lumbar6's 726 training slices. Faster R-CNN (mobilenet-v3 FPN, 256 px): ``(1024 + 4) × 4 + 8``
+Memory: the cache lives in RAM. YOLOv8n at 256 px: 709,632 bytes per image view for 6 classes
+(``(c3 + 4·reg_max + 4) × anchors × 4`` with ``c3 = max(64, nc)``, 1,344 anchors: stems, DFL
+logits and the decoded boxes), about 0.5 GB for lumbar6's 726 training slices. Faster R-CNN (mobilenet-v3 FPN, 256 px): ``(1024 + 4) × 4 + 8``
 bytes per cached proposal, up to 2,000 proposals per image depending on the RPN's scores; an
 untrained RPN kept ~1,180 per lumbar6 slice (4.6 MiB per image, 3.4 GB for the 726 slices). The
 size is estimated from the first batch, before the rest is computed (Faster R-CNN's again as the
