@@ -91,6 +91,13 @@ def test_the_run_folder_carries_no_user_file_name_and_no_input_path(yolo_run):
     base, data, _, run = yolo_run
     assert (run / "report.json").is_file()
     assert find_bytes(run, PLANTED_NAMES) == []  # gt/*.json, ground_truth.json, detections, reports, caches
+    # Ultralytics records the working directory's git repository (path, branch, commit message...) in its
+    # checkpoints; ours carry none of it (the tests run inside this package's repository, so there is one)
+    from welde_det.checkpoint import safe_load
+
+    for ckpt in run.rglob("*.pt"):
+        git = safe_load(ckpt, allow_modules=True).get("git")
+        assert git is None or not any(git.values()), (ckpt, git)
     # no symbolic link into the user's data, and the data folder's absolute path nowhere in the run folder
     assert not [p for p in run.rglob("*") if p.is_symlink() and str(data) in os.path.realpath(p)]
     assert find_bytes(run, (str(data), str(data.resolve()))) == []

@@ -38,6 +38,7 @@ EMA averages like any float buffer).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -715,12 +716,18 @@ class WELDEDetectionTrainer(DetectionTrainer):
         stage, so it is written once per trainer as a sidecar rather than added to every
         checkpoint: adding it meant re-reading and re-writing ``last.pt`` / ``best.pt`` every
         epoch, which was half the checkpoint cost of a cached frozen-stage epoch.
+
+        Ultralytics records the git repository of the working directory in every checkpoint
+        (its absolute path, branch, commit, last commit message and remote); that describes the
+        user's machine and project, not the model, and a commit message can carry anything, so
+        those fields are written empty (:func:`_no_git_metadata`).
         """
         last, best = self.last, self.best
         tmp_last, tmp_best = last.with_name(f".{last.name}.tmp"), best.with_name(f".{best.name}.tmp")
         self.last, self.best = tmp_last, tmp_best
         try:
-            ok = super().save_model()
+            with _no_git_metadata():
+                ok = super().save_model()
         finally:
             self.last, self.best = last, best
         if not self._welde_meta_written:
@@ -735,6 +742,29 @@ class WELDEDetectionTrainer(DetectionTrainer):
             if tmp.exists():
                 os.replace(tmp, final)
         return ok
+
+
+class _NoGit:
+    """Stands in for Ultralytics' ``GIT`` (the working directory's repository) while a checkpoint is written."""
+
+    root = branch = commit = message = origin = None
+    is_repo = False
+
+
+@contextlib.contextmanager
+def _no_git_metadata():
+    """Ultralytics' trainer sees no git repository inside the block, so its checkpoint's ``git`` entry is empty."""
+    import ultralytics.engine.trainer as trainer_module
+
+    if "GIT" not in trainer_module.__dict__:  # an Ultralytics that records no repository
+        yield
+        return
+    saved = trainer_module.GIT
+    trainer_module.GIT = _NoGit
+    try:
+        yield
+    finally:
+        trainer_module.GIT = saved
 
 
 def yolo_image_classes(dataset: YOLODataset) -> list[list[int]]:
