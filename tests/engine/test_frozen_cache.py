@@ -92,6 +92,9 @@ def test_yolo_cached_loss_and_gradients_equal_through_network(dtype, tol):
     stems = [s.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) for s in stems]
     boxes = boxes.permute(0, 2, 1).contiguous().permute(0, 2, 1)
     decoded = yolo_decoded_boxes(cached, stems, boxes)
+    # decoding leaves no criterion behind: Ultralytics sets the model's class weights (read when the criterion
+    # is made) after the training loader — the cache — is built
+    assert getattr(cached, "criterion", None) is None
     loss_c, items_c = yolo_cached_loss(cached, {**batch, "stems": stems, "boxes": boxes, "pred_bboxes": decoded})
     loss_c.sum().backward()
     # without the decoded boxes the loss decodes them itself: the same loss

@@ -131,7 +131,9 @@ def yolo_decoded_boxes(model: nn.Module, stems: Sequence[torch.Tensor], boxes: t
     from ultralytics.utils.loss import v8DetectionLoss
     from ultralytics.utils.tal import make_anchors
 
-    crit = _criterion(model)
+    # a criterion of its own, not kept on the model: the trainer sets the model's class weights (which the
+    # criterion reads when it is created) only after the training loader, and so after this cache, is built
+    crit = model.criterion if getattr(model, "criterion", None) is not None else model.init_criterion()
     anchor_points, _ = make_anchors(list(stems), crit.stride, 0.5)
     return v8DetectionLoss.bbox_decode(crit, anchor_points, boxes.permute(0, 2, 1).contiguous())
 
