@@ -556,7 +556,7 @@ class WELDEDetectionTrainer(DetectionTrainer):
         self._tb = None
         self._welde_meta_written = False  # weights/welde_det.json, once per trainer
         self._int_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._int_pairs_key: tuple[int, int] | None = None
+        self._int_pairs_ema: nn.Module | None = None  # the EMA model they were found in
         # Ultralytics' DDP workers rebuild the trainer with the parent's callbacks, ours among them
         for event, fn in (("on_train_start", _on_train_start), ("on_train_epoch_start", _on_epoch_start),
                           ("on_train_batch_end", _on_batch_end), ("on_train_epoch_end", _on_epoch_end)):
@@ -673,13 +673,14 @@ class WELDEDetectionTrainer(DetectionTrainer):
                 dst.copy_(src)
 
     def _integer_buffer_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(EMA buffer, model buffer) for every integer buffer, found once per EMA model (they are updated in place)."""
-        key = (id(self.ema.ema), id(_core(self.model)))
-        if self._int_pairs_key != key:
+        """(EMA buffer, model buffer) for every integer buffer, found once per EMA model (buffers are updated in
+        place; Ultralytics builds a new ``ModelEMA`` only when it recovers from a NaN)."""
+        ema = self.ema.ema
+        if self._int_pairs_ema is not ema:
             src = dict(_core(self.model).named_buffers())
-            self._int_pairs = [(buf, src[name]) for name, buf in self.ema.ema.named_buffers()
+            self._int_pairs = [(buf, src[name]) for name, buf in ema.named_buffers()
                                if not buf.dtype.is_floating_point and name in src]
-            self._int_pairs_key = key
+            self._int_pairs_ema = ema
         return self._int_pairs
 
     def validate(self):

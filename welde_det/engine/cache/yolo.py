@@ -113,13 +113,6 @@ def yolo_frozen_outputs(model: nn.Module, img: torch.Tensor) -> tuple[list[torch
     return stems, boxes
 
 
-def _criterion(model: nn.Module) -> nn.Module:
-    """The model's training criterion (Ultralytics' ``DetectionModel.loss`` creates it the same way)."""
-    if getattr(model, "criterion", None) is None:
-        model.criterion = model.init_criterion()
-    return model.criterion
-
-
 @torch.no_grad()
 def yolo_decoded_boxes(model: nn.Module, stems: Sequence[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
     """The boxes the loss decodes from frozen DFL logits ``boxes`` (B, 4·reg_max, anchors): the criterion's own
@@ -128,14 +121,13 @@ def yolo_decoded_boxes(model: nn.Module, stems: Sequence[torch.Tensor], boxes: t
     They depend on the frozen box branch only, so the cache keeps them and the loss skips the decoding
     (``pred_bboxes`` in :func:`yolo_cached_preds`); the assigner still sees them with the current scores.
     """
-    from ultralytics.utils.loss import v8DetectionLoss
     from ultralytics.utils.tal import make_anchors
 
     # a criterion of its own, not kept on the model: the trainer sets the model's class weights (which the
     # criterion reads when it is created) only after the training loader, and so after this cache, is built
     crit = model.criterion if getattr(model, "criterion", None) is not None else model.init_criterion()
     anchor_points, _ = make_anchors(list(stems), crit.stride, 0.5)
-    return v8DetectionLoss.bbox_decode(crit, anchor_points, boxes.permute(0, 2, 1).contiguous())
+    return crit.bbox_decode(anchor_points, boxes.permute(0, 2, 1).contiguous())  # outside a loss: Ultralytics' own
 
 
 def yolo_cached_preds(head: nn.Module, stems: Sequence[torch.Tensor], boxes: torch.Tensor,
@@ -154,8 +146,10 @@ def yolo_cached_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Ten
     """``DetectionModel.loss`` on a cached batch (``stems``, ``boxes``, optional ``pred_bboxes``, ``batch_idx``,
     ``cls``, ``bboxes``): the model's own criterion
     (:class:`~welde_det.integrations.yolo.WELDEDetectionLoss`) on :func:`yolo_cached_preds`."""
+    if getattr(model, "criterion", None) is None:  # as Ultralytics' DetectionModel.loss makes it
+        model.criterion = model.init_criterion()
     preds = yolo_cached_preds(model.model[-1], batch["stems"], batch["boxes"], batch.get("pred_bboxes"))
-    return _criterion(model)(preds, batch)
+    return model.criterion(preds, batch)
 
 
 class YOLOFeatureCache:
